@@ -1,0 +1,76 @@
+"""Typed configs: dataclass defaults, YAML presets as overrides, ``--set key.path=value``.
+
+A preset (``configs/NAME.yaml`` in the package, or any YAML path) holds only
+the values that differ from the dataclass defaults. The resolved config is
+validated against the dataclass types by OmegaConf and saved as plain YAML.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from recon.errors import ReconError
+
+T = TypeVar("T")
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    folder = resources.files("recon.configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name_or_path: str | Path) -> dict[str, Any]:
+    """The override dict of a shipped preset (by name) or of a YAML file (by path)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ReconError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8")
+    else:
+        resource = resources.files("recon.configs") / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ReconError(f"unknown preset {str(name_or_path)!r}; choose from {', '.join(preset_names())} or give a .yaml path")
+        text = resource.read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ReconError(f"{name_or_path}: a preset must be a mapping of config keys")
+    data.pop("description", None)
+    return data
+
+
+def resolve(schema: type[T], *layers: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Merges dict ``layers`` then ``key.path=value`` overrides onto the defaults of ``schema``.
+
+    Unknown keys and values of the wrong type raise :class:`ReconError` naming the key.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ReconError(f"--set {item!r}: expected key.path=value")
+    try:
+        merged = OmegaConf.structured(schema)
+        for layer in layers:
+            if layer:
+                merged = OmegaConf.merge(merged, layer)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ReconError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+
+
+def to_plain(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain dicts/lists/scalars (for YAML and JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def from_plain(schema: type[T], data: dict[str, Any]) -> T:
+    """Re-creates a config saved with :func:`to_plain` (type-checked)."""
+    return resolve(schema, data)
+

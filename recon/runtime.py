@@ -1,0 +1,69 @@
+"""Device selection, seeding and memory read-outs shared by every command."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from recon.errors import ReconError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU; ``cpu``; ``cuda`` or ``cuda:N``."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ReconError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ReconError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ReconError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ReconError(f"--device {spec}: only cpu and cuda devices are supported")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seeds Python, NumPy and torch (all devices); returns a CPU generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated CUDA memory on ``device`` since the last reset, in GiB; ``None`` on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def rng_state() -> dict:
+    """Every random generator's state, for checkpoints (tensors and plain values only,
+    so that ``torch.load(weights_only=True)`` reads it back)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
