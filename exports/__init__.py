@@ -1,0 +1,46 @@
+"""NeRF -> Blender-ready mesh files: isosurface, cleanup, UV atlas, texture bake, writers, turntable.
+
+Takes plain callables (``density_fn``, ``albedo_fn``) and a bounding box, so
+it depends on recon's conventions only, never on guidance or systems.
+"""
+
+from exports.bake import bake_texture, dilate, rasterize_uv
+from exports.cleanup import clean_mesh, decimate, remove_small_components
+from exports.config import FORMATS, ExportConfig
+from exports.frame import EXPORT_ROTATION, to_export_frame
+from exports.isosurface import (
+    auto_threshold,
+    extract_mesh,
+    marching_cubes,
+    sample_density_grid,
+)
+from exports.pipeline import export_field
+from exports.turntable import render_turntable
+from exports.uv import UVMesh, per_triangle_atlas, unwrap_uv
+from exports.writers import obj_sidecars, write_glb, write_obj, write_ply
+
+__all__ = [
+    "EXPORT_ROTATION",
+    "FORMATS",
+    "ExportConfig",
+    "UVMesh",
+    "auto_threshold",
+    "bake_texture",
+    "clean_mesh",
+    "decimate",
+    "dilate",
+    "export_field",
+    "extract_mesh",
+    "marching_cubes",
+    "obj_sidecars",
+    "per_triangle_atlas",
+    "rasterize_uv",
+    "remove_small_components",
+    "render_turntable",
+    "sample_density_grid",
+    "to_export_frame",
+    "unwrap_uv",
+    "write_glb",
+    "write_obj",
+    "write_ply",
+]

@@ -72,7 +72,7 @@ def look_at(eye: Tensor, target: Tensor | None = None, up: Tensor | None = None)
     right = torch.linalg.cross(forward, up, dim=-1)
     degenerate = right.norm(dim=-1, keepdim=True) < 1e-6
     fallback_up = torch.zeros_like(eye)
-    fallback_up[..., 2] = -torch.sign(forward[..., 1])
+    fallback_up[..., 2] = torch.sign(forward[..., 1])
     right = torch.where(degenerate, torch.linalg.cross(forward, fallback_up, dim=-1), right)
     right = right / right.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     camera_up = torch.linalg.cross(right, forward, dim=-1)

@@ -62,7 +62,9 @@ def resolve(schema: type[T], *layers: dict[str, Any] | None, overrides: list[str
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ReconError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+        key = getattr(exc, "full_key", None)
+        where = f" at {key}" if key else ""
+        raise ReconError(f"invalid config{where}: {str(exc).splitlines()[0]}") from exc
 
 
 def to_plain(config: Any) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""Times the hash-grid encoding forward + backward on the current device.
+
+    python bench/hashgrid.py [--backend torch triton] [--points 18 20] [--repeats 20]
+
+Prints one row per point count: milliseconds for forward alone and for
+forward + backward (gradient w.r.t. the table), and peak CUDA memory. CUDA
+timings use CUDA events after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from recon.encoding import HashGridConfig, make_encoding
+
+
+def _time_ms(fn, repeats: int, device: torch.device) -> float:
+    """Mean milliseconds of ``fn()`` over ``repeats`` runs after two warm-up runs."""
+    for _ in range(2):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / repeats
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) * 1000.0 / repeats
+
+
+def main() -> None:
+    """Parses the flags, runs the timings and prints the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", nargs="+", default=["torch"], choices=["auto", "torch", "triton", "tcnn"])
+    parser.add_argument("--points", type=int, nargs="+", default=[18, 20], help="log2 of the point counts")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"hash grid on {name}, 16 levels x 2 features, 2^19 table")
+    print(f"{'backend':>8} {'points':>10} {'forward ms':>11} {'fwd+bwd ms':>11} {'Mpts/s':>8} {'peak GiB':>9}")
+    for backend in args.backend:
+        _bench_backend(backend, args, device)
+
+
+def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device) -> None:
+    """Prints one row per point count for one backend."""
+    torch.manual_seed(0)
+    encoding = make_encoding(HashGridConfig(backend=backend)).to(device)
+    for log2 in args.points:
+        x = torch.rand(2**log2, 3, device=device)
+
+        def forward(x: torch.Tensor = x) -> None:
+            with torch.no_grad():
+                encoding(x)
+
+        def forward_backward(x: torch.Tensor = x) -> None:
+            encoding.zero_grad(set_to_none=True)
+            encoding(x).sum().backward()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        fwd = _time_ms(forward, args.repeats, device)
+        both = _time_ms(forward_backward, args.repeats, device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        print(f"{encoding.backend_name:>8} {2**log2:>10} {fwd:>11.2f} {both:>11.2f} {2**log2 / both / 1e3:>8.2f} {peak:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""YAML presets, installed as the package ``recon.configs``: each file overrides typed defaults."""

@@ -1,0 +1,119 @@
+"""Bake the field's albedo into a UV texture, without OpenGL.
+
+Every triangle is rasterised in UV space (texel centres inside the
+triangle, numpy), the barycentric coordinates of each covered texel give
+its world position on the mesh, and ``albedo_fn`` is evaluated there in
+chunks. Empty texels next to charts are then filled by dilation so bilinear
+filtering and mip-mapping do not pull in the background along seams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.ndimage import convolve
+
+from exports.uv import UVMesh
+
+AlbedoFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rasterize_uv(uv: np.ndarray, faces: np.ndarray, resolution: int, max_candidates: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Which triangle covers each texel centre, and where.
+
+    ``uv`` (V, 2) in [0, 1] (v up), ``faces`` (F, 3). Returns ``face_index``
+    (H, W) int64 (-1 = empty) and ``barycentric`` (H, W, 3) float64, with
+    H = W = ``resolution``; texel (row, col) has its centre at
+    u = (col + 0.5) / W, v = 1 - (row + 0.5) / H. Where triangles overlap the
+    later one wins.
+    """
+    size = resolution
+    face_index = np.full((size, size), -1, dtype=np.int64)
+    barycentric = np.zeros((size, size, 3), dtype=np.float64)
+    # Triangle corners in texel coordinates where integers are texel centres.
+    corners = np.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5], axis=-1)[faces]
+    x0 = np.clip(np.ceil(corners[..., 0].min(axis=1) - 1e-9), 0, size - 1).astype(np.int64)
+    x1 = np.clip(np.floor(corners[..., 0].max(axis=1) + 1e-9), 0, size - 1).astype(np.int64)
+    y0 = np.clip(np.ceil(corners[..., 1].min(axis=1) - 1e-9), 0, size - 1).astype(np.int64)
+    y1 = np.clip(np.floor(corners[..., 1].max(axis=1) + 1e-9), 0, size - 1).astype(np.int64)
+    width, height = np.maximum(x1 - x0 + 1, 0), np.maximum(y1 - y0 + 1, 0)
+    area = width * height
+    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
+    denominator = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])
+    valid = np.abs(denominator) > 1e-12
+    order = np.nonzero(valid & (area > 0))[0]
+    # Batches of triangles whose bounding boxes hold at most max_candidates texels together.
+    cumulative = np.cumsum(area[order])
+    start = 0
+    while start < len(order):
+        base = cumulative[start - 1] if start > 0 else 0
+        stop = max(start + 1, int(np.searchsorted(cumulative, base + max_candidates, side="right")))
+        tri = order[start:stop]
+        counts = area[tri]
+        owner = np.repeat(tri, counts)
+        offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        px = x0[owner] + offset % width[owner]
+        py = y0[owner] + offset // width[owner]
+        ca, cb, cc = a[owner], b[owner], c[owner]
+        d = denominator[owner]
+        w0 = ((cb[:, 1] - cc[:, 1]) * (px - cc[:, 0]) + (cc[:, 0] - cb[:, 0]) * (py - cc[:, 1])) / d
+        w1 = ((cc[:, 1] - ca[:, 1]) * (px - cc[:, 0]) + (ca[:, 0] - cc[:, 0]) * (py - cc[:, 1])) / d
+        w2 = 1.0 - w0 - w1
+        inside = (w0 >= -1e-6) & (w1 >= -1e-6) & (w2 >= -1e-6)
+        face_index[py[inside], px[inside]] = owner[inside]
+        barycentric[py[inside], px[inside]] = np.stack([w0, w1, w2], axis=-1)[inside]
+        start = stop
+    return face_index, np.clip(barycentric, 0.0, 1.0)
+
+
+def dilate(image: np.ndarray, mask: np.ndarray, pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grows the filled region (``mask`` (H, W) bool) of ``image`` (H, W, C) by ``pixels`` texels.
+
+    Each pass gives every empty texel with filled 8-neighbours their mean.
+    Returns the new image and mask.
+    """
+    image, mask = image.copy(), mask.copy()
+    kernel = np.ones((3, 3))
+    for _ in range(pixels):
+        weight = convolve(mask.astype(np.float64), kernel, mode="constant")
+        grow = (~mask) & (weight > 0)
+        if not grow.any():
+            break
+        for channel in range(image.shape[-1]):
+            total = convolve(image[..., channel] * mask, kernel, mode="constant")
+            image[..., channel][grow] = total[grow] / weight[grow]
+        mask = mask | grow
+    return image, mask
+
+
+@torch.no_grad()
+def bake_texture(
+    mesh: UVMesh,
+    albedo_fn: AlbedoFn,
+    resolution: int = 1024,
+    padding: int = 4,
+    chunk_size: int = 262_144,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """The albedo texture (H, W, 3) uint8 of ``mesh`` (H = W = ``resolution``, row 0 at v = 1).
+
+    ``albedo_fn(points (P, 3) world, on ``device``) -> (P, 3)`` in [0, 1].
+    Charts are dilated by ``padding`` texels; texels still empty after that
+    take the mean colour, so nothing black bleeds in at low mip levels.
+    """
+    face_index, barycentric = rasterize_uv(mesh.uv, mesh.faces, resolution)
+    mask = face_index >= 0
+    image = np.zeros((resolution, resolution, 3), dtype=np.float64)
+    if mask.any():
+        corners = mesh.vertices[mesh.faces[face_index[mask]]]
+        points = np.einsum("pk,pkc->pc", barycentric[mask], corners)
+        colours = np.empty((len(points), 3), dtype=np.float64)
+        for start in range(0, len(points), chunk_size):
+            chunk = torch.as_tensor(points[start : start + chunk_size], dtype=torch.float32, device=device)
+            colours[start : start + chunk_size] = albedo_fn(chunk).reshape(-1, 3).float().cpu().numpy()
+        image[mask] = np.nan_to_num(colours, nan=0.0).clip(0.0, 1.0)
+        image, mask = dilate(image, mask, padding)
+        image[~mask] = image[mask].mean(axis=0)
+    return np.round(image * 255.0).astype(np.uint8)

@@ -1,0 +1,54 @@
+"""Settings of the NeRF -> mesh export (isosurface, cleanup, UV atlas, texture bake, writers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from recon.errors import ReconError
+
+FORMATS = ("glb", "obj", "ply")
+
+
+@dataclass
+class ExportConfig:
+    """How a density/albedo field becomes mesh files."""
+
+    formats: list[str] = field(default_factory=lambda: ["glb"])
+    """Files to write: any of glb (textured, embedded), obj (+ .mtl + .png beside it), ply (vertex colours)."""
+    mc_resolution: int = 256
+    """Marching-cubes grid points per axis over the field's bounding box."""
+    threshold: float | None = None
+    """Density level of the surface; None picks it from the density distribution (see exports.isosurface.auto_threshold)."""
+    min_component_ratio: float = 0.05
+    """Connected pieces with fewer faces than this fraction of the largest piece are removed as floaters (0 keeps all)."""
+    target_faces: int = 50_000
+    """Decimate to at most this many faces before UV unwrapping (0 = no decimation); bounds xatlas time."""
+    texture_resolution: int = 1024
+    """Side of the square base-colour texture, in pixels."""
+    texture_padding: int = 4
+    """Gutter between UV charts and seam dilation of the baked texture, in pixels."""
+    chunk_size: int = 262_144
+    """Points per call of the density/albedo functions (bounds memory)."""
+    uv_timeout_s: float = 600.0
+    """Time limit of one xatlas unwrap in its subprocess; on timeout the fallback atlas is used."""
+    turntable_frames: int = 60
+    """Frames of the turntable video (one full turn)."""
+    turntable_elevation_deg: float = 15.0
+    """Camera elevation of the turntable, degrees above the horizon."""
+    turntable_resolution: int = 256
+    """Side of the square turntable frames, in pixels."""
+    turntable_fps: int = 24
+    """Frames per second of the turntable video."""
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise ReconError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+        if self.mc_resolution < 8:
+            raise ReconError(f"export.mc_resolution must be at least 8, got {self.mc_resolution}")
+        if self.texture_resolution < 16:
+            raise ReconError(f"export.texture_resolution must be at least 16, got {self.texture_resolution}")
+        if not 0.0 <= self.min_component_ratio <= 1.0:
+            raise ReconError(f"export.min_component_ratio must be in [0, 1], got {self.min_component_ratio}")
+        if self.target_faces < 0 or self.texture_padding < 0:
+            raise ReconError("export.target_faces and export.texture_padding must be >= 0")

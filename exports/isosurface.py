@@ -1,0 +1,133 @@
+"""Density field -> triangle mesh: sample a grid over the bounding box, run marching cubes.
+
+Orientation: PyMCubes emits triangles whose right-hand normal points towards
+*decreasing* values of the volume, so with a density (high inside) the
+normals point outward and the signed volume is positive (checked by
+tests/test_exports_isosurface.py on a sphere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import trimesh
+
+from recon.errors import ReconError
+from recon.progress import warn
+
+DensityFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def as_aabb(aabb: torch.Tensor | np.ndarray | list) -> np.ndarray:
+    """The box as a float64 (2, 3) array [min corner, max corner]; raises on a malformed box."""
+    box = np.asarray(aabb.detach().cpu() if isinstance(aabb, torch.Tensor) else aabb, dtype=np.float64)
+    if box.shape != (2, 3) or not np.all(box[1] > box[0]):
+        raise ReconError(f"aabb must be (2, 3) [min, max] with max > min, got {box.tolist()}")
+    return box
+
+
+@torch.no_grad()
+def sample_density_grid(
+    density_fn: DensityFn,
+    aabb: torch.Tensor | np.ndarray,
+    resolution: int,
+    chunk_size: int = 262_144,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Density at the ``resolution``^3 grid points spanning ``aabb`` corner to corner, (R, R, R) float32.
+
+    Axis order is (x, y, z); point (i, j, k) is ``min + (i, j, k) * (max - min) / (R - 1)``.
+    Non-finite densities are replaced by 0 with a warning.
+    """
+    box = as_aabb(aabb)
+    axes = [torch.linspace(float(box[0, a]), float(box[1, a]), resolution, dtype=torch.float32) for a in range(3)]
+    grid = np.empty(resolution**3, dtype=np.float32)
+    # One x-slab chunk at a time keeps memory at chunk_size points.
+    yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
+    slabs = max(1, chunk_size // yz.shape[0])
+    for start in range(0, resolution, slabs):
+        xs = axes[0][start : start + slabs]
+        points = torch.cat([xs.repeat_interleave(yz.shape[0])[:, None], yz.repeat(len(xs), 1)], dim=1)
+        values = density_fn(points.to(device)).reshape(-1).float().cpu().numpy()
+        grid[start * yz.shape[0] : (start + len(xs)) * yz.shape[0]] = values
+    grid = grid.reshape(resolution, resolution, resolution)
+    bad = ~np.isfinite(grid)
+    if bad.any():
+        warn(f"{int(bad.sum())} non-finite density values replaced by 0 before marching cubes")
+        grid[bad] = 0.0
+    return grid
+
+
+def auto_threshold(grid: np.ndarray, spacing: np.ndarray | float = 1.0, optical_depth: float = 1.0, quantile: float = 0.25) -> float:
+    """A surface level chosen from the density distribution: where volume rendering puts the surface.
+
+    Axis-aligned rays are marched through the grid from all six sides,
+    accumulating optical depth (density x ``spacing``, the world length of a
+    grid step per axis; density is per world unit as in the renderer). On
+    every ray that becomes opaque, the density of the grid point where the
+    accumulated optical depth first reaches ``optical_depth`` (transmittance
+    e^-1) is recorded; the level is the ``quantile`` of these densities (a
+    low quantile, so an opaque part whose density is lower than the rest's
+    still gets a surface). It is capped at half the 99.9th-percentile density so a hard density step gets
+    its surface mid-way across the step. A field that no ray finds opaque
+    gets that cap with a warning.
+    """
+    grid = np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
+    top = float(np.percentile(grid, 99.9))
+    if top <= 0.0:
+        raise ReconError("the density field is empty (no positive density in the box); nothing to export")
+    steps = np.broadcast_to(np.asarray(spacing, dtype=np.float32), (3,))
+    samples = []
+    for axis in range(3):
+        tau = grid * steps[axis]
+        for flipped in (False, True):
+            t = np.flip(tau, axis=axis) if flipped else tau
+            after = np.cumsum(t, axis=axis, dtype=np.float32)
+            crossing = (after >= optical_depth) & (after - t < optical_depth)
+            values = np.flip(grid, axis=axis) if flipped else grid
+            samples.append(values[crossing])
+    crossings = np.concatenate(samples)
+    if crossings.size == 0:
+        warn("no ray through the density grid becomes opaque; using half the peak density as the surface level")
+        return 0.5 * top
+    return float(min(np.quantile(crossings, quantile), 0.5 * top))
+
+
+def marching_cubes(grid: np.ndarray, aabb: torch.Tensor | np.ndarray, threshold: float) -> trimesh.Trimesh:
+    """Isosurface of ``grid`` (R, R, R, sampled as in :func:`sample_density_grid`) at ``threshold``, world units.
+
+    The grid is padded with one layer of zeros so surfaces cut by the box are
+    closed. Normals point towards lower density (outward).
+    """
+    import mcubes
+
+    box = as_aabb(aabb)
+    resolution = np.array(grid.shape, dtype=np.float64)
+    padded = np.pad(grid.astype(np.float64), 1, mode="constant", constant_values=min(0.0, float(threshold) - 1.0))
+    vertices, faces = mcubes.marching_cubes(padded, float(threshold))
+    if len(faces) == 0:
+        raise ReconError(f"no surface at density level {threshold:.4g} (grid range {grid.min():.4g} .. {grid.max():.4g}); set export.threshold")
+    spacing = (box[1] - box[0]) / (resolution - 1)
+    vertices = box[0] + (vertices - 1.0) * spacing
+    vertices = np.clip(vertices, box[0], box[1])
+    return trimesh.Trimesh(vertices=vertices, faces=faces.astype(np.int64), process=False)
+
+
+def extract_mesh(
+    density_fn: DensityFn,
+    aabb: torch.Tensor | np.ndarray,
+    resolution: int = 256,
+    threshold: float | None = None,
+    chunk_size: int = 262_144,
+    device: torch.device | str = "cpu",
+) -> tuple[trimesh.Trimesh, float]:
+    """Marching-cubes mesh of ``density_fn`` over ``aabb`` and the level used (``threshold`` or the automatic one).
+
+    ``density_fn(points (P, 3) world, on ``device``) -> (P,)``.
+    """
+    grid = sample_density_grid(density_fn, aabb, resolution, chunk_size, device)
+    box = as_aabb(aabb)
+    level = auto_threshold(grid, (box[1] - box[0]) / (resolution - 1)) if threshold is None else float(threshold)
+    return marching_cubes(grid, aabb, level), level

@@ -1,0 +1,156 @@
+"""UV atlas generation with xatlas, contained in a subprocess.
+
+xatlas segfaults on some meshes (see shared/design/ENVIRONMENT.md), which
+would kill the whole run in-process. So the unwrap runs in a child Python
+(this file run as a script, which imports only numpy and xatlas' deps):
+on a crash or timeout it is retried once on a lightly decimated mesh, and if
+that fails too a simple per-triangle atlas is used, with a warning, so the
+export still succeeds.
+
+UV convention everywhere in exports/: (u, v) in [0, 1], v pointing up, as in
+OBJ and trimesh; texel row = (1 - v) * height.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CRASH_ENV = "RECON_TEST_XATLAS_CRASH"
+"""Test hook: "always" makes every unwrap child abort, "first" only the first attempt."""
+
+
+@dataclass
+class UVMesh:
+    """A triangle mesh with one UV per vertex (vertices are split along UV seams).
+
+    ``vertices`` (V, 3) world units; ``faces`` (F, 3) int64, counter-clockwise
+    seen from outside; ``uv`` (V, 2) in [0, 1], v up; ``normals`` (V, 3)
+    unit, outward; ``method`` says which unwrap produced the atlas
+    ("xatlas", "xatlas-retry" or "per-triangle").
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    uv: np.ndarray
+    normals: np.ndarray
+    method: str
+
+
+def _child_main(argv: list[str]) -> int:
+    """Child entry point: ``uv.py IN.npz OUT.npz ATTEMPT``; writes vmapping, indices, uv."""
+    src, dst, attempt = argv[0], argv[1], int(argv[2])
+    crash = os.environ.get(CRASH_ENV, "")
+    if crash == "always" or (crash == "first" and attempt == 0):
+        os.abort()
+    import xatlas
+
+    data = np.load(src)
+    positions = np.ascontiguousarray(data["vertices"], dtype=np.float32)
+    indices = np.ascontiguousarray(data["faces"], dtype=np.uint32)
+    for resolution in (int(data["resolution"]), 0):
+        atlas = xatlas.Atlas()
+        atlas.add_mesh(positions, indices)
+        pack = xatlas.PackOptions()
+        pack.resolution = resolution
+        pack.padding = int(data["padding"])
+        pack.bilinear = True
+        atlas.generate(xatlas.ChartOptions(), pack)
+        if atlas.atlas_count == 1:
+            break
+    vmapping, faces, uv = atlas[0]
+    np.savez(dst, vmapping=vmapping.astype(np.int64), faces=faces.astype(np.int64), uv=uv.astype(np.float64))
+    return 0
+
+
+def _run_xatlas(vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int, timeout_s: float, attempt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """(vmapping, faces, uv) from a child xatlas run, or a string saying why it failed."""
+    with tempfile.TemporaryDirectory(prefix="recon-xatlas-") as folder:
+        src, dst = Path(folder) / "in.npz", Path(folder) / "out.npz"
+        np.savez(src, vertices=vertices, faces=faces, resolution=resolution, padding=padding)
+        command = [sys.executable, str(Path(__file__).resolve()), str(src), str(dst), str(attempt)]
+        try:
+            result = subprocess.run(command, capture_output=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            return f"timed out after {timeout_s:.0f} s"
+        if result.returncode != 0 or not dst.exists():
+            detail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            return f"child exited with code {result.returncode} {detail[0]}".strip()
+        out = np.load(dst)
+        return out["vmapping"], out["faces"], out["uv"]
+
+
+def per_triangle_atlas(vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray, texture_resolution: int, padding: int) -> UVMesh:
+    """A fallback atlas: every triangle gets its own half of a square grid cell.
+
+    Triangles are not connected in UV space, so texture resolution per
+    triangle is low and seams are everywhere, but it never fails. Each half
+    cell is inset by up to ``padding`` texels (at least ~1 texel) so neighbours
+    never share a texel.
+    """
+    count = len(faces)
+    cells = max(1, math.ceil(math.sqrt(count / 2.0)))
+    size = 1.0 / cells
+    inset = min(max(padding, 1.0) / texture_resolution, 0.2 * size)
+    index = np.arange(count)
+    cell = index // 2
+    origin = np.stack([(cell % cells) * size, (cell // cells) * size], axis=1)
+    lower = np.array([[inset, inset], [size - 2 * inset, inset], [inset, size - 2 * inset]])
+    upper = np.array([[size - inset, size - inset], [2 * inset, size - inset], [size - inset, 2 * inset]])
+    local = np.where((index % 2 == 0)[:, None, None], lower[None], upper[None])
+    uv = (origin[:, None, :] + local).reshape(-1, 2)
+    corners = faces.reshape(-1)
+    return UVMesh(
+        vertices=vertices[corners],
+        faces=np.arange(3 * count, dtype=np.int64).reshape(count, 3),
+        uv=np.clip(uv, 0.0, 1.0),
+        normals=normals[corners],
+        method="per-triangle",
+    )
+
+
+def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s: float = 600.0) -> UVMesh:
+    """UV-unwraps a ``trimesh.Trimesh`` with xatlas in a subprocess; never crashes the caller.
+
+    Attempt 1: xatlas on the mesh. Attempt 2 (after a crash/timeout): xatlas
+    on the mesh decimated to 90 % of its faces, which breaks the exact
+    regularity that trips xatlas. Then: :func:`per_triangle_atlas` with a warning.
+    """
+    import trimesh
+
+    from exports.cleanup import decimate
+    from recon.progress import warn
+
+    candidates = [("xatlas", mesh)]
+    for attempt in range(2):
+        method, current = candidates[attempt]
+        vertices = np.asarray(current.vertices, dtype=np.float64)
+        faces = np.asarray(current.faces, dtype=np.int64)
+        result = _run_xatlas(vertices, faces, texture_resolution, padding, timeout_s, attempt)
+        if not isinstance(result, str):
+            vmapping, new_faces, uv = result
+            normals = np.asarray(current.vertex_normals, dtype=np.float64)
+            return UVMesh(vertices[vmapping], new_faces, np.clip(uv, 0.0, 1.0), normals[vmapping], method)
+        warn(f"xatlas UV unwrap failed ({result}) on {len(faces)} faces")
+        if attempt == 0:
+            lighter = decimate(mesh, max(4, int(0.9 * len(mesh.faces))))
+            candidates.append(("xatlas-retry", trimesh.Trimesh(lighter.vertices, lighter.faces, process=False)))
+    warn("falling back to a per-triangle UV atlas (lower texture quality)")
+    return per_triangle_atlas(
+        np.asarray(mesh.vertices, dtype=np.float64),
+        np.asarray(mesh.faces, dtype=np.int64),
+        np.asarray(mesh.vertex_normals, dtype=np.float64),
+        texture_resolution,
+        padding,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,128 @@
+"""Network sizes of the Zero-1-to-3 components, as plain config dicts, and a builder.
+
+``"full"`` is the real Zero123 / Zero123-XL / Stable-Zero123 network (SD 1.x
+UNet with 8 input channels, the SD VAE, CLIP ViT-L/14 vision tower, a
+772 -> 768 camera projection). ``"tiny"`` has the same structure at a size
+that runs in milliseconds on a CPU (tests, the shipped prior, smoke runs).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+# 4 = the Zero-1-to-3 camera vector appended to the CLIP image embedding.
+POSE_DIM = 4
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "full": {
+        "unet": {
+            "sample_size": 32,
+            "in_channels": 8,
+            "out_channels": 4,
+            "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 768,
+            # diffusers' SD-1.x configs call the number of heads "attention_head_dim".
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "sample_size": 256,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "layers_per_block": 2,
+            "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "norm_num_groups": 32,
+            "scaling_factor": 0.18215,
+        },
+        "image_encoder": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "patch_size": 14,
+            "image_size": 224,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        },
+    },
+    "tiny": {
+        "unet": {
+            "sample_size": 8,
+            "in_channels": 8,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 64,
+            "attention_head_dim": 4,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "sample_size": 64,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (8, 16, 16, 16),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "norm_num_groups": 8,
+            "scaling_factor": 0.18215,
+        },
+        "image_encoder": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "patch_size": 8,
+            "image_size": 32,
+            "projection_dim": 64,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        },
+    },
+}
+
+
+def architecture(name: str) -> dict[str, Any]:
+    """A deep copy of the named config dict (``"full"`` or ``"tiny"``)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return copy.deepcopy(ARCHITECTURES[name])
+
+
+def build_components(arch: str | dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """Randomly initialised ``unet``, ``vae``, ``image_encoder`` and ``camera_projection`` for ``arch``.
+
+    Uses the current torch RNG (wrap in ``torch.random.fork_rng`` + seed for
+    reproducible weights) and the current default device (``torch.device("meta")``
+    as a context builds shapes only).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = architecture(arch) if isinstance(arch, str) else arch
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["image_encoder"]))
+    projection = torch.nn.Linear(cfg["image_encoder"]["projection_dim"] + POSE_DIM, cfg["unet"]["cross_attention_dim"])
+    return {"unet": unet, "vae": vae, "image_encoder": image_encoder, "camera_projection": projection}
+
+
+def match_architecture(unet_conv_in_channels: int, clip_hidden_size: int) -> str | None:
+    """The name of the architecture whose first UNet width and CLIP width match, or ``None``."""
+    for name, cfg in ARCHITECTURES.items():
+        if cfg["unet"]["block_out_channels"][0] == unet_conv_in_channels and cfg["image_encoder"]["hidden_size"] == clip_hidden_size:
+            return name
+    return None

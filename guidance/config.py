@@ -1,0 +1,91 @@
+"""Settings of the score-distillation guidance (model choice, SDS recipe, Cascade-Zero123)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from recon.errors import ReconError
+from recon.schedule import validate_schedule
+
+MODES = ("zero123", "cascade", "cascade-training-free")
+WEIGHTINGS = ("sds", "uniform")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+COARSE_TARGETS = ("bank", "none")
+
+
+@dataclass
+class GuidanceConfig:
+    """Score distillation with Zero-1-to-3, alone or as the Cascade-Zero123 cascade (see docs/CASCADE.md)."""
+
+    model: str = "tiny"
+    """Zero123 weights for SDS in mode zero123, the Base-0123 in the cascade modes: a folder, a
+    .ckpt/.safetensors file, a hub id, 'tiny' (the shipped prior), 'random-tiny' or 'random-full'."""
+    refiner_model: Optional[str] = None
+    """Refiner-0123 weights (mode cascade only); None = the same weights as the Base."""
+    mode: str = "zero123"
+    """'zero123': plain Zero123 SDS; 'cascade': Base self-prompts nearby views, a trained Refiner takes
+    them as extra tokens; 'cascade-training-free': nearby views blended by pose proximity, one Zero123."""
+    guidance_scale: Any = 3.0
+    """Classifier-free guidance scale (a schedule)."""
+    min_step_percent: Any = field(default_factory=lambda: [0, 0.4, 0.2, 200])
+    """Lower end of the SDS timestep range as a fraction of the 1000 training steps (a schedule)."""
+    max_step_percent: Any = field(default_factory=lambda: [0, 0.85, 0.5, 200])
+    """Upper end of the SDS timestep range as a fraction of the 1000 training steps (a schedule)."""
+    weighting: str = "sds"
+    """Per-timestep weight w(t): 'sds' = 1 - alpha_bar_t, 'uniform' = 1."""
+    grad_clip: Any = None
+    """Clamp each element of the latent SDS gradient to [-c, c] (a schedule); None = no clipping."""
+    vae_grad_resolution: int = 256
+    """Renders are resized to this size before the VAE encoder (with grad); smaller (e.g. 128) saves
+    memory and time, the latents are then upsampled to the model's latent size. Capped at the model's size."""
+    dtype: str = "auto"
+    """Model weights and compute: 'auto' (fp16 on CUDA, fp32 on the CPU), 'fp16', 'bf16' or 'fp32'."""
+    cfg_chunk: int = 0
+    """At most this many views per UNet call (each costs 2 UNet samples with CFG, more in the
+    training-free cascade); 0 = the whole batch in one call."""
+    nearby_views: list[list[float]] = field(default_factory=lambda: [[0.0, 45.0, 0.0], [0.0, -45.0, 0.0], [-30.0, 0.0, 0.0]])
+    """Self-prompted views as [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input camera
+    (negative polar = higher up). The paper's three: +45 / -45 deg azimuth and 30 deg above."""
+    nearby_steps: int = 25
+    """DDIM steps of the Base when it generates nearby and bank views."""
+    nearby_guidance_scale: float = 3.0
+    """Classifier-free guidance scale of the Base when it generates nearby and bank views."""
+    coarse_target: str = "bank"
+    """Coarse target token of the Refiner (mode cascade): 'bank' = the nearest of a grid of Base views
+    generated once, 'none' = leave the token out (4 tokens instead of 5)."""
+    bank_elevations_deg: list[float] = field(default_factory=lambda: [0.0, 30.0, 60.0])
+    """Absolute elevations (degrees) of the coarse-target bank grid."""
+    bank_azimuth_step_deg: float = 30.0
+    """Azimuth spacing (degrees) of the coarse-target bank grid, starting at the input camera's azimuth."""
+    generation_batch: int = 12
+    """Views generated per batch when the Base self-prompts (bounds memory during prepare)."""
+    training_free_temperature_deg: float = 30.0
+    """Training-free cascade: condition weights are softmax(-angle(condition, target) / this), degrees."""
+    seed: int = 0
+    """Seed of the Base's self-prompting (nearby and bank views), independent of the training seed."""
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("weighting", self.weighting, WEIGHTINGS),
+            ("dtype", self.dtype, DTYPES),
+            ("coarse_target", self.coarse_target, COARSE_TARGETS),
+        ):
+            if value not in allowed:
+                raise ReconError(f"guidance.{name}={value!r}: choose one of {', '.join(allowed)}")
+        for name in ("guidance_scale", "min_step_percent", "max_step_percent"):
+            validate_schedule(getattr(self, name), f"guidance.{name}")
+        if self.grad_clip is not None:
+            validate_schedule(self.grad_clip, "guidance.grad_clip")
+        for view in self.nearby_views:
+            if len(view) != 3:
+                raise ReconError(
+                    f"guidance.nearby_views: each view is [delta_polar_deg, delta_azimuth_deg, delta_radius], got {list(view)!r}"
+                )
+        if self.vae_grad_resolution < 8 or self.vae_grad_resolution % 8:
+            raise ReconError(f"guidance.vae_grad_resolution={self.vae_grad_resolution}: use a positive multiple of 8")
+        if self.cfg_chunk < 0 or self.generation_batch < 1 or self.nearby_steps < 1:
+            raise ReconError("guidance.cfg_chunk must be >= 0, generation_batch and nearby_steps >= 1")
+        if self.training_free_temperature_deg <= 0 or self.bank_azimuth_step_deg <= 0:
+            raise ReconError("guidance.training_free_temperature_deg and bank_azimuth_step_deg must be > 0")

@@ -1,0 +1,567 @@
+"""Training Cascade-Zero123 by self-distillation (and plain Zero-1-to-3 fine-tuning).
+
+Stage ``cascade`` (the paper's recipe, ZERO123.md): Base and Refiner start
+from the same weights. Each step samples B (object, input view, target view)
+triples; the Base self-prompts, without gradients, the nearby views
+(``nearby_views`` offsets from the input camera) and a coarse view near the
+target (DDIM + CFG, few steps); the Refiner learns the epsilon-MSE loss on
+the target with one cross-attention token per condition image, built by
+:func:`guidance.cascade.refiner_tokens` (the same code the SDS guidance
+uses), and only the input's latent channel-concatenated. After every
+optimiser step the Refiner's EMA becomes the Base's weights. The Base
+parameters *are* the EMA (updated in place, ``base = lerp(base, refiner,
+1 - decay)``), which is the same as keeping a separate EMA and copying it
+over, without a third copy of the UNet in memory.
+
+Stage ``base``: plain Zero-1-to-3 fine-tuning (one token, no self-prompting);
+the EMA is kept the same way and saved as the result.
+
+Conditioning dropout (per sample): all tokens, the concat latent, or both
+(the classifier-free-guidance unconditional: zero tokens after the
+projection and a zero latent, as :meth:`Zero123Model.eps_cfg` uses), and each
+self-prompted token on its own. Two additions of ours, both can be set to 0:
+``single_token_p`` trains a fraction of steps with the input token alone, so
+the Base (the Refiner's EMA) keeps its one-token skill; ``coarse_jitter_deg``
+generates the coarse view up to that far from the target, as the inference
+bank (a 30 deg grid) gives a view near, not at, the target.
+
+The run folder ``RUN`` holds config.yaml, meta.json, progress.json,
+``checkpoints/step_XXXXXX.pt`` (student, Base/EMA, optimiser, step, RNG;
+``torch.load(weights_only=True)``) and ``final/base`` (a diffusers folder that
+``load_zero123`` reads; the cascade's Refiner is the same weights). Training
+resumes from the newest checkpoint and stops cleanly at ``max_minutes``.
+Every random draw of a step comes from a generator seeded by (seed, process,
+step), so a resumed run repeats exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from guidance.cascade import Conditions, generate_views, nearby_poses, refiner_tokens
+from recon.cameras import relative_pose
+from recon.data.multiview import MultiViewDataset, composite
+from recon.errors import InputError, ReconError
+from recon.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from guidance.model import Zero123Model
+
+STAGES = ("cascade", "base")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+CHECKPOINT_FORMAT = 1
+_CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})\.pt$")
+
+
+@dataclass
+class TrainConfig:
+    """Cascade-Zero123 self-distillation (stage cascade) or Zero-1-to-3 fine-tuning (stage base)."""
+
+    stage: str = "cascade"
+    """'cascade': train the Refiner, its EMA is the Base; 'base': plain Zero123 fine-tuning."""
+    steps: int = 2000
+    """Optimiser steps in total (a resumed run continues to this count)."""
+    batch_size: int = 4
+    """Samples per step and process."""
+    image_size: int = 0
+    """Side of the images fed to the model; 0 = the model's native size (256 for Zero123)."""
+    lr_unet: float = 1e-4
+    """AdamW learning rate of the UNet."""
+    lr_projection: float = 1e-3
+    """AdamW learning rate of the 772 -> 768 camera projection."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up steps."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 = off)."""
+    ema_decay: float = 0.999
+    """EMA decay of the Refiner (capped by (1 + n) / (10 + n) early on)."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 on CUDA, off on the CPU), 'no', 'bf16' or 'fp16'."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass (less memory, ~30 % slower)."""
+    drop_tokens_p: float = 0.05
+    """Chance per sample that all cross-attention tokens are zeroed."""
+    drop_latent_p: float = 0.05
+    """Chance per sample that the concat latent is zeroed."""
+    drop_both_p: float = 0.05
+    """Chance per sample that tokens and latent are both zeroed (the CFG unconditional)."""
+    drop_extra_token_p: float = 0.1
+    """Cascade: chance that each self-prompted token (coarse, nearby) is zeroed on its own."""
+    single_token_p: float = 0.1
+    """Cascade: fraction of steps trained with the input token alone (keeps the Base's one-token skill)."""
+    nearby_views: list[list[float]] = field(default_factory=lambda: [[0.0, 45.0, 0.0], [0.0, -45.0, 0.0], [-30.0, 0.0, 0.0]])
+    """Self-prompted views, [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input camera."""
+    coarse_target: bool = True
+    """Cascade: give the Refiner a Base-generated coarse view near the target as a token."""
+    coarse_jitter_deg: float = 15.0
+    """Cascade: the coarse view is generated up to this far (elevation and azimuth) from the target; 0 = at it."""
+    prompt_steps: int = 10
+    """DDIM steps of the Base when it self-prompts."""
+    prompt_guidance_scale: float = 3.0
+    """Classifier-free guidance scale of the Base when it self-prompts."""
+    background: float = 1.0
+    """Grey level the RGBA views are composited over (Zero123's renders: white)."""
+    seed: int = 0
+    """Seed of data sampling, noise, dropout and self-prompting."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (one is also written when training stops)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ReconError(f"stage {self.stage!r}: choose one of {', '.join(STAGES)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ReconError(f"mixed_precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.prompt_steps < 1:
+            raise ReconError("steps, batch_size and prompt_steps must be >= 1")
+        for name in ("drop_tokens_p", "drop_latent_p", "drop_both_p", "drop_extra_token_p", "single_token_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ReconError(f"{name} must be in [0, 1]")
+        for view in self.nearby_views:
+            if len(view) != 3:
+                raise ReconError(f"nearby_views: each view is [delta_polar_deg, delta_azimuth_deg, delta_radius], got {view!r}")
+
+
+# ------------------------------------------------------------------ data
+@dataclass
+class ViewBatch:
+    """B training triples: input and target images (B, 3, S, S) in [0, 1] and their absolute poses (B,)."""
+
+    input_images: Tensor
+    input_elevation: Tensor
+    input_azimuth: Tensor
+    input_radius: Tensor
+    target_images: Tensor
+    target_elevation: Tensor
+    target_azimuth: Tensor
+    target_radius: Tensor
+
+
+def sample_batch(dataset: MultiViewDataset, batch_size: int, generator: torch.Generator, background: float = 1.0) -> ViewBatch:
+    """Draws ``batch_size`` objects (with replacement) and, for each, an input view and a different target view."""
+    inputs, targets, poses = [], [], []
+    for _ in range(batch_size):
+        index = int(torch.randint(len(dataset), (1,), generator=generator))
+        views = dataset.objects[index].views
+        if len(views) < 2:
+            raise InputError(f"{dataset.objects[index].folder}: needs at least 2 views for training")
+        i, j = torch.randperm(len(views), generator=generator)[:2].tolist()
+        inputs.append(composite(dataset.view_image(index, i), background))
+        targets.append(composite(dataset.view_image(index, j), background))
+        poses.append([views[i].elevation_deg, views[i].azimuth_deg, views[i].radius, views[j].elevation_deg, views[j].azimuth_deg, views[j].radius])
+    p = torch.tensor(poses, dtype=torch.float32)
+    return ViewBatch(torch.stack(inputs), p[:, 0], p[:, 1], p[:, 2], torch.stack(targets), p[:, 3], p[:, 4], p[:, 5])
+
+
+@dataclass
+class Prompts:
+    """Self-prompted views per sample: nearby (B, N, 3, S, S) with poses (B, N); coarse (B, 3, S, S) or None."""
+
+    nearby_images: Tensor
+    nearby_elevation: Tensor
+    nearby_azimuth: Tensor
+    nearby_radius: Tensor
+    coarse_images: Tensor | None
+    coarse_elevation: Tensor | None
+    coarse_azimuth: Tensor | None
+    coarse_radius: Tensor | None
+
+
+@torch.no_grad()
+def self_prompt(base: Zero123Model, batch: ViewBatch, cfg: TrainConfig, generator: torch.Generator) -> Prompts:
+    """The Base's nearby views of each input and, if ``cfg.coarse_target``, a coarse view near each target.
+
+    One :func:`guidance.cascade.generate_views` call per sample (DDIM with CFG).
+    """
+    nearby, coarse, n_el, n_az, n_r, c_pose = [], [], [], [], [], []
+    for b in range(batch.input_images.shape[0]):
+        el, az, r = nearby_poses(float(batch.input_elevation[b]), float(batch.input_azimuth[b]), float(batch.input_radius[b]), cfg.nearby_views)
+        targets = [el, az, r]
+        if cfg.coarse_target:
+            jitter = (torch.rand(2, generator=generator) * 2 - 1) * cfg.coarse_jitter_deg
+            c_el = (batch.target_elevation[b] + jitter[0]).clamp(-89.0, 89.0)
+            pose = torch.stack([c_el, batch.target_azimuth[b] + jitter[1], batch.target_radius[b]])
+            c_pose.append(pose)
+            targets = [torch.cat([t, pose[k : k + 1]]) for k, t in enumerate(targets)]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        pose_in = (float(batch.input_elevation[b]), float(batch.input_azimuth[b]), float(batch.input_radius[b]))
+        images = generate_views(base, batch.input_images[b], pose_in, tuple(targets), cfg.prompt_steps, cfg.prompt_guidance_scale, seed, len(targets[0]))
+        count = len(cfg.nearby_views)
+        nearby.append(images[:count])
+        n_el.append(el)
+        n_az.append(az)
+        n_r.append(r)
+        if cfg.coarse_target:
+            coarse.append(images[count])
+    coarse_pose = torch.stack(c_pose) if c_pose else None
+    return Prompts(
+        torch.stack(nearby), torch.stack(n_el), torch.stack(n_az), torch.stack(n_r),
+        torch.stack(coarse) if coarse else None,
+        *((coarse_pose[:, k] for k in range(3)) if coarse_pose is not None else (None, None, None)),
+    )
+
+
+# ------------------------------------------------------------ conditioning
+def condition_dropout(
+    batch: int, tokens: int, cfg: TrainConfig, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Keep masks for conditioning dropout: tokens (B, K) and latent (B,), 1 = keep, 0 = zeroed.
+
+    Token 0 is the input; tokens 1.. are self-prompted views, dropped one by
+    one with ``drop_extra_token_p``. ``drop_tokens_p`` zeroes all of a
+    sample's tokens, ``drop_latent_p`` its latent, ``drop_both_p`` both.
+    """
+    both = torch.rand(batch, generator=generator) < cfg.drop_both_p
+    no_tokens = (torch.rand(batch, generator=generator) < cfg.drop_tokens_p) | both
+    no_latent = (torch.rand(batch, generator=generator) < cfg.drop_latent_p) | both
+    keep = torch.ones(batch, tokens)
+    if tokens > 1:
+        keep[:, 1:] = (torch.rand(batch, tokens - 1, generator=generator) >= cfg.drop_extra_token_p).float()
+    keep[no_tokens] = 0.0
+    return keep, (~no_latent).float()
+
+
+def cascade_tokens(model: Zero123Model, batch: ViewBatch, prompts: Prompts | None) -> tuple[Tensor, Tensor]:
+    """CLIP embeds (B, K, D) and poses (B, K, 4) of the conditioning tokens for each sample's target.
+
+    With ``prompts`` the Refiner's tokens [input, coarse, nearby...] from
+    :func:`guidance.cascade.refiner_tokens`; without, the single Zero123 token
+    (input, pose of the target relative to the input).
+    """
+    device = model.device
+    b = batch.input_images.shape[0]
+    if prompts is None:
+        embeds = model.clip_embed(batch.input_images.to(device))[:, None]
+        poses = relative_pose(
+            batch.target_elevation, batch.target_azimuth, batch.target_radius,
+            batch.input_elevation, batch.input_azimuth, batch.input_radius, encoding=model.pose_encoding,
+        )[:, None]
+        return embeds, poses.to(device)
+    n = prompts.nearby_images.shape[1]
+    images = [batch.input_images, prompts.nearby_images.flatten(0, 1)]
+    if prompts.coarse_images is not None:
+        images.append(prompts.coarse_images)
+    clip = model.clip_embed(torch.cat(images).to(device))
+    clip_in, clip_near = clip[:b], clip[b : b + b * n].view(b, n, -1)
+    clip_coarse = clip[b + b * n :] if prompts.coarse_images is not None else None
+    embeds, poses = [], []
+    for i in range(b):
+        inputs = Conditions(clip_in[i : i + 1], batch.input_elevation[i : i + 1], batch.input_azimuth[i : i + 1], batch.input_radius[i : i + 1])
+        nearby = Conditions(clip_near[i], prompts.nearby_elevation[i], prompts.nearby_azimuth[i], prompts.nearby_radius[i])
+        bank = None
+        if clip_coarse is not None:
+            bank = Conditions(clip_coarse[i : i + 1], prompts.coarse_elevation[i : i + 1], prompts.coarse_azimuth[i : i + 1], prompts.coarse_radius[i : i + 1])
+        target = (batch.target_elevation[i : i + 1], batch.target_azimuth[i : i + 1], batch.target_radius[i : i + 1])
+        e, p = refiner_tokens(target, inputs, nearby, bank, model.pose_encoding)
+        embeds.append(e)
+        poses.append(p)
+    return torch.cat(embeds), torch.cat(poses)
+
+
+class Denoiser(nn.Module):
+    """The trainable part of a Zero123Model (UNet + camera projection) as one module for DDP/accelerate.
+
+    ``forward(noisy, t, embeds (B, K, D), poses (B, K, 4), cond_latent, token_keep (B, K), latent_keep (B,))``
+    projects the tokens, applies the dropout masks and returns eps (B, 4, h, w).
+    """
+
+    def __init__(self, model: Zero123Model) -> None:
+        super().__init__()
+        self.unet = model.unet
+        self.camera_projection = model.camera_projection
+        # Not a submodule: the frozen VAE/CLIP must stay out of DDP and the optimiser.
+        object.__setattr__(self, "_model", model)
+
+    def forward(self, noisy: Tensor, t: Tensor, embeds: Tensor, poses: Tensor, cond_latent: Tensor, token_keep: Tensor, latent_keep: Tensor) -> Tensor:
+        """See the class docstring."""
+        model = self._model
+        context = model.context(embeds, poses) * token_keep[..., None].to(embeds.device, model.dtype)
+        latent = cond_latent * latent_keep[:, None, None, None].to(cond_latent.device, cond_latent.dtype)
+        return model.eps(noisy, t, context, latent)
+
+
+def trainable_modules(model: Zero123Model) -> list[nn.Module]:
+    """The modules that training changes: the UNet and the camera projection."""
+    return [model.unet, model.camera_projection]
+
+
+@torch.no_grad()
+def ema_update(target: Zero123Model, source: Zero123Model, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source, over the trainable modules' parameters and buffers."""
+    for t_mod, s_mod in zip(trainable_modules(target), trainable_modules(source)):
+        for t, s in zip(t_mod.parameters(), s_mod.parameters()):
+            t.lerp_(s.detach().to(t.dtype), 1.0 - decay)
+        for t, s in zip(t_mod.buffers(), s_mod.buffers()):
+            t.copy_(s)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay used after optimiser step ``step`` (1-based): min(decay, (1 + step) / (10 + step))."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def base_copy(model: Zero123Model) -> Zero123Model:
+    """A second Zero123Model with its own UNet and projection but sharing the frozen VAE, CLIP and scheduler."""
+    from guidance.model import Zero123Model
+
+    base = Zero123Model(
+        copy.deepcopy(model.unet), model.vae, model.image_encoder, copy.deepcopy(model.camera_projection),
+        model.scheduler, model.pose_encoding, model.is_random, model.description,
+    )
+    base.eval().requires_grad_(False)
+    return base
+
+
+def step_generator(seed: int, process: int, step: int) -> torch.Generator:
+    """The CPU generator of every random draw of ``step`` on process ``process``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + process)
+
+
+# ------------------------------------------------------------------ trainer
+class Trainer:
+    """Holds the student (Refiner, or the model in stage base), the Base (= EMA) and the optimiser.
+
+    ``accelerator``: an ``accelerate.Accelerator`` (multi-GPU, mixed
+    precision); the trainer prepares the denoiser and optimiser with it.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: Zero123Model, accelerator: Any) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.student = model
+        self.student.requires_grad_(False)
+        for module in trainable_modules(model):
+            module.requires_grad_(True)
+            module.train()
+        if cfg.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        self.base = base_copy(model)
+        self.denoiser = Denoiser(model)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": list(model.unet.parameters()), "lr": cfg.lr_unet, "base_lr": cfg.lr_unet},
+                {"params": list(model.camera_projection.parameters()), "lr": cfg.lr_projection, "base_lr": cfg.lr_projection},
+            ],
+            weight_decay=cfg.weight_decay,
+        )
+        self.step = 0
+        self._prepared = None
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the model is fed."""
+        return self.cfg.image_size or int(self.student.vae.config.sample_size)
+
+    def prepare(self) -> None:
+        """Wraps the denoiser and optimiser with the accelerator (call after restoring a checkpoint)."""
+        self._prepared = self.accelerator.prepare(self.denoiser, self.optimizer)
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        scale = min(1.0, (self.step + 1) / max(1, self.cfg.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+    def train_step(self, batch: ViewBatch, generator: torch.Generator, prompts: Prompts | None = None) -> float:
+        """One optimiser step on ``batch`` (self-prompting first in stage cascade); returns the loss.
+
+        All random draws (single-token choice, prompts, timesteps, noise,
+        dropout) come from ``generator``; ``prompts`` skips self-prompting.
+        """
+        if self._prepared is None:
+            self.prepare()
+        denoiser, optimizer = self._prepared
+        cfg, model, acc = self.cfg, self.student, self.accelerator
+        device = model.device
+        use_cascade = cfg.stage == "cascade" and float(torch.rand(1, generator=generator)) >= cfg.single_token_p
+        with acc.autocast():
+            if use_cascade and prompts is None:
+                prompts = self_prompt(self.base, batch, cfg, generator)
+            with torch.no_grad():
+                embeds, poses = cascade_tokens(model, batch, prompts if use_cascade else None)
+                cond_latent = model.cond_latent(batch.input_images.to(device))
+                target = model.encode(batch.target_images.to(device))
+        b = target.shape[0]
+        t = torch.randint(0, model.scheduler.config.num_train_timesteps, (b,), generator=generator)
+        noise = torch.randn(target.shape, generator=generator).to(device)
+        noisy = model.scheduler.add_noise(target.float(), noise, t.to(device))
+        token_keep, latent_keep = condition_dropout(b, embeds.shape[1], cfg, generator)
+        self._set_lr(optimizer)
+        with acc.autocast():
+            eps = denoiser(noisy, t.to(device), embeds, poses, cond_latent, token_keep.to(device), latent_keep.to(device))
+        loss = F.mse_loss(eps.float(), noise.float())
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_([p for m in trainable_modules(model) for p in m.parameters()], cfg.grad_clip)
+        optimizer.step()
+        self.step += 1
+        ema_update(self.base, model, ema_decay_at(self.step, cfg.ema_decay))
+        return float(loss.detach())
+
+    # -------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint needs (tensors and plain values)."""
+        from recon.runtime import rng_state
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "stage": self.cfg.stage,
+            "student": {f"{i}.{k}": v for i, m in enumerate(trainable_modules(self.student)) for k, v in m.state_dict().items()},
+            "base": {f"{i}.{k}": v for i, m in enumerate(trainable_modules(self.base)) for k, v in m.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any], path: Path) -> None:
+        """Restores :meth:`state` (call before :meth:`prepare`)."""
+        from recon.runtime import set_rng_state
+
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != self.cfg.stage:
+            raise InputError(f"{path}: not a {self.cfg.stage}-stage training checkpoint of this format")
+        for key, model in (("student", self.student), ("base", self.base)):
+            for i, module in enumerate(trainable_modules(model)):
+                prefix = f"{i}."
+                module.load_state_dict({k[len(prefix) :]: v for k, v in state[key].items() if k.startswith(prefix)})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        set_rng_state(state["rng"])
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints ``step_XXXXXX.pt`` in ``folder`` as (step, path), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_file()]
+    return sorted(found)
+
+
+def save_checkpoint(trainer: Trainer, folder: Path, keep: int) -> Path:
+    """Atomically writes the trainer's state as ``step_XXXXXX.pt`` and deletes all but the newest ``keep``."""
+    path = folder / f"step_{trainer.step:06d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(trainer.state(), tmp)
+    for _, old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """Reads a training checkpoint with ``weights_only=True``; :class:`InputError` if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable training checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+
+
+def export_base(trainer: Trainer, folder: Path, init: str) -> Path:
+    """Writes the Base (the EMA weights) as a diffusers folder that ``load_zero123`` reads."""
+    from guidance.checkpoints import save_diffusers
+
+    base = trainer.base
+    base.is_random = False
+    base.description = f"recon train-cascade (stage {trainer.cfg.stage}) from {init}, {trainer.step} steps"
+    return save_diffusers(base, folder, overwrite=True)
+
+
+def make_accelerator(device: str, mixed_precision: str) -> Any:
+    """An ``accelerate.Accelerator`` on ``device`` (``auto``/``cpu``/``cuda``) with the chosen precision."""
+    try:
+        from accelerate import Accelerator
+    except ImportError as exc:
+        raise ReconError("training needs the 'accelerate' package: pip install accelerate (or recon[train])") from exc
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if mixed_precision == "auto":
+        mixed_precision = "no" if cpu else "bf16"
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the step reached, whether training finished, the last losses, the Base folder."""
+
+    step: int
+    finished: bool
+    losses: list[float]
+    final: Optional[Path]
+
+
+def train(
+    cfg: TrainConfig, data: Path, init: str, run_dir: Path, device: str = "auto",
+    max_minutes: float | None = None, resume: bool = True,
+) -> TrainResult:
+    """Trains from ``init`` (any ``load_zero123`` spec, e.g. a weights folder or ``random-tiny``) on ``data``.
+
+    Resumes from ``run_dir/checkpoints`` when it holds a checkpoint (and
+    ``resume``). Stops after ``cfg.steps`` steps (then writes
+    ``run_dir/final/base``) or after ``max_minutes`` (with a checkpoint).
+    """
+    from guidance.checkpoints import load_zero123
+    from recon.config import to_plain
+    from recon.progress import info
+    from recon.runs import RunDir, StepReporter
+
+    start = time.perf_counter()
+    acc = make_accelerator(device, cfg.mixed_precision)
+    main = acc.is_main_process
+    run_dir = Path(run_dir)
+    plain = {"train": to_plain(cfg), "data": str(data), "init": str(init)}
+    existed = RunDir.is_run(run_dir)
+    if existed and not resume:
+        raise ReconError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another folder")
+    # Every process looks before the main one creates the folder.
+    acc.wait_for_everyone()
+    run = RunDir.create(run_dir, plain, seed=cfg.seed, device=str(acc.device)) if main and not existed else RunDir(run_dir)
+    acc.wait_for_everyone()
+    model = load_zero123(init, acc.device, torch.float32, seed=cfg.seed)
+    trainer = Trainer(cfg, model, acc)
+    dataset = MultiViewDataset(data, image_size=trainer.image_size)
+    found = list_checkpoints(run.checkpoints)
+    if found:
+        trainer.load_state(load_checkpoint_file(found[-1][1]), found[-1][1])
+        if main:
+            info(f"resumed {run_dir} at step {trainer.step}")
+    trainer.prepare()
+    losses: list[float] = []
+    stopped_early = False
+    reporter = StepReporter(run, f"train {cfg.stage}", cfg.steps, trainer.step) if main else contextlib.nullcontext()
+    with reporter:
+        while trainer.step < cfg.steps:
+            if max_minutes is not None and time.perf_counter() - start > 60.0 * max_minutes:
+                stopped_early = True
+                break
+            generator = step_generator(cfg.seed, acc.process_index, trainer.step)
+            batch = sample_batch(dataset, cfg.batch_size, generator, cfg.background)
+            loss = trainer.train_step(batch, generator)
+            if not math.isfinite(loss):
+                from recon.errors import TrainingDivergedError
+
+                raise TrainingDivergedError(f"loss is {loss} at step {trainer.step}; lower the learning rate or use bf16/fp32")
+            losses.append(loss)
+            if main:
+                reporter.update(trainer.step, f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps and main:
+                save_checkpoint(trainer, run.checkpoints, cfg.keep_checkpoints)
+    final = None
+    if main:
+        save_checkpoint(trainer, run.checkpoints, cfg.keep_checkpoints)
+        if not stopped_early:
+            final = export_base(trainer, run.root / "final" / "base", init)
+        run.write_progress(f"train {cfg.stage}", trainer.step, cfg.steps, None, "interrupted" if stopped_early else "finished",
+                           loss=(sum(losses[-20:]) / len(losses[-20:])) if losses else None)
+    acc.wait_for_everyone()
+    return TrainResult(trainer.step, not stopped_early, losses, final)

@@ -1,0 +1,328 @@
+"""The Python API behind ``recon fit`` / ``recon batch`` / ``recon export``: the place that wires the parts.
+
+    import recon
+    results = recon.fit("cat.png", preset="cpu", model="random-tiny")
+    recon.export(results[0].run_dir, formats=["obj"])
+
+``fit`` takes one image, several, or a folder; each image gets a run folder
+``OUTPUT/<stem>/``. The guidance models are loaded once for all images.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recon.errors import ReconError
+from recon.runs import RunDir
+from systems.batch import ImageResult, print_summary, run_batch, save_summary
+from systems.fit import FitConfig, Trainer, scale_steps
+
+SMOKE_TEST_NOTE = "SMOKE_TEST_RANDOM_WEIGHTS.txt"
+
+
+def build_config(
+    preset: str | os.PathLike[str] = "default",
+    overrides: Sequence[str] = (),
+    *,
+    model: str | None = None,
+    formats: Sequence[str] | str | None = None,
+    seed: int | None = None,
+    foreground_ratio: float | None = None,
+    remove_bg: bool | None = None,
+    steps: int | None = None,
+) -> FitConfig:
+    """Defaults <- preset <- ``--set key.path=value`` overrides <- explicit flags, as a :class:`FitConfig`.
+
+    ``steps`` rescales every stage (and every schedule) to that many steps in all.
+    """
+    from recon.config import read_preset, resolve
+
+    flags: dict[str, Any] = {}
+    if model is not None:
+        flags["guidance"] = {"model": model}
+    if formats is not None:
+        from recon.cli.export import parse_formats
+
+        flags["export"] = {"formats": parse_formats(formats if isinstance(formats, str) else ",".join(formats))}
+    if seed is not None:
+        flags["seed"] = seed
+    if foreground_ratio is not None:
+        flags.setdefault("preprocess", {})["foreground_ratio"] = foreground_ratio
+    if remove_bg is not None:
+        flags.setdefault("preprocess", {})["remove_bg"] = remove_bg
+    cfg = resolve(FitConfig, read_preset(preset), overrides=tuple(overrides))
+    if flags:
+        from recon.config import to_plain
+
+        cfg = resolve(FitConfig, to_plain(cfg), flags)
+    if steps is not None:
+        cfg = scale_steps(cfg, steps)
+    return cfg
+
+
+def load_reference_png(path: Path) -> Any:
+    """The run's ``input_rgba.png`` as the :class:`ReferenceView` the trainer fits (recon.cameras defaults)."""
+    import numpy as np
+
+    from recon.imageio import decode_image
+    from recon.preprocess import ReferenceView
+
+    pixels = decode_image(path)
+    if pixels.shape[2] == 3:
+        pixels = np.concatenate([pixels, np.ones_like(pixels[..., :1])], axis=2)
+    return ReferenceView(rgba=torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float(), source=path)
+
+
+class _Models:
+    """Guidance objects built once per guidance config and shared by every image of a call."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cache: dict[str, Any] = {}
+
+    def get(self, cfg: FitConfig, timer: Any) -> Any:
+        from recon.config import to_plain
+
+        key = repr(to_plain(cfg.guidance))
+        if key not in self._cache:
+            from guidance.interface import make_guidance
+
+            with timer.phase("load models"):
+                self._cache[key] = make_guidance(cfg.guidance, self.device)
+        return self._cache[key]
+
+
+def _existing_run(run_dir: Path, cfg: FitConfig, resume: bool, overwrite: bool) -> tuple[FitConfig, bool]:
+    """The config in force for ``run_dir`` and whether it resumes; clears it with ``overwrite``.
+
+    A resumed run keeps its own config.yaml. Raises :class:`ReconError` for an
+    unfinished run without ``resume`` / ``overwrite`` or a folder that is not a run.
+    """
+    from recon.config import from_plain, to_plain
+    from recon.progress import info
+
+    if RunDir.is_run(run_dir):
+        if overwrite:
+            shutil.rmtree(run_dir)
+            return cfg, False
+        if resume:
+            saved = from_plain(FitConfig, RunDir.open(run_dir).read_config())
+            if to_plain(saved) != to_plain(cfg):
+                info(f"{run_dir}: resuming with the run's own config.yaml (preset, --set and config flags apply to new runs only)")
+            return saved, True
+        raise ReconError(f"{run_dir}: holds an unfinished run; continue it with --resume or start over with --overwrite")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ReconError(f"{run_dir}: exists and is not a run folder; choose another --output or remove it")
+    return cfg, False
+
+
+def _create_run(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, timer: Any) -> RunDir:
+    """Preprocesses ``image`` and makes the run folder with the input files, config.yaml, meta.json, progress.json."""
+    from recon import fileio
+    from recon.config import to_plain
+    from recon.preprocess import load_reference
+    from recon.progress import warn
+
+    with timer.phase("preprocess"):
+        reference = load_reference(image, cfg.preprocess.foreground_ratio, cfg.preprocess.remove_bg, cfg.preprocess.size)
+    random_weights = cfg.guidance.model.startswith("random-")
+    run = RunDir.create(
+        run_dir,
+        to_plain(cfg),
+        seed=cfg.seed,
+        device=str(device),
+        extra_meta={
+            "input": str(image),
+            "background_method": reference.background_method,
+            "model": cfg.guidance.model,
+            "random_weights": random_weights,
+        },
+    )
+    fileio.write_bytes(run.root / f"input{image.suffix.lower()}", image.read_bytes())
+    reference.save(run.root / "input_rgba.png")
+    if random_weights:
+        warn(f"{run_dir}: guidance model {cfg.guidance.model!r} has random weights; this run is a smoke test, not a reconstruction")
+    return run
+
+
+def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device, timer: Any) -> dict[str, Path]:
+    """Mesh files and the turntable video of a trained run."""
+    from exports.turntable import render_turntable
+    from recon import fileio
+    from recon.cli.export import export_run
+
+    with timer.phase("export"):
+        paths = dict(export_run(run, cfg.export, device))
+    if cfg.turntable:
+        e, ref = cfg.export, trainer.reference
+
+        @torch.no_grad()
+        def render(cameras: Any) -> torch.Tensor:
+            return trainer.renderer.render(cameras.to(device), trainer.background)["rgb"]
+
+        with timer.phase("turntable"):
+            paths["turntable"] = render_turntable(
+                render, run.exports / "turntable.mp4", e.turntable_frames, e.turntable_elevation_deg,
+                ref.radius, ref.fovy_deg, e.turntable_resolution, e.turntable_fps,
+            )
+    if cfg.guidance.model.startswith("random-"):
+        note = run.exports / SMOKE_TEST_NOTE
+        fileio.write_text(note, f"These files were made with random guidance weights ({cfg.guidance.model}): a smoke test, not a reconstruction.\n")
+    return paths
+
+
+def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, models: _Models, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Preprocess, prepare the guidance, train every stage, export: one image into ``run_dir``.
+
+    Returns ``{"exports": {format: path}, "timings_s": {phase: seconds}}``.
+    Marks the run failed (or interrupted) in progress.json before re-raising.
+    """
+    from recon.progress import PhaseTimer, info
+    from recon.runtime import peak_memory_gib, seed_everything
+
+    timer = PhaseTimer()
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    image, run_dir = Path(image), Path(run_dir)
+    cfg, resuming = _existing_run(run_dir, cfg, resume, overwrite)
+    guidance = models.get(cfg, timer)  # before the run folder exists: missing weights leave nothing behind
+    run = RunDir.open(run_dir) if resuming else _create_run(image, run_dir, cfg, device, timer)
+    try:
+        reference = load_reference_png(run.root / "input_rgba.png")
+        seed_everything(cfg.seed)
+        with timer.phase("prepare guidance"):
+            guidance.prepare(reference, run.root / "guidance")
+        seed_everything(cfg.seed)
+        trainer = Trainer(cfg, guidance, reference, run, device)
+        if resuming and trainer.restore_latest():
+            info(f"{run.root}: resuming at step {trainer.step} of {cfg.total_steps}")
+        trainer.fit(timer)
+        paths = _export(run, cfg, trainer, device, timer)
+    except KeyboardInterrupt:
+        run.set_status("interrupted")
+        raise
+    except BaseException:
+        run.set_status("failed")
+        raise
+    finally:
+        run.record_timings(timer.seconds)
+    peak = peak_memory_gib(device)
+    run.update_meta(
+        peak_gpu_memory_gib=None if peak is None else round(peak, 3),
+        total_seconds=round(time.perf_counter() - start, 3),
+        final_step=trainer.step,
+        rollbacks=trainer.rollbacks,
+        final_losses=trainer.last_losses,
+        exports={"files": {k: str(v) for k, v in paths.items()}},
+    )
+    run.write_progress(None, cfg.total_steps, cfg.total_steps, 0.0, "finished")
+    info(f"[green]done[/] {run.root} ({time.perf_counter() - start:.1f} s)")
+    return {"exports": paths, "timings_s": {k: round(v, 3) for k, v in timer.seconds.items()}}
+
+
+def fit(
+    images: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    output: str | os.PathLike[str] = "outputs",
+    preset: str | os.PathLike[str] = "default",
+    overrides: Sequence[str] = (),
+    *,
+    model: str | None = None,
+    formats: Sequence[str] | str | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    foreground_ratio: float | None = None,
+    remove_bg: bool | None = None,
+    steps: int | None = None,
+    batch: bool | None = None,
+) -> list[ImageResult]:
+    """Reconstructs each image (a file, several, or a folder) into ``output/<stem>/``; mirrors ``recon fit``.
+
+    With one image file (and ``batch`` not True) errors are raised as
+    :class:`ReconError`; otherwise each image's failure is recorded, the
+    batch goes on, and ``output/batch_summary.json`` is written. Returns one
+    :class:`ImageResult` per image.
+    """
+    from recon.imageio import list_images
+    from recon.progress import set_quiet
+    from recon.runtime import resolve_device
+
+    set_quiet(quiet)
+    paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    image_list = list_images(paths)
+    if batch is None:
+        batch = len(image_list) != 1 or any(Path(p).is_dir() for p in paths)
+    cfg = build_config(
+        preset, overrides, model=model, formats=formats, seed=seed, foreground_ratio=foreground_ratio,
+        remove_bg=remove_bg, steps=steps,
+    )
+    dev = resolve_device(device)
+    models = _Models(dev)
+    output = Path(output)
+
+    def one(image: Path, run_dir: Path) -> dict[str, Any]:
+        return fit_image(image, run_dir, cfg, dev, models, resume=resume, overwrite=overwrite)
+
+    if not batch:
+        from systems.batch import is_finished, run_names
+
+        run_dir = output / run_names(image_list)[0]
+        result = ImageResult(image=image_list[0], run_dir=run_dir)
+        start = time.perf_counter()
+        if is_finished(run_dir) and not overwrite:
+            from recon.progress import info
+
+            info(f"{run_dir}: already finished; skipped (--overwrite to redo)")
+            result.status = "skipped"
+        else:
+            outcome = one(image_list[0], run_dir)
+            result.status = "finished"
+            result.exports = {k: str(v) for k, v in outcome["exports"].items()}
+            result.timings_s = outcome["timings_s"]
+        result.seconds = round(time.perf_counter() - start, 3)
+        return [result]
+    results = run_batch(image_list, output, one, overwrite=overwrite)
+    save_summary(output, results)
+    print_summary(results)
+    return results
+
+
+def export(
+    run_dir: str | os.PathLike[str],
+    formats: Sequence[str] | str | None = None,
+    device: str = "auto",
+    output: str | os.PathLike[str] | None = None,
+    **settings: Any,
+) -> dict[str, Path]:
+    """Re-exports a finished or interrupted run (its newest checkpoint); mirrors ``recon export``.
+
+    ``formats``: e.g. ``["glb", "obj"]`` or ``"glb,obj"`` (default: the run's);
+    ``settings``: any :class:`exports.config.ExportConfig` field (``texture_resolution=2048``).
+    Returns {format: path}.
+    """
+    from dataclasses import replace
+
+    from exports.config import ExportConfig
+    from recon.cli.export import export_run, parse_formats
+    from recon.config import from_plain
+    from recon.runtime import resolve_device
+
+    run = RunDir.open(run_dir)
+    saved = run.read_config().get("export")
+    cfg = from_plain(ExportConfig, saved) if isinstance(saved, dict) else ExportConfig()
+    if formats is not None:
+        settings["formats"] = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
+    unknown = sorted(set(settings) - set(ExportConfig.__dataclass_fields__))
+    if unknown:
+        raise ReconError(f"export: unknown setting(s) {', '.join(unknown)}")
+    return export_run(run, replace(cfg, **settings), resolve_device(device), None if output is None else Path(output))

@@ -1,0 +1,182 @@
+"""The radiance field: a hash-grid encoding and a small MLP giving density and albedo.
+
+Points are in world units inside the axis-aligned box ``[-bound, bound]^3``;
+they are mapped to ``[0, 1]^3`` for the encoding. One shared MLP turns the
+encoded features into a raw density and three albedo logits (threestudio's
+implicit volume, with a single trunk). At initialisation a "blob" bias
+(Magic3D) makes the centre of the box dense so that optimisation starts from
+a solid ball rather than from empty space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recon.encoding import HashGridConfig, make_encoding
+from recon.errors import ReconError
+
+TRUNC_EXP_MAX = 15.0
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp(x) whose gradient uses exp(min(x, 15)), so large raw densities cannot explode the update."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        # written with differentiable ops so second derivatives (analytic normals) work
+        return grad * torch.exp(x.clamp(max=TRUNC_EXP_MAX))
+
+
+def trunc_exp(x: Tensor) -> Tensor:
+    """exp with a clamped gradient (instant-NGP / threestudio density activation)."""
+    return _TruncExp.apply(x)
+
+
+@dataclass
+class FieldConfig:
+    """Radiance field: hash grid + MLP, density and albedo."""
+
+    encoding: HashGridConfig = field(default_factory=HashGridConfig)
+    """Hash-grid encoding."""
+    bound: float = 1.0
+    """Half-size of the axis-aligned box [-bound, bound]^3 holding the object (world units)."""
+    mlp_width: int = 64
+    """Hidden width of the MLP."""
+    mlp_hidden_layers: int = 2
+    """Hidden layers of the MLP."""
+    density_activation: Literal["softplus", "trunc_exp"] = "softplus"
+    """Raw density -> density: softplus or trunc_exp (exp with a clamped gradient)."""
+    density_bias: Literal["blob", "none"] = "blob"
+    """Bias added to the raw density: blob (dense ball at the centre at init) or none."""
+    blob_density: float = 10.0
+    """Blob bias at the centre (raw density units)."""
+    blob_radius: float = 0.5
+    """Radius (world units) where the blob bias falls to zero; negative beyond."""
+    normal_mode: Literal["analytic", "finite_difference"] = "analytic"
+    """Normals from autograd of the density, or from central finite differences."""
+    fd_step: float = 0.01
+    """Finite-difference step for normals (world units)."""
+
+    def __post_init__(self) -> None:
+        if self.bound <= 0 or self.blob_radius <= 0 or self.fd_step <= 0:
+            raise ReconError("field: bound, blob_radius and fd_step must be > 0")
+        if self.mlp_width < 1 or self.mlp_hidden_layers < 0:
+            raise ReconError("field: mlp_width must be >= 1 and mlp_hidden_layers >= 0")
+
+
+@dataclass
+class FieldOutput:
+    """Per-point field values: ``density`` (P,) >= 0, ``albedo`` (P, 3) in [0, 1], ``normal`` (P, 3) unit or None."""
+
+    density: Tensor
+    albedo: Tensor
+    normal: Tensor | None = None
+
+
+def _mlp(in_dim: int, width: int, hidden_layers: int, out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(dim, width), nn.ReLU(inplace=True)]
+        dim = width
+    layers.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class RadianceField(nn.Module):
+    """Density and albedo of world points in ``[-bound, bound]^3`` (density is 0 outside)."""
+
+    def __init__(self, cfg: FieldConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoding = make_encoding(cfg.encoding)
+        self.mlp = _mlp(self.encoding.output_dim, cfg.mlp_width, cfg.mlp_hidden_layers, 4)
+
+    @property
+    def aabb(self) -> Tensor:
+        """(2, 3) box corners [min, max] in world units, on the field's device."""
+        b = self.cfg.bound
+        return torch.tensor([[-b, -b, -b], [b, b, b]], device=self.encoding.level_mask.device)
+
+    def set_active_levels(self, k: int) -> None:
+        """Coarse-to-fine: only the first ``k`` hash-grid levels contribute."""
+        self.encoding.set_active_levels(k)
+
+    def _inside(self, points: Tensor) -> Tensor:
+        return (points.abs() <= self.cfg.bound).all(dim=-1)
+
+    def _raw(self, points: Tensor) -> Tensor:
+        """(P, 4) MLP output: raw density (with bias) and albedo logits."""
+        unit = (points / self.cfg.bound + 1.0) * 0.5
+        raw = self.mlp(self.encoding(unit)).to(points.dtype)
+        if self.cfg.density_bias == "blob":
+            bias = self.cfg.blob_density * (1.0 - points.norm(dim=-1) / self.cfg.blob_radius)
+            raw = torch.cat([raw[:, :1] + bias[:, None], raw[:, 1:]], dim=-1)
+        return raw
+
+    def _activate(self, raw_density: Tensor, points: Tensor) -> Tensor:
+        if self.cfg.density_activation == "trunc_exp":
+            density = trunc_exp(raw_density)
+        else:
+            density = F.softplus(raw_density)
+        return torch.where(self._inside(points), density, torch.zeros_like(density))
+
+    def density(self, points: Tensor) -> Tensor:
+        """Density (P,) >= 0 at world points (P, 3); exactly 0 outside the box."""
+        return self._activate(self._raw(points)[:, 0], points)
+
+    def albedo(self, points: Tensor) -> Tensor:
+        """Albedo (P, 3) in [0, 1] at world points (P, 3)."""
+        return torch.sigmoid(self._raw(points)[:, 1:])
+
+    def forward(self, points: Tensor, with_normals: bool = False) -> FieldOutput:
+        """Density (P,) and albedo (P, 3) at world points (P, 3); also unit normals when ``with_normals``.
+
+        Analytic normals keep their graph when grad is enabled (for
+        normal-smoothness / orientation losses) and are computed without
+        one under ``torch.no_grad()``.
+        """
+        if with_normals and self.cfg.normal_mode == "analytic":
+            create_graph = torch.is_grad_enabled()
+            with torch.enable_grad():
+                p = points.detach().requires_grad_(True)
+                raw = self._raw(p)
+                density = self._activate(raw[:, 0], p)
+                (gradient,) = torch.autograd.grad(density.sum(), p, create_graph=create_graph)
+            if not create_graph:
+                density, raw = density.detach(), raw.detach()
+            return FieldOutput(density, torch.sigmoid(raw[:, 1:]), _unit(-gradient))
+        raw = self._raw(points)
+        out = FieldOutput(self._activate(raw[:, 0], points), torch.sigmoid(raw[:, 1:]))
+        if with_normals:
+            out.normal = self._fd_normals(points)
+        return out
+
+    def normals(self, points: Tensor) -> Tensor:
+        """Unit outward normals (P, 3) (minus the density gradient) at world points (P, 3); 0 where it vanishes."""
+        if self.cfg.normal_mode == "analytic":
+            return self(points, with_normals=True).normal
+        return self._fd_normals(points)
+
+    def _fd_normals(self, points: Tensor) -> Tensor:
+        h = self.cfg.fd_step
+        offsets = torch.eye(3, device=points.device, dtype=points.dtype) * h
+        probes = torch.cat([points[:, None] + offsets, points[:, None] - offsets], dim=1)  # (P, 6, 3)
+        d = self.density(probes.reshape(-1, 3)).view(-1, 6)
+        gradient = (d[:, :3] - d[:, 3:]) / (2.0 * h)
+        return _unit(-gradient)
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,222 @@
+"""Volume renderer: cameras or rays -> composited colour, opacity, depth (and normals).
+
+One interface over two samplers (see :mod:`recon.render.samplers`): nerfacc's
+occupancy grid on CUDA, a stratified PyTorch sampler elsewhere. Rays are
+processed in chunks; with gradients enabled and more than one chunk each
+chunk is gradient-checkpointed, so memory is bounded by one chunk's graph
+whatever the image size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from recon.cameras import Cameras, generate_rays
+from recon.errors import ReconError
+from recon.field import RadianceField
+from recon.render.compositing import accumulate, compositing_weights, over_background
+from recon.render.samplers import OccupancyGridSampler, nerfacc_available, stratified_samples
+
+
+@dataclass
+class RendererConfig:
+    """Volume rendering: sampler, sample counts, occupancy grid, chunking."""
+
+    sampler: Literal["auto", "nerfacc", "stratified"] = "auto"
+    """Ray sampler: auto (nerfacc on CUDA when it imports, else stratified), nerfacc or stratified."""
+    samples_per_ray: int = 128
+    """Samples per ray of the stratified sampler."""
+    step_size: float | None = None
+    """nerfacc marching step in world units; None = 2 * sqrt(3) * bound / 512."""
+    grid_resolution: int = 64
+    """Cells per axis of the occupancy grid (nerfacc)."""
+    occupancy_threshold: float = 0.01
+    """A grid cell is occupied when density * step_size exceeds this (nerfacc)."""
+    alpha_threshold: float = 0.0
+    """nerfacc drops samples whose alpha is below this (0 keeps all)."""
+    early_stop_eps: float = 1e-4
+    """nerfacc stops marching a ray once its transmittance falls below this."""
+    update_every: int = 16
+    """Refresh the occupancy grid every this many training steps."""
+    grid_warmup_steps: int = 256
+    """Before this step every grid cell is re-evaluated on refresh; after it, a random quarter."""
+    chunk_rays: int = 8192
+    """Rays rendered at once; bounds memory at any image size."""
+    checkpoint_chunks: bool = True
+    """With gradients and several chunks, recompute each chunk in backward instead of storing its graph."""
+    near: float = 0.0
+    """Samples start at least this far from the ray origin (world units)."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_ray < 1 or self.chunk_rays < 1 or self.update_every < 1 or self.grid_resolution < 1:
+            raise ReconError("renderer: samples_per_ray, chunk_rays, update_every and grid_resolution must be >= 1")
+        if self.step_size is not None and self.step_size <= 0:
+            raise ReconError(f"renderer.step_size must be > 0, got {self.step_size}")
+
+
+class VolumeRenderer(nn.Module):
+    """Renders a :class:`RadianceField`; ``field`` is a submodule, so the state dict holds both.
+
+    Outputs (per ray or per pixel): ``rgb`` over the background, ``opacity``,
+    ``depth`` (sum of w_i t_i, not divided by opacity), and with
+    ``normals=True`` ``normal`` (sum of w_i n_i, world frame) and
+    ``orientation`` (sum of w_i relu(n_i . d)^2 with the weights detached,
+    so that term shapes the normals rather than the opacity).
+    """
+
+    def __init__(self, field: RadianceField, cfg: RendererConfig) -> None:
+        super().__init__()
+        self.field = field
+        self.cfg = cfg
+        use_grid = cfg.sampler == "nerfacc" or (cfg.sampler == "auto" and torch.cuda.is_available() and nerfacc_available())
+        self.occupancy = OccupancyGridSampler(field.aabb.cpu(), cfg.grid_resolution) if use_grid else None
+        self.register_load_state_dict_pre_hook(_match_occupancy_keys)
+
+    @property
+    def step_size(self) -> float:
+        """nerfacc marching step (world units)."""
+        if self.cfg.step_size is not None:
+            return self.cfg.step_size
+        return 2.0 * math.sqrt(3.0) * self.field.cfg.bound / 512
+
+    def uses_nerfacc(self, device: torch.device) -> bool:
+        """Whether rays on ``device`` go through nerfacc's occupancy grid."""
+        if self.cfg.sampler == "nerfacc" and device.type != "cuda":
+            raise ReconError("renderer.sampler 'nerfacc' needs CUDA; use sampler stratified or auto on the CPU")
+        return self.occupancy is not None and device.type == "cuda"
+
+    @torch.no_grad()
+    def update_occupancy(self, step: int) -> None:
+        """Refreshes nerfacc's occupancy grid every ``update_every`` steps while training (no-op otherwise)."""
+        if self.occupancy is None or not self.training:
+            return
+        self.occupancy.update(
+            step,
+            self.field.density,
+            self.step_size,
+            self.cfg.occupancy_threshold,
+            self.cfg.update_every,
+            self.cfg.grid_warmup_steps,
+        )
+
+    def render(self, cameras: Cameras, background: Tensor, normals: bool = False) -> dict[str, Tensor]:
+        """Renders every pixel of ``cameras``: values (N, H, W, C) (see the class docstring).
+
+        ``background`` is one colour (3,) or an image per camera (N, H, W, 3).
+        """
+        origins, directions = generate_rays(cameras)
+        n, h, w = origins.shape[:3]
+        background = torch.as_tensor(background, dtype=origins.dtype, device=origins.device)
+        if background.shape == (n, h, w, 3):
+            background = background.reshape(-1, 3)
+        elif background.shape != (3,):
+            raise ValueError(f"background must be (3,) or {(n, h, w, 3)}, got {tuple(background.shape)}")
+        out = self.render_rays(origins.reshape(-1, 3), directions.reshape(-1, 3), background, normals)
+        return {key: value.view(n, h, w, -1) for key, value in out.items()}
+
+    def render_rays(self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool = False) -> dict[str, Tensor]:
+        """Renders rays (R, 3) with unit directions; ``background`` (3,) or (R, 3); values (R, C)."""
+        background = torch.as_tensor(background, dtype=origins.dtype, device=origins.device)
+        if background.shape not in ((3,), (origins.shape[0], 3)):
+            raise ValueError(f"background must be (3,) or ({origins.shape[0]}, 3), got {tuple(background.shape)}")
+        n_rays, chunk = origins.shape[0], self.cfg.chunk_rays
+        use_checkpoint = self.cfg.checkpoint_chunks and torch.is_grad_enabled() and n_rays > chunk
+        pieces: list[dict[str, Tensor]] = []
+        for start in range(0, n_rays, chunk):
+            end = min(start + chunk, n_rays)
+            bg = background if background.ndim == 1 else background[start:end]
+            pieces.append(self._render_chunk(origins[start:end], directions[start:end], bg, normals, use_checkpoint))
+        if len(pieces) == 1:
+            return pieces[0]
+        return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
+
+    def _render_chunk(self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool, use_checkpoint: bool) -> dict[str, Tensor]:
+        if self.uses_nerfacc(origins.device):
+            ray_indices, t_starts, t_ends = self.occupancy.sample(
+                origins,
+                directions,
+                self.field.density,
+                self.step_size,
+                self.cfg.alpha_threshold,
+                self.cfg.early_stop_eps,
+                stratified=self.training,
+                near=self.cfg.near,
+            )
+
+            def shade(o: Tensor, d: Tensor, bg: Tensor) -> tuple[Tensor, ...]:
+                return self._shade_packed(o, d, bg, ray_indices, t_starts, t_ends, normals)
+        else:
+            t_starts, t_ends, t_points = stratified_samples(
+                origins, directions, self.field.aabb.to(origins.dtype), self.cfg.samples_per_ray, self.training, self.cfg.near
+            )
+
+            def shade(o: Tensor, d: Tensor, bg: Tensor) -> tuple[Tensor, ...]:
+                return self._shade_dense(o, d, bg, t_starts, t_ends, t_points, normals)
+
+        if use_checkpoint:
+            values = checkpoint(shade, origins, directions, background, use_reentrant=False, preserve_rng_state=False)
+        else:
+            values = shade(origins, directions, background)
+        keys = ("rgb", "opacity", "depth", "normal", "orientation") if normals else ("rgb", "opacity", "depth")
+        return dict(zip(keys, values, strict=True))
+
+    def _shade_dense(
+        self, origins: Tensor, directions: Tensor, background: Tensor, t_starts: Tensor, t_ends: Tensor, t_points: Tensor, normals: bool
+    ) -> tuple[Tensor, ...]:
+        n_rays, n_samples = t_points.shape
+        points = origins[:, None] + directions[:, None] * t_points[..., None]
+        field = self.field(points.reshape(-1, 3), with_normals=normals)
+        weights, _, _ = compositing_weights(field.density.view(n_rays, n_samples), t_ends - t_starts)
+        opacity = accumulate(weights)
+        rgb = over_background(accumulate(weights, field.albedo.view(n_rays, n_samples, 3)), opacity, background)
+        depth = accumulate(weights, t_points[..., None])
+        if not normals:
+            return rgb, opacity, depth
+        n = field.normal.view(n_rays, n_samples, 3)
+        facing = F.relu((n * directions[:, None]).sum(-1, keepdim=True)) ** 2
+        return rgb, opacity, depth, accumulate(weights, n), accumulate(weights.detach(), facing)
+
+    def _shade_packed(
+        self, origins: Tensor, directions: Tensor, background: Tensor, ray_indices: Tensor, t_starts: Tensor, t_ends: Tensor, normals: bool
+    ) -> tuple[Tensor, ...]:
+        from nerfacc import accumulate_along_rays, render_weight_from_density
+
+        n_rays = origins.shape[0]
+        t_mid = 0.5 * (t_starts + t_ends)
+        ray_dirs = directions[ray_indices]
+        field = self.field(origins[ray_indices] + ray_dirs * t_mid[:, None], with_normals=normals)
+        if ray_indices.numel() > 0:
+            weights, _, _ = render_weight_from_density(t_starts, t_ends, field.density, ray_indices=ray_indices, n_rays=n_rays)
+        else:
+            weights = field.density * 0.0
+        opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
+        rgb = over_background(accumulate_along_rays(weights, field.albedo, ray_indices, n_rays), opacity, background)
+        depth = accumulate_along_rays(weights, t_mid[:, None], ray_indices, n_rays)
+        if not normals:
+            return rgb, opacity, depth
+        facing = F.relu((field.normal * ray_dirs).sum(-1, keepdim=True)) ** 2
+        normal = accumulate_along_rays(weights, field.normal, ray_indices, n_rays)
+        return rgb, opacity, depth, normal, accumulate_along_rays(weights.detach(), facing, ray_indices, n_rays)
+
+
+def _match_occupancy_keys(module: VolumeRenderer, state_dict: dict, prefix: str, *_args) -> None:
+    """Lets a checkpoint load whether or not it (or this renderer) has an occupancy grid.
+
+    A grid saved by a nerfacc renderer is dropped by a stratified one; a
+    nerfacc renderer loading a checkpoint without a grid keeps its current
+    grid (the next refresh rebuilds it).
+    """
+    grid_prefix = prefix + "occupancy."
+    if module.occupancy is None:
+        for key in [k for k in state_dict if k.startswith(grid_prefix)]:
+            del state_dict[key]
+        return
+    for name, value in module.occupancy.state_dict().items():
+        state_dict.setdefault(grid_prefix + name, value)

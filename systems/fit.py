@@ -1,0 +1,490 @@
+"""Staged optimisation of a radiance field from one image: reference-view losses + SDS on random views.
+
+A fit runs its stages in order (``coarse`` then ``fine`` by default). Each
+step renders the reference camera (RGB + mask losses) and a batch of random
+cameras, scored by the guidance (SDS) and regularised (opacity entropy,
+sparsity, normal orientation and smoothness). Every loss weight, and the
+number of active hash-grid levels, is a schedule (:mod:`recon.schedule`)
+whose steps count from the start of its stage. Checkpoints hold the field,
+the occupancy grid, the optimiser and every RNG, so a resumed fit retraces
+an uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from exports.config import ExportConfig
+from guidance.config import GuidanceConfig
+from recon.cameras import Cameras, ViewSampler, generate_rays
+from recon.errors import ReconError, TrainingDivergedError
+from recon.field import FieldConfig, RadianceField
+from recon.render import RendererConfig, VolumeRenderer
+from recon.runs import RunDir, StepReporter
+from recon.schedule import validate_schedule, value_at
+from systems import losses
+from systems.checkpoint import load_latest, save_checkpoint
+
+LOSS_NAMES = ("sds", "rgb", "mask", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
+
+# Test hooks (read once per step; never set in normal use): simulate a crash or a NaN loss.
+INTERRUPT_ENV = "RECON_TEST_INTERRUPT_AFTER_STEP"
+NAN_ENV = "RECON_TEST_NAN_AT_STEP"
+
+
+@dataclass
+class LossWeights:
+    """Weight of each loss term: a schedule (a number, ``[start_step, v0, v1, end_step]`` or ``{step: value}``) in stage steps."""
+
+    sds: Any = 0.1
+    """Score distillation on random views."""
+    rgb: Any = 500.0
+    """Mean squared colour error on the reference view."""
+    mask: Any = 50.0
+    """Silhouette error (rendered opacity vs the reference alpha) on the reference view."""
+    normal_smooth_2d: Any = 0.0
+    """Squared difference of neighbouring pixels of rendered normal maps (random views)."""
+    normal_smooth_3d: Any = 0.0
+    """Squared difference of field normals at surface points and at jittered points."""
+    orientation: Any = 0.0
+    """Penalty on visible normals facing away from the camera (random views)."""
+    sparsity: Any = 0.0
+    """sqrt(opacity^2 + 0.01) of random-view rays: less occupied area."""
+    opacity: Any = 0.1
+    """Binary entropy of random-view opacity: rays fully empty or fully opaque."""
+
+
+@dataclass
+class StageConfig:
+    """One stage of the optimisation (steps, render sizes, schedules)."""
+
+    steps: int = 200
+    """Optimisation steps of this stage (0 skips it)."""
+    resolution: int = 64
+    """Side of the random-view renders scored by the guidance, pixels."""
+    batch_size: int = 8
+    """Random views per step."""
+    reference_resolution: int = 128
+    """Side of the reference-view render compared with the input image, pixels."""
+    active_levels: Any = 16
+    """Hash-grid levels in use (a schedule; opened progressively for coarse-to-fine; capped at the grid's levels)."""
+    lr: float = 0.01
+    """Adam learning rate of the field in this stage."""
+    weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+    """Loss weights (schedules in stage steps)."""
+    normal_points: int = 4096
+    """Surface points per step for the 3D normal smoothness loss."""
+    normal_jitter: float = 0.01
+    """Standard deviation of the jitter of the 3D normal smoothness loss, world units."""
+
+
+def _default_stages() -> dict[str, StageConfig]:
+    return {
+        "coarse": StageConfig(
+            steps=200,
+            resolution=64,
+            batch_size=12,
+            reference_resolution=128,
+            active_levels=[0, 8, 16, 150],
+            weights=LossWeights(sds=0.1, rgb=500.0, mask=50.0, opacity=0.1, sparsity=0.1),
+        ),
+        "fine": StageConfig(
+            steps=400,
+            resolution=128,
+            batch_size=4,
+            reference_resolution=256,
+            lr=0.005,
+            weights=LossWeights(
+                sds=0.1,
+                rgb=500.0,
+                mask=50.0,
+                normal_smooth_2d=[0, 0.0, 8.0, 100],
+                normal_smooth_3d=[0, 0.0, 8.0, 100],
+                orientation=1.0,
+                sparsity=0.1,
+                opacity=0.1,
+            ),
+        ),
+    }
+
+
+@dataclass
+class PreprocessConfig:
+    """How the input photo becomes the reference view (recon.preprocess.load_reference)."""
+
+    size: int = 256
+    """Side of the square reference image, pixels."""
+    foreground_ratio: float = 0.85
+    """Longer side of the object's bounding box as a fraction of the image side."""
+    remove_bg: bool = True
+    """Remove the background of images without transparency (else the whole frame is the object)."""
+
+
+@dataclass
+class CameraConfig:
+    """Random views for score distillation (recon.cameras.ViewSampler)."""
+
+    elevation_range: list[float] = dataclasses.field(default_factory=lambda: [-10.0, 80.0])
+    """Elevation range of random views, degrees."""
+    azimuth_range: list[float] = dataclasses.field(default_factory=lambda: [-180.0, 180.0])
+    """Azimuth range of random views, degrees (0 = the input camera)."""
+    radius: Optional[float] = None
+    """Camera distance of random views; None = the reference camera's."""
+    fovy_deg: Optional[float] = None
+    """Vertical field of view of random views, degrees; None = the reference camera's (Zero123 uses a fixed one)."""
+
+
+@dataclass
+class FitConfig:
+    """Everything a `recon fit` run does, saved as the run folder's config.yaml."""
+
+    seed: int = 0
+    """Seed of every random choice (views, noise, initialisation)."""
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    """Radiance field (hash grid + MLP)."""
+    renderer: RendererConfig = dataclasses.field(default_factory=RendererConfig)
+    """Volume renderer."""
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    """Score distillation guidance (model, timestep schedule, cascade)."""
+    stages: dict[str, StageConfig] = dataclasses.field(default_factory=_default_stages)
+    """Stages in order, by name; `--set stages.fine.steps=100` edits one."""
+    preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
+    """Input image -> reference view."""
+    cameras: CameraConfig = dataclasses.field(default_factory=CameraConfig)
+    """Random-view camera sampling."""
+    background: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
+    """Background colour of every render (RGB in [0, 1]); Zero123 was trained on white."""
+    mask_loss: Literal["mse", "bce"] = "mse"
+    """Silhouette loss: squared error or binary cross-entropy."""
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    """Mesh export after training."""
+    turntable: bool = True
+    """Render a turntable video (exports/turntable.mp4, GIF without ffmpeg); settings in export.turntable_*."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every this many steps (and at the end of each stage)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest ones)."""
+    preview_every: int = 100
+    """Write a preview PNG (reference view + three turns) every this many steps; 0 = never."""
+    preview_resolution: int = 128
+    """Side of each preview tile, pixels."""
+    mixed_precision: bool = True
+    """bfloat16 autocast for rendering and guidance on CUDA (ignored on the CPU)."""
+    nan_policy: Literal["rollback", "stop"] = "rollback"
+    """On a NaN/inf loss: roll back to the last checkpoint with half the learning rate, or stop."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed per run before a NaN loss stops it."""
+
+    def __post_init__(self) -> None:
+        if not any(stage.steps > 0 for stage in self.stages.values()):
+            raise ReconError("config: every stage has 0 steps; nothing to optimise")
+        for name, stage in self.stages.items():
+            if stage.steps < 0 or stage.resolution < 8 or stage.reference_resolution < 8 or stage.batch_size < 1:
+                raise ReconError(f"stages.{name}: steps >= 0, resolution and reference_resolution >= 8, batch_size >= 1")
+            if stage.lr <= 0:
+                raise ReconError(f"stages.{name}.lr must be > 0, got {stage.lr}")
+            validate_schedule(stage.active_levels, f"stages.{name}.active_levels")
+            for loss in LOSS_NAMES:
+                validate_schedule(getattr(stage.weights, loss), f"stages.{name}.weights.{loss}")
+        if len(self.background) != 3:
+            raise ReconError(f"background must be 3 numbers (RGB), got {self.background}")
+        if self.checkpoint_every < 1 or self.preview_every < 0:
+            raise ReconError("checkpoint_every must be >= 1 and preview_every >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        """Steps over all stages."""
+        return sum(stage.steps for stage in self.stages.values())
+
+
+def _scale_schedule(schedule: Any, factor: float) -> Any:
+    """A schedule with its step positions multiplied by ``factor`` (values unchanged)."""
+    if isinstance(schedule, dict):
+        return {int(round(int(k) * factor)): v for k, v in schedule.items()}
+    if isinstance(schedule, (list, tuple)) and len(schedule) == 4:
+        start, v0, v1, end = schedule
+        return [int(round(start * factor)), v0, v1, int(round(end * factor))]
+    return schedule
+
+
+def scale_steps(cfg: FitConfig, total: int) -> FitConfig:
+    """``cfg`` with ``total`` steps overall: stage lengths and every schedule's step positions scale alike.
+
+    Stage schedules count stage steps; the guidance's schedules (guidance
+    scale, timestep range, gradient clip) count global steps. Each active
+    stage keeps at least one step.
+    """
+    if total < 1:
+        raise ReconError(f"--steps must be >= 1, got {total}")
+    factor = total / cfg.total_steps
+    for stage in cfg.stages.values():
+        if stage.steps == 0:
+            continue
+        stage.steps = max(1, int(round(stage.steps * factor)))
+        stage.active_levels = _scale_schedule(stage.active_levels, factor)
+        for loss in LOSS_NAMES:
+            setattr(stage.weights, loss, _scale_schedule(getattr(stage.weights, loss), factor))
+    for name in ("guidance_scale", "min_step_percent", "max_step_percent", "grad_clip"):
+        setattr(cfg.guidance, name, _scale_schedule(getattr(cfg.guidance, name), factor))
+    return cfg
+
+
+def oom_message(stage: str, cfg: StageConfig) -> str:
+    """What to turn down when a stage runs out of GPU memory."""
+    return (
+        f"out of GPU memory in stage {stage!r} ({cfg.batch_size} views of {cfg.resolution} px per step): "
+        f"lower --set stages.{stage}.batch_size={max(1, cfg.batch_size // 2)} or "
+        f"stages.{stage}.resolution={max(32, cfg.resolution // 2)}, or renderer.chunk_rays, "
+        "or guidance.cfg_chunk=1, or use --preset fast"
+    )
+
+
+class _Injected:
+    """Per-process memory of the NaN test hook, so an injected NaN fires once."""
+
+    fired: set[int] = set()
+
+
+class Trainer:
+    """Optimises a radiance field for one reference view with a guidance; writes checkpoints, previews, progress.
+
+    ``guidance`` provides ``sds(images (B, 3, H, W), elevation_deg (B,),
+    azimuth_deg (B,), radius (B,), step) -> SDSOutput`` and has been
+    prepared for ``reference`` (a :class:`recon.preprocess.ReferenceView`).
+    """
+
+    def __init__(self, cfg: FitConfig, guidance: Any, reference: Any, run: RunDir, device: torch.device) -> None:
+        self.cfg = cfg
+        self.guidance = guidance
+        self.reference = reference
+        self.run = run
+        self.device = device
+        torch.manual_seed(cfg.seed)
+        self.field = RadianceField(cfg.field).to(device)
+        self.renderer = VolumeRenderer(self.field, cfg.renderer).to(device)
+        self.stages = [(name, stage) for name, stage in cfg.stages.items() if stage.steps > 0]
+        first_lr = self.stages[0][1].lr
+        self.optimizer = torch.optim.Adam(self.field.parameters(), lr=first_lr, betas=(0.9, 0.99), eps=1e-15)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
+        self.sampler = ViewSampler(
+            elevation_range=tuple(cfg.cameras.elevation_range),
+            azimuth_range=tuple(cfg.cameras.azimuth_range),
+            radius=reference.radius if cfg.cameras.radius is None else cfg.cameras.radius,
+            fovy_deg=reference.fovy_deg if cfg.cameras.fovy_deg is None else cfg.cameras.fovy_deg,
+        )
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+        self.step = 0
+        self.last_losses: dict[str, float] = {}
+        self._targets: dict[int, tuple[Tensor, Tensor]] = {}
+
+    # ------------------------------------------------------------ state
+    def _modules(self) -> dict[str, Any]:
+        renderer_state = {k: v for k, v in self.renderer.state_dict().items() if not k.startswith("field.")}
+        return {"field": self.field, "renderer": renderer_state}
+
+    def save(self, stage: str) -> None:
+        """Checkpoints the current step (field, occupancy grid, optimiser, RNGs, view generator)."""
+        extra = {
+            "generator": self.generator.get_state(),
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+        }
+        save_checkpoint(self.run, self.step, stage, self._modules(), {"adam": self.optimizer}, extra, keep=self.cfg.keep_checkpoints)
+
+    def restore_latest(self) -> bool:
+        """Loads the run's newest checkpoint; False if it has none."""
+        checkpoint = load_latest(self.run, map_location="cpu")
+        if checkpoint is None:
+            return False
+        checkpoint.restore({"field": self.field}, {"adam": self.optimizer})
+        self.renderer.load_state_dict({**self.field_state_prefixed(), **checkpoint.modules["renderer"]})
+        self.generator.set_state(checkpoint.extra["generator"].cpu())
+        self.lr_scale = float(checkpoint.extra["lr_scale"])
+        self.rollbacks = int(checkpoint.extra["rollbacks"])
+        self.step = checkpoint.step
+        return True
+
+    def field_state_prefixed(self) -> dict[str, Tensor]:
+        """The field's state under the renderer's ``field.`` prefix."""
+        return {f"field.{k}": v for k, v in self.field.state_dict().items()}
+
+    # ------------------------------------------------------------ data
+    def reference_cameras(self, resolution: int) -> Cameras:
+        """The input camera rendered at ``resolution`` pixels."""
+        ref = self.reference
+        return Cameras.from_spherical(
+            torch.tensor([ref.elevation_deg]), torch.tensor([ref.azimuth_deg]), torch.tensor([ref.radius]), ref.fovy_deg, resolution
+        ).to(self.device)
+
+    def targets(self, resolution: int) -> tuple[Tensor, Tensor]:
+        """Reference colour over the background (1, R, R, 3) and alpha (1, R, R, 1) at ``resolution``."""
+        if resolution not in self._targets:
+            rgba = self.reference.rgba[None].float()
+            if rgba.shape[-1] != resolution:
+                # premultiplied resize keeps edge colours; antialias for downsampling
+                premult = torch.cat([rgba[:, :3] * rgba[:, 3:], rgba[:, 3:]], dim=1)
+                premult = F.interpolate(premult, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+                alpha = premult[:, 3:].clamp(0.0, 1.0)
+                rgb = premult[:, :3] / alpha.clamp_min(1e-6)
+                rgba = torch.cat([rgb.clamp(0.0, 1.0), alpha], dim=1)
+            alpha = rgba[:, 3:]
+            background = self.background.cpu().view(1, 3, 1, 1)
+            rgb = rgba[:, :3] * alpha + background * (1.0 - alpha)
+            self._targets[resolution] = (rgb.permute(0, 2, 3, 1).to(self.device), alpha.permute(0, 2, 3, 1).to(self.device))
+        return self._targets[resolution]
+
+    def _autocast(self) -> Any:
+        enabled = self.cfg.mixed_precision and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # ------------------------------------------------------------ one step
+    def losses(self, stage: StageConfig, local_step: int) -> tuple[Tensor, dict[str, float]]:
+        """The weighted loss of one step and each term's unweighted value."""
+        weights = {name: value_at(getattr(stage.weights, name), local_step) for name in LOSS_NAMES}
+        terms: dict[str, Tensor] = {}
+        if weights["rgb"] > 0 or weights["mask"] > 0:
+            target_rgb, target_mask = self.targets(stage.reference_resolution)
+            with self._autocast():
+                ref = self.renderer.render(self.reference_cameras(stage.reference_resolution), self.background)
+            if weights["rgb"] > 0:
+                terms["rgb"] = losses.rgb_loss(ref["rgb"], target_rgb)
+            if weights["mask"] > 0:
+                terms["mask"] = losses.mask_loss(ref["opacity"], target_mask, self.cfg.mask_loss)
+        random_terms = ("sds", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
+        if any(weights[name] > 0 for name in random_terms):
+            cameras, elevation, azimuth = self.sampler.sample(stage.batch_size, stage.resolution, self.generator)
+            cameras = cameras.to(self.device)
+            with_normals = weights["normal_smooth_2d"] > 0 or weights["orientation"] > 0
+            with self._autocast():
+                out = self.renderer.render(cameras, self.background, normals=with_normals)
+                if weights["sds"] > 0:
+                    radius = torch.full_like(elevation, self.sampler.radius)
+                    images = out["rgb"].permute(0, 3, 1, 2)
+                    sds = self.guidance.sds(images, elevation.to(self.device), azimuth.to(self.device), radius.to(self.device), self.step)
+                    terms["sds"] = sds.loss.float()
+            if weights["opacity"] > 0:
+                terms["opacity"] = losses.opacity_entropy(out["opacity"])
+            if weights["sparsity"] > 0:
+                terms["sparsity"] = losses.sparsity(out["opacity"])
+            if weights["normal_smooth_2d"] > 0:
+                terms["normal_smooth_2d"] = losses.normal_smoothness_2d(out["normal"])
+            if weights["orientation"] > 0:
+                terms["orientation"] = losses.orientation(out["orientation"])
+            if weights["normal_smooth_3d"] > 0:
+                origins, directions = generate_rays(cameras)
+                points = losses.surface_points(origins, directions, out["depth"].float(), out["opacity"].float(), stage.normal_points)
+                terms["normal_smooth_3d"] = losses.normal_smoothness_3d(self.field.normals, points, stage.normal_jitter, self.generator)
+        total = sum(weights[name] * value for name, value in terms.items())
+        if not isinstance(total, Tensor):
+            raise ReconError("every loss weight is 0 at this step; nothing to optimise")
+        return total, {name: float(value.detach()) for name, value in terms.items()}
+
+    def train_step(self, stage_name: str, stage: StageConfig, local_step: int) -> float:
+        """One optimisation step; returns the total loss (NaN when it diverged, with no update made)."""
+        levels = int(round(value_at(stage.active_levels, local_step)))
+        self.field.set_active_levels(max(1, min(levels, self.cfg.field.encoding.n_levels)))
+        self.renderer.train()
+        self.renderer.update_occupancy(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = stage.lr * self.lr_scale
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            loss, terms = self.losses(stage, local_step)
+            if os.environ.get(NAN_ENV) == str(self.step) and self.step not in _Injected.fired:
+                _Injected.fired.add(self.step)
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                return float("nan")
+            loss.backward()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ReconError(oom_message(stage_name, stage)) from exc
+        grads = [p.grad for p in self.field.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.float().norm() for g in grads]).sum()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
+        self.optimizer.step()
+        self.last_losses = terms
+        return float(loss.detach())
+
+    def _diverged(self, stage_name: str) -> None:
+        """Rolls back to the last checkpoint with half the learning rate, or raises TrainingDivergedError."""
+        where = f"loss became NaN/inf at step {self.step} (stage {stage_name!r})"
+        if self.cfg.nan_policy == "stop" or self.rollbacks >= self.cfg.max_rollbacks:
+            raise TrainingDivergedError(
+                f"{where}; stopped without exporting. Lower the learning rate (--set stages.{stage_name}.lr=...), "
+                "set mixed_precision=false, or resume from the last checkpoint with --resume"
+            )
+        rollbacks = self.rollbacks + 1
+        if not self.restore_latest():
+            raise TrainingDivergedError(f"{where} and there is no checkpoint to roll back to; nothing exported")
+        self.rollbacks = rollbacks
+        self.lr_scale *= 0.5
+        # a different random stream after the rollback, so the same views and noise do not recur
+        self.generator.manual_seed(self.cfg.seed + 7919 * self.rollbacks)
+        torch.manual_seed(self.cfg.seed + 7919 * self.rollbacks)
+        from recon.progress import warn
+
+        warn(f"{where}; rolled back to step {self.step} with learning rate x{self.lr_scale:g} ({self.rollbacks}/{self.cfg.max_rollbacks})")
+
+    # ------------------------------------------------------------ previews
+    @torch.no_grad()
+    def write_preview(self) -> None:
+        """previews/step_XXXXXX.png: the reference view and three quarter turns side by side."""
+        from recon.fileio import atomic_path
+        from PIL import Image
+
+        ref = self.reference
+        azimuth = torch.tensor([0.0, 90.0, 180.0, 270.0]) + ref.azimuth_deg
+        elevation = torch.full((4,), float(ref.elevation_deg))
+        cameras = Cameras.from_spherical(elevation, azimuth, torch.full((4,), float(ref.radius)), ref.fovy_deg, self.cfg.preview_resolution)
+        was_training = self.renderer.training
+        self.renderer.eval()
+        rgb = self.renderer.render(cameras.to(self.device), self.background)["rgb"].float().clamp(0, 1)
+        self.renderer.train(was_training)
+        strip = torch.cat(list(rgb), dim=1).cpu().numpy()
+        with atomic_path(self.run.previews / f"step_{self.step:06d}.png") as tmp:
+            Image.fromarray((strip * 255.0 + 0.5).astype("uint8")).save(tmp, format="PNG")
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, timer: Any = None) -> None:
+        """Runs every stage from the current step (0, or the restored checkpoint's) to the end.
+
+        ``timer`` is an optional :class:`recon.progress.PhaseTimer`; each stage is one phase.
+        """
+        import contextlib
+
+        if self.step == 0 and load_latest(self.run) is None:
+            self.save(self.stages[0][0])  # step 0: a rollback target before the first update
+        begin = 0
+        for name, stage in self.stages:
+            end = begin + stage.steps
+            if self.step >= end:
+                begin = end
+                continue
+            phase = timer.phase(name) if timer is not None else contextlib.nullcontext()
+            with phase, StepReporter(self.run, name, stage.steps, start_step=self.step - begin) as reporter:
+                while self.step < end:
+                    loss = self.train_step(name, stage, self.step - begin)
+                    if not math.isfinite(loss):
+                        self._diverged(name)
+                        continue
+                    self.step += 1
+                    if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
+                        self.write_preview()
+                    if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                        self.save(name)
+                    reporter.update(self.step - begin, status=f"loss {loss:.4g}")
+                    if os.environ.get(INTERRUPT_ENV) == str(self.step):
+                        raise KeyboardInterrupt(f"test hook {INTERRUPT_ENV} after step {self.step}")
+            begin = end
+        self.renderer.eval()

@@ -1,0 +1,62 @@
+"""Typed configs: defaults <- preset <- --set overrides, plain YAML round trip, clear errors."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from recon.config import from_plain, read_preset, resolve, to_plain
+from recon.errors import ReconError
+
+
+@dataclass
+class Inner:
+    width: int = 64
+    """MLP width."""
+    schedule: list[float] = field(default_factory=lambda: [0.0, 1.0, 0.5, 100.0])
+    """A ramp."""
+
+
+@dataclass
+class Outer:
+    seed: int = 0
+    """Seed."""
+    name: str = "a"
+    """Name."""
+    threshold: float | None = None
+    """None = automatic."""
+    inner: Inner = field(default_factory=Inner)
+    """Nested part."""
+
+
+def test_layers_then_overrides_win():
+    config = resolve(Outer, {"seed": 3, "inner": {"width": 32}}, {"name": "b"}, overrides=["inner.width=16", "threshold=2.5"])
+    assert isinstance(config, Outer) and isinstance(config.inner, Inner)
+    assert (config.seed, config.name, config.inner.width, config.threshold) == (3, "b", 16, 2.5)
+    assert config.inner.schedule == [0.0, 1.0, 0.5, 100.0]
+
+
+def test_plain_round_trip_through_yaml():
+    config = resolve(Outer, overrides=["inner.schedule=[1,2,3,4]"])
+    plain = yaml.safe_load(yaml.safe_dump(to_plain(config)))
+    assert plain["inner"]["schedule"] == [1.0, 2.0, 3.0, 4.0]
+    assert from_plain(Outer, plain) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["inner.nope=1"], "nope"), (["seed=abc"], "seed"), (["seed"], "key.path=value")],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ReconError, match=message):
+        resolve(Outer, overrides=overrides)
+
+
+def test_preset_from_a_yaml_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("description: test preset\nseed: 7\n")
+    assert read_preset(path) == {"seed": 7}
+    with pytest.raises(ReconError, match="not found"):
+        read_preset(tmp_path / "missing.yaml")
+    with pytest.raises(ReconError, match="unknown preset"):
+        read_preset("no-such-preset")

@@ -1,0 +1,104 @@
+"""Radiance field: box masking, blob initialisation, activations, normals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recon.encoding import HashGridConfig
+from recon.errors import ReconError
+from recon.field import FieldConfig, RadianceField, trunc_exp
+
+TINY = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, per_level_scale=1.5, backend="torch")
+
+
+def _field(**kwargs) -> RadianceField:
+    torch.manual_seed(0)
+    return RadianceField(FieldConfig(encoding=TINY, **kwargs))
+
+
+def _radial(field: RadianceField) -> RadianceField:
+    """Zeroes the last MLP layer so the raw density is the blob bias alone (a radial field)."""
+    with torch.no_grad():
+        field.mlp[-1].weight.zero_()
+        field.mlp[-1].bias.zero_()
+    return field
+
+
+def test_density_zero_outside_the_box_and_positive_inside():
+    field = _field(bound=1.5, density_bias="none")
+    outside = torch.tensor([[1.6, 0.0, 0.0], [0.0, -1.51, 0.0], [0.2, 0.3, 2.0], [3.0, 3.0, 3.0]])
+    inside = torch.tensor([[1.49, 0.0, 0.0], [0.0, 0.0, 0.0], [-1.0, 1.0, 1.2]])
+    out = field(torch.cat([outside, inside]))
+    assert torch.equal(out.density[:4], torch.zeros(4))
+    assert (out.density[4:] > 0).all()
+    assert out.albedo.shape == (7, 3) and (out.albedo >= 0).all() and (out.albedo <= 1).all()
+    torch.testing.assert_close(field.aabb, torch.tensor([[-1.5] * 3, [1.5] * 3]))
+
+
+def test_blob_bias_makes_the_centre_dense():
+    blob = _field()
+    centre, far = torch.zeros(1, 3), torch.full((1, 3), 0.9)
+    assert blob.density(centre).item() > 5.0
+    assert blob.density(far).item() < 1e-3
+    plain = _field(density_bias="none")
+    assert plain.density(centre).item() < 2.0
+
+
+def test_trunc_exp_forward_and_clamped_gradient():
+    x = torch.tensor([0.0, 1.0, 20.0], dtype=torch.float64, requires_grad=True)
+    y = trunc_exp(x)
+    torch.testing.assert_close(y, torch.exp(x.detach()))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.exp(torch.tensor([0.0, 1.0, 15.0], dtype=torch.float64)))
+    field = _field(density_activation="trunc_exp")
+    assert field.density(torch.zeros(1, 3)).item() > 1000.0  # exp(~10)
+
+
+@pytest.mark.parametrize("mode", ["analytic", "finite_difference"])
+def test_normals_of_a_radial_field_point_outward(mode):
+    field = _radial(_field(normal_mode=mode, fd_step=1e-3))
+    torch.manual_seed(3)
+    points = torch.randn(32, 3)
+    points = points / points.norm(dim=-1, keepdim=True) * (0.1 + 0.3 * torch.rand(32, 1))
+    normals = field.normals(points)
+    expected = points / points.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(normals, expected, atol=1e-3, rtol=0)
+    out = field(points, with_normals=True)
+    torch.testing.assert_close(out.normal, normals)
+
+
+def test_analytic_normals_match_finite_differences_on_a_random_field():
+    torch.manual_seed(4)
+    field = RadianceField(FieldConfig(encoding=TINY, normal_mode="analytic", density_bias="none")).double()
+    with torch.no_grad():
+        field.encoding.backend.table.uniform_(-1.0, 1.0)
+    fd = RadianceField(FieldConfig(encoding=TINY, normal_mode="finite_difference", fd_step=1e-6, density_bias="none")).double()
+    fd.load_state_dict(field.state_dict())
+    points = torch.rand(16, 3, dtype=torch.float64) * 1.6 - 0.8
+    torch.testing.assert_close(field.normals(points), fd.normals(points), atol=1e-5, rtol=0)
+
+
+def test_analytic_normals_are_trainable_and_graph_free_without_grad():
+    field = _field()
+    points = torch.rand(64, 3) - 0.5
+    normals = field.normals(points)
+    assert normals.requires_grad
+    (normals[:, 2] ** 2).sum().backward()
+    assert field.encoding.backend.table.grad.abs().sum() > 0
+    assert field.mlp[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        out = field(points, with_normals=True)
+    assert not out.normal.requires_grad and not out.density.requires_grad
+    torch.testing.assert_close(out.normal, normals.detach())
+
+
+def test_set_active_levels_reaches_the_encoding():
+    field = _field()
+    field.set_active_levels(1)
+    assert field.encoding.active_levels == 1
+
+
+def test_config_validation():
+    with pytest.raises(ReconError, match="bound"):
+        FieldConfig(bound=0.0)

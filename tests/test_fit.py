@@ -1,0 +1,302 @@
+"""`recon fit`: losses, configs and presets, an end-to-end CPU run, preprocessing routes, missing weights, NaN losses.
+
+End-to-end runs use the `cpu` preset shrunk further with --set (TINY) and the
+random-tiny guidance model, loaded once per test module (see `shared_models`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+import yaml
+from PIL import Image
+
+from recon.cli.main import main
+from recon.config import from_plain, preset_names, read_preset, to_plain
+from recon.progress import PhaseTimer
+from systems import losses
+from systems.fit import NAN_ENV, FitConfig, scale_steps
+
+TINY = [
+    "field.encoding.n_levels=4",
+    "field.encoding.log2_hashmap_size=12",
+    "field.mlp_width=16",
+    "renderer.samples_per_ray=12",
+    "preprocess.size=32",
+    "guidance.vae_grad_resolution=32",
+    "stages.coarse.steps=3",
+    "stages.coarse.resolution=16",
+    "stages.coarse.batch_size=2",
+    "stages.coarse.reference_resolution=16",
+    "stages.coarse.active_levels=[0,2,4,2]",
+    "stages.fine.steps=3",
+    "stages.fine.resolution=16",
+    "stages.fine.reference_resolution=24",
+    "stages.fine.normal_points=64",
+    "stages.fine.weights.normal_smooth_2d=8.0",
+    "stages.fine.weights.normal_smooth_3d=8.0",
+    "checkpoint_every=2",
+    "preview_every=2",
+    "preview_resolution=16",
+    "export.mc_resolution=32",
+    "export.texture_resolution=32",
+    "export.target_faces=2000",
+    "export.turntable_frames=3",
+    "export.turntable_resolution=16",
+]
+"""The cpu preset shrunk to seconds: 3 + 3 steps at 16-24 px."""
+
+
+def make_rgba(path: Path, size: int = 48) -> Path:
+    """A coloured disc on a transparent background."""
+    y, x = np.mgrid[:size, :size]
+    inside = (x - size / 2) ** 2 + (y - size / 2) ** 2 < (size * 0.3) ** 2
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2] = 200, (x * 255 // size), 60
+    rgba[..., 3] = inside * 255
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+def make_rgb(path: Path, size: int = 64) -> Path:
+    """A dark square on a flat light background, no alpha channel."""
+    rgb = np.full((size, size, 3), 235, np.uint8)
+    rgb[size // 4 : 3 * size // 4, size // 3 : 2 * size // 3] = (150, 40, 30)
+    Image.fromarray(rgb, "RGB").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_models():
+    """Loads each guidance model once for the module (recon.fit loads per call otherwise)."""
+    import guidance.checkpoints as checkpoints
+
+    loaded: dict = {}
+    original = checkpoints.load_zero123
+
+    def cached(spec, device="cpu", dtype=None, **kwargs):
+        key = (str(spec), str(device), dtype, tuple(sorted(kwargs.items())))
+        if key not in loaded:
+            loaded[key] = original(spec, device, dtype, **kwargs)
+        return loaded[key]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(checkpoints, "load_zero123", cached)
+    yield loaded
+    mp.undo()
+
+
+def fit_args(image: Path, out: Path, *extra: str) -> list[str]:
+    """`recon fit` arguments for a TINY cpu run with random-tiny weights."""
+    args = ["fit", str(image), "-o", str(out), "--preset", "cpu", "--model", "random-tiny", "--device", "cpu", "--quiet"]
+    for item in TINY:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+# ------------------------------------------------------------------ losses
+def test_mask_losses_match_their_formulas():
+    opacity = torch.tensor([0.2, 0.9, 0.5]).view(1, 1, 3, 1)
+    mask = torch.tensor([0.0, 1.0, 1.0]).view(1, 1, 3, 1)
+    assert losses.mask_loss(opacity, mask, "mse").item() == pytest.approx((0.04 + 0.01 + 0.25) / 3)
+    bce = -(math.log(0.8) + math.log(0.9) + math.log(0.5)) / 3
+    assert losses.mask_loss(opacity, mask, "bce").item() == pytest.approx(bce, rel=1e-5)
+    with pytest.raises(ValueError):
+        losses.mask_loss(opacity, mask, "l1")
+
+
+def test_opacity_entropy_peaks_at_one_half_and_pushes_away_from_it():
+    o = torch.tensor([0.3, 0.5, 0.999]).view(1, 1, 3, 1).requires_grad_(True)
+    per_ray = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in (0.3, 0.5, 0.999)]
+    loss = losses.opacity_entropy(o)
+    assert loss.item() == pytest.approx(sum(per_ray) / 3, rel=1e-5)
+    loss.backward()
+    assert o.grad[0, 0, 0, 0] > 0  # below 1/2: descent lowers the opacity
+    assert o.grad[0, 0, 1, 0].abs() < 1e-6
+    assert o.grad[0, 0, 2, 0] < 0
+
+
+def test_sparsity_and_orientation_reduce_as_documented():
+    o = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1)
+    assert losses.sparsity(o).item() == pytest.approx((math.sqrt(0.01) + math.sqrt(1.01)) / 2)
+    orient = torch.tensor([0.0, 0.5, 1.5, 2.0]).view(1, 2, 2, 1)
+    assert losses.orientation(orient).item() == pytest.approx(1.0)
+
+
+def test_normal_smoothness_2d_is_zero_for_a_flat_map_and_positive_for_an_edge():
+    flat = torch.zeros(1, 4, 4, 3)
+    flat[..., 2] = 1.0
+    assert losses.normal_smoothness_2d(flat).item() == 0.0
+    edge = flat.clone()
+    edge[:, :, 2:] = torch.tensor([1.0, 0.0, 0.0])
+    # 4 of 12 horizontal neighbour pairs differ by (1, 0, -1): squared sum 2 per pair, mean over 3 channels
+    assert losses.normal_smoothness_2d(edge).item() == pytest.approx(4 * 2 / (12 * 3))
+
+
+def test_normal_smoothness_3d_with_finite_differences_of_its_gradient():
+    def radial(p):
+        return p / p.norm(dim=-1, keepdim=True)
+
+    points = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.4, 0.1]])
+    gen = torch.Generator().manual_seed(0)
+    constant = losses.normal_smoothness_3d(lambda p: torch.ones_like(p), points, 0.05, gen)
+    assert constant.item() == 0.0
+    scale = torch.tensor(1.0, requires_grad=True)
+    value = losses.normal_smoothness_3d(lambda p: radial(p) * scale, points, 0.05, torch.Generator().manual_seed(1))
+    assert value.item() > 0
+    value.backward()
+    h = 1e-3
+    plus = losses.normal_smoothness_3d(lambda p: radial(p) * (1 + h), points, 0.05, torch.Generator().manual_seed(1))
+    minus = losses.normal_smoothness_3d(lambda p: radial(p) * (1 - h), points, 0.05, torch.Generator().manual_seed(1))
+    assert scale.grad.item() == pytest.approx((plus - minus).item() / (2 * h), rel=1e-3)
+    assert losses.normal_smoothness_3d(radial, points[:0], 0.05).item() == 0.0
+
+
+def test_surface_points_are_depth_along_rays_over_opacity():
+    origins = torch.zeros(1, 1, 2, 3)
+    directions = torch.tensor([[[[0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]]])
+    depth = torch.tensor([[[[1.5], [0.1]]]])  # weighted depth sum(w t), opacity 0.5 -> t = 3
+    opacity = torch.tensor([[[[0.5], [0.2]]]])
+    points = losses.surface_points(origins, directions, depth, opacity, count=10, threshold=0.4)
+    assert torch.allclose(points, torch.tensor([[0.0, 0.0, -3.0]]))
+
+
+# ------------------------------------------------------------------ configs
+def test_presets_have_descriptions_and_resolve():
+    from recon.cli.api import build_config
+
+    assert {"default", "fast", "cpu"} <= set(preset_names())
+    from importlib import resources
+
+    for name in ("default", "fast", "cpu"):
+        text = (resources.files("recon.configs") / f"{name}.yaml").read_text()
+        assert yaml.safe_load(text)["description"].strip()
+        assert "description" not in read_preset(name)
+        cfg = build_config(name)
+        assert from_plain(FitConfig, yaml.safe_load(yaml.safe_dump(to_plain(cfg)))) == cfg
+    default, fast, cpu = (build_config(n) for n in ("default", "fast", "cpu"))
+    assert fast.total_steps < default.total_steps
+    assert cpu.field.encoding.n_levels < default.field.encoding.n_levels
+    assert cpu.stages["fine"].resolution < default.stages["fine"].resolution
+    assert default.guidance.model == "tiny"
+
+
+def test_flags_override_set_and_set_overrides_preset():
+    from recon.cli.api import build_config
+    from recon.errors import ReconError
+
+    cfg = build_config("cpu", ["stages.fine.steps=7", "seed=3", "guidance.model=x"], model="random-tiny", seed=5, formats="glb,obj")
+    assert cfg.stages["fine"].steps == 7 and cfg.seed == 5 and cfg.guidance.model == "random-tiny"
+    assert cfg.export.formats == ["glb", "obj"]
+    with pytest.raises(ReconError, match="stepz"):
+        build_config("cpu", ["stages.fine.stepz=1"])
+    with pytest.raises(ReconError, match="format"):
+        build_config("cpu", formats="glb,fbx")
+
+
+def test_scale_steps_scales_stages_and_schedules():
+    from recon.cli.api import build_config
+
+    cfg = build_config("default")  # 200 + 400 steps, coarse levels [0, 8, 16, 150], guidance ramps end at 200
+    scaled = scale_steps(cfg, 300)
+    assert [s.steps for s in scaled.stages.values()] == [100, 200]
+    assert scaled.stages["coarse"].active_levels == [0, 8, 16, 75]
+    assert scaled.guidance.min_step_percent == [0, 0.4, 0.2, 100]
+    assert scaled.stages["fine"].weights.normal_smooth_2d == [0, 0.0, 8.0, 50]
+
+
+# ------------------------------------------------------------------ end to end
+def test_fit_end_to_end_writes_meshes_and_run_files(tmp_path, shared_models, capsys):
+    image = make_rgba(tmp_path / "disc.png")
+    out = tmp_path / "outputs"
+    assert main(fit_args(image, out, "--format", "glb,obj")) == 0
+    run = out / "disc"
+    exports = run / "exports"
+
+    scene = trimesh.load(exports / "mesh.glb")
+    geometry = list(scene.geometry.values()) if isinstance(scene, trimesh.Scene) else [scene]
+    assert len(geometry) == 1 and len(geometry[0].faces) > 0
+    material = geometry[0].visual.material
+    texture = getattr(material, "baseColorTexture", None)
+    assert texture is not None and np.asarray(texture).shape[:2] == (32, 32)
+
+    obj = trimesh.load(exports / "mesh.obj", force="mesh")
+    assert len(obj.faces) > 0 and obj.visual.uv is not None
+    assert obj.visual.material.image is not None
+    assert (exports / "mesh.mtl").is_file() and (exports / "mesh_albedo.png").is_file()
+    assert any(exports.glob("turntable.*"))
+    assert (exports / "SMOKE_TEST_RANDOM_WEIGHTS.txt").is_file()
+
+    cfg = from_plain(FitConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    assert cfg.guidance.model == "random-tiny" and cfg.stages["fine"].steps == 3 and cfg.export.formats == ["glb", "obj"]
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["seed"] == 0 and meta["device"] == "cpu" and meta["random_weights"] is True
+    assert {"coarse", "fine", "export", "turntable", "preprocess"} <= set(meta["timings_s"])
+    assert "torch" in meta["versions"] and "peak_gpu_memory_gib" in meta
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "finished" and progress["step"] == progress["total"] == 6
+    assert (run / "input.png").is_file() and (run / "input_rgba.png").is_file()
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_000002.png", "step_000004.png", "step_000006.png"]
+    assert not list(run.rglob(".tmp-*"))
+    capsys.readouterr()
+
+    # a finished run is skipped, not redone
+    mtime = (exports / "mesh.glb").stat().st_mtime_ns
+    assert main(fit_args(image, out)) == 0
+    assert (exports / "mesh.glb").stat().st_mtime_ns == mtime
+
+
+def test_rgb_input_goes_through_background_removal(tmp_path):
+    from recon.cli.api import _create_run, build_config
+
+    image = make_rgb(tmp_path / "photo.jpg".replace(".jpg", ".png"))
+    cfg = build_config("cpu", TINY, model="random-tiny")
+    run = _create_run(image, tmp_path / "run", cfg, torch.device("cpu"), PhaseTimer())
+    meta = json.loads(run.meta_path.read_text())
+    assert meta["background_method"] in ("rembg", "grabcut")
+    alpha = np.asarray(Image.open(run.root / "input_rgba.png"))[..., 3]
+    assert alpha.min() == 0 and alpha.max() == 255
+    cfg_no_bg = build_config("cpu", TINY, model="random-tiny", remove_bg=False)
+    run = _create_run(image, tmp_path / "run2", cfg_no_bg, torch.device("cpu"), PhaseTimer())
+    assert json.loads(run.meta_path.read_text())["background_method"] == "none"
+
+
+def test_missing_weights_without_model_gives_the_message(tmp_path, capsys):
+    image = make_rgba(tmp_path / "disc.png")
+    out = tmp_path / "outputs"
+    code = main(["fit", str(image), "-o", str(out), "--preset", "cpu", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "--model random-tiny" in " ".join(err.split())
+    assert not (out / "disc").exists()  # nothing half-made
+
+
+def test_nan_loss_stops_with_a_message_and_exports_nothing(tmp_path, shared_models, capsys, monkeypatch):
+    image = make_rgba(tmp_path / "disc.png")
+    out = tmp_path / "outputs"
+    monkeypatch.setenv(NAN_ENV, "2")
+    code = main(fit_args(image, out, "--set", "nan_policy=stop"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 4 and "NaN" in err and "step 2" in err and "without exporting" in err
+    run = out / "disc"
+    assert not any((run / "exports").iterdir())
+    assert json.loads((run / "progress.json").read_text())["status"] == "failed"
+
+
+def test_nan_loss_rolls_back_to_the_last_checkpoint_and_finishes(tmp_path, shared_models, monkeypatch):
+    from recon.cli.api import fit
+
+    image = make_rgba(tmp_path / "disc.png")
+    monkeypatch.setenv(NAN_ENV, "3")
+    overrides = [*TINY, "turntable=false", "preview_every=0"]
+    results = fit(image, tmp_path / "out", "cpu", overrides, model="random-tiny", formats="ply", device="cpu", quiet=True)
+    assert results[0].status == "finished" and "ply" in results[0].exports
+    meta = json.loads((results[0].run_dir / "meta.json").read_text())
+    assert meta["rollbacks"] == 1 and meta["final_step"] == 6
+    assert all(math.isfinite(v) for v in meta["final_losses"].values())

@@ -1,0 +1,175 @@
+"""Cascade-Zero123 training: overfitting, EMA into the Base, dropout, checkpoints, resume, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from guidance.checkpoints import load_zero123
+from guidance.training import (
+    TrainConfig,
+    Trainer,
+    cascade_tokens,
+    condition_dropout,
+    ema_decay_at,
+    list_checkpoints,
+    load_checkpoint_file,
+    make_accelerator,
+    sample_batch,
+    self_prompt,
+    train,
+    trainable_modules,
+)
+from recon.cli.main import main
+from recon.data.multiview import MultiViewDataset
+from recon.data.synth import SynthConfig, synthesize
+from recon.errors import ReconError
+
+NO_DROP = {"drop_tokens_p": 0.0, "drop_latent_p": 0.0, "drop_both_p": 0.0, "drop_extra_token_p": 0.0, "single_token_p": 0.0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mv") / "data"
+    synthesize(SynthConfig(objects=2, views=3, size=64, seed=3, supersample=1), root)
+    return root
+
+
+def _trainer(cfg: TrainConfig) -> Trainer:
+    return Trainer(cfg, load_zero123("random-tiny", "cpu", torch.float32, seed=0), make_accelerator("cpu", "no"))
+
+
+def _params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in trainable_modules(model) for p in m.parameters()]
+
+
+def test_condition_dropout_drops_what_it_should():
+    g = torch.Generator().manual_seed(0)
+    everything = TrainConfig(drop_tokens_p=1.0, drop_latent_p=1.0, drop_both_p=0.0, drop_extra_token_p=0.0)
+    tokens, latent = condition_dropout(8, 5, everything, g)
+    assert torch.all(tokens == 0) and torch.all(latent == 0)
+    tokens, latent = condition_dropout(8, 5, TrainConfig(**NO_DROP), g)
+    assert torch.all(tokens == 1) and torch.all(latent == 1)
+    tokens, latent = condition_dropout(8, 5, TrainConfig(**dict(NO_DROP, drop_both_p=1.0)), g)
+    assert torch.all(tokens == 0) and torch.all(latent == 0)
+    # Per-token dropout never touches the input token (index 0).
+    tokens, latent = condition_dropout(4000, 5, TrainConfig(**dict(NO_DROP, drop_extra_token_p=0.5)), g)
+    assert torch.all(tokens[:, 0] == 1) and torch.all(latent == 1)
+    assert abs(float(tokens[:, 1:].mean()) - 0.5) < 0.03
+    tokens, latent = condition_dropout(4000, 1, TrainConfig(**dict(NO_DROP, drop_latent_p=0.1)), g)
+    assert abs(float(1 - latent.mean()) - 0.1) < 0.02 and torch.all(tokens == 1)
+
+
+def test_dropped_conditioning_reaches_the_unet_as_zeros(data):
+    trainer = _trainer(TrainConfig(**NO_DROP))
+    seen = {}
+    unet = trainer.student.unet
+    handle = unet.register_forward_pre_hook(lambda module, args, kwargs: seen.update(x=args[0], ctx=kwargs["encoder_hidden_states"]), with_kwargs=True)
+    noisy = torch.randn(2, 4, 8, 8)
+    embeds, poses = torch.randn(2, 3, 64), torch.randn(2, 3, 4)
+    latent = torch.randn(2, 4, 8, 8)
+    trainer.denoiser(noisy, torch.tensor([10, 500]), embeds, poses, latent, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), torch.tensor([1.0, 0.0]))
+    handle.remove()
+    assert torch.all(seen["ctx"][0, 1] == 0) and torch.all(seen["ctx"][1] == 0) and seen["ctx"][0, 0].abs().sum() > 0
+    assert torch.equal(seen["x"][0, 4:], latent[0]) and torch.all(seen["x"][1, 4:] == 0)
+
+
+def test_cascade_tokens_follow_the_refiner_order(data):
+    cfg = TrainConfig(prompt_steps=1, coarse_jitter_deg=0.0, **NO_DROP)
+    trainer = _trainer(cfg)
+    dataset = MultiViewDataset(data, image_size=64)
+    generator = torch.Generator().manual_seed(1)
+    batch = sample_batch(dataset, 2, generator)
+    assert not torch.equal(batch.input_images, batch.target_images)
+    prompts = self_prompt(trainer.base, batch, cfg, generator)
+    assert prompts.nearby_images.shape == (2, 3, 3, 64, 64) and prompts.coarse_images.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(prompts.nearby_azimuth[:, 0], batch.input_azimuth + 45.0)
+    torch.testing.assert_close(prompts.nearby_elevation[:, 2], batch.input_elevation + 30.0)
+    embeds, poses = cascade_tokens(trainer.student, batch, prompts)
+    assert embeds.shape == (2, 5, 64) and poses.shape == (2, 5, 4)
+    # Token 1 is the coarse view at the target itself: zero rotation.
+    torch.testing.assert_close(poses[:, 1], torch.tensor([[0.0, 0.0, 1.0, 0.0]] * 2), atol=1e-5, rtol=0)
+    single, single_poses = cascade_tokens(trainer.student, batch, None)
+    assert single.shape == (2, 1, 64)
+    torch.testing.assert_close(single_poses[:, 0], poses[:, 0])
+
+
+def test_fixed_batch_overfits_and_base_is_the_ema_after_every_step(data):
+    cfg = TrainConfig(lr_unet=1e-3, lr_projection=1e-3, warmup_steps=1, ema_decay=0.9, prompt_steps=1, **NO_DROP)
+    trainer = _trainer(cfg)
+    batch = sample_batch(MultiViewDataset(data, image_size=64), 2, torch.Generator().manual_seed(0))
+    prompts = self_prompt(trainer.base, batch, cfg, torch.Generator().manual_seed(0))
+    shadow = _params(trainer.base)
+    losses = []
+    for step in range(1, 31):
+        before = _params(trainer.base)
+        losses.append(trainer.train_step(batch, torch.Generator().manual_seed(7), prompts))
+        decay = ema_decay_at(step, cfg.ema_decay)
+        shadow = [s.lerp(p, 1 - decay) for s, p in zip(shadow, _params(trainer.student))]
+        after = _params(trainer.base)
+        assert any(not torch.equal(a, b) for a, b in zip(after, before))
+        for got, want in zip(after, shadow):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert trainer.step == 30
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_train_resumes_exactly_and_final_reloads_with_the_same_eps(data, tmp_path):
+    cfg = TrainConfig(stage="cascade", batch_size=1, prompt_steps=1, warmup_steps=1, steps=3, checkpoint_every=1)
+    whole = train(cfg, data, "random-tiny", tmp_path / "whole", device="cpu")
+    assert whole.finished and whole.step == 3 and len(whole.losses) == 3
+    assert [s for s, _ in list_checkpoints(tmp_path / "whole" / "checkpoints")] == [2, 3]
+    first = train(TrainConfig(**{**cfg.__dict__, "steps": 2}), data, "random-tiny", tmp_path / "split", device="cpu")
+    assert first.step == 2
+    second = train(cfg, data, "random-tiny", tmp_path / "split", device="cpu")
+    assert second.step == 3 and len(second.losses) == 1
+    a = load_checkpoint_file(tmp_path / "whole" / "checkpoints" / "step_000003.pt")
+    b = load_checkpoint_file(tmp_path / "split" / "checkpoints" / "step_000003.pt")
+    for key in ("student", "base"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], atol=1e-6, rtol=1e-5)
+
+    # final/base reloads through load_zero123 and predicts what the checkpoint's Base predicts.
+    reloaded = load_zero123(tmp_path / "whole" / "final" / "base", "cpu", torch.float32)
+    assert not reloaded.is_random
+    reference = load_zero123("random-tiny", "cpu", torch.float32)
+    for i, module in enumerate(trainable_modules(reference)):
+        module.load_state_dict({k[2:]: v for k, v in a["base"].items() if k.startswith(f"{i}.")})
+    assert any(not torch.equal(p, q) for p, q in zip(_params(reference), _params(load_zero123("random-tiny", "cpu", torch.float32))))
+    g = torch.Generator().manual_seed(0)
+    noisy, latent = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    context = reference.context(torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 4, generator=g))
+    t = torch.tensor([100, 700])
+    torch.testing.assert_close(reloaded.eps(noisy, t, context, latent), reference.eps(noisy, t, context, latent), atol=1e-5, rtol=1e-5)
+
+
+def test_time_budget_stops_with_a_checkpoint_and_no_final(data, tmp_path):
+    result = train(TrainConfig(stage="base", steps=50, batch_size=1), data, "random-tiny", tmp_path / "run", device="cpu", max_minutes=0.0)
+    assert not result.finished and result.step == 0 and result.final is None
+    assert list_checkpoints(tmp_path / "run" / "checkpoints")[-1][0] == 0
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_bad_config_values_are_refused():
+    with pytest.raises(ReconError, match="stage"):
+        TrainConfig(stage="refiner")
+    with pytest.raises(ReconError, match="drop_tokens_p"):
+        TrainConfig(drop_tokens_p=1.5)
+
+
+def test_cli_train_cascade_stage_base(data, tmp_path):
+    code = main(["train-cascade", "--data", str(data), "--init", "random-tiny", "-o", str(tmp_path / "run"),
+                 "--stage", "base", "--steps", "2", "--batch-size", "1", "--device", "cpu", "--quiet"])
+    assert code == 0
+    model = load_zero123(tmp_path / "run" / "final" / "base", "cpu", torch.float32)
+    assert model.unet.config.in_channels == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_cascade_steps_on_cuda(data, tmp_path):
+    cfg = TrainConfig(batch_size=2, prompt_steps=2, steps=3, gradient_checkpointing=True)
+    result = train(cfg, data, "random-tiny", tmp_path / "gpu", device="cuda")
+    assert result.finished and all(torch.isfinite(torch.tensor(result.losses)))
