@@ -119,9 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
         "sds": [],
         "prepare": {},
     }
-    for mode in ("zero123", "cascade"):
+    for mode, graphs in [(m, g) for m in ("zero123", "cascade") for g in (False, True)]:
         cfg = GuidanceConfig(
-            model=args.spec, mode=mode, dtype=args.dtype, vae_grad_resolution=args.resolution, nearby_steps=args.nearby_steps
+            model=args.spec,
+            mode=mode,
+            dtype=args.dtype,
+            vae_grad_resolution=args.resolution,
+            nearby_steps=args.nearby_steps,
+            cuda_graphs=graphs,
         )
         guidance = make_guidance(cfg, device, base=base)
         if device.type == "cuda":
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         info = guidance.prepare(reference, None)
         _sync(device)
         if mode == "cascade":
-            results["prepare"] = {
+            results["prepare"]["graphs" if graphs else "eager"] = {
                 "seconds": time.perf_counter() - t0,
                 "nearby_views": len(guidance.nearby_views),
                 "nearby_seconds": info["nearby_seconds"],
@@ -142,11 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
             }
         tokens = guidance.context((torch.zeros(1), torch.zeros(1), torch.full((1,), 3.8))).shape[1]
         for batch in args.batches:
-            row = {"mode": mode, "batch": batch, "tokens": tokens}
+            row = {"mode": mode, "cuda_graphs": graphs, "batch": batch, "tokens": tokens}
             row.update(time_sds(guidance, batch, args.resolution, args.steps, args.warmup))
             results["sds"].append(row)
             print(
-                f"  {mode:<8} B={batch:<2} {row['ms_per_step']:8.1f} ms/step  peak {_gib(row['peak_memory_gib'])} GiB", flush=True
+                f"  {mode:<8} graphs={graphs!s:<5} B={batch:<2} {row['ms_per_step']:8.1f} ms/step  peak {_gib(row['peak_memory_gib'])} GiB", flush=True
             )
         del guidance
         if device.type == "cuda":
@@ -156,19 +161,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"\nSDS step on {name}, {args.dtype}, {args.resolution}x{args.resolution} renders, grad through the VAE encoder "
         f"(model load {load_seconds:.1f} s)\n"
     )
-    print("| mode | tokens | batch | ms / step | ms / view | peak GiB | non-finite |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | CUDA graphs | tokens | batch | ms / step | ms / view | peak GiB | non-finite |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in results["sds"]:
         print(
-            f"| {row['mode']} | {row['tokens']} | {row['batch']} | {row['ms_per_step']:.1f} "
+            f"| {row['mode']} | {'on' if row['cuda_graphs'] else 'off'} | {row['tokens']} | {row['batch']} | {row['ms_per_step']:.1f} "
             f"| {row['ms_per_step'] / row['batch']:.1f} | {_gib(row['peak_memory_gib'])} | {row['nonfinite_samples']:.0f} |"
         )
-    prep = results["prepare"]
-    print(
-        f"\nCascade preparation (once per input, DDIM {prep['ddim_steps']} steps + CFG): {prep['seconds']:.2f} s total; "
-        f"{prep['nearby_views']} nearby views {prep['nearby_seconds']:.2f} s, {prep['bank_views']} bank views "
-        f"{prep['bank_seconds']:.2f} s; peak {_gib(prep['peak_memory_gib'])} GiB"
-    )
+    for runner, prep in results["prepare"].items():
+        print(
+            f"\nCascade preparation ({runner}, once per input, DDIM {prep['ddim_steps']} steps + CFG): "
+            f"{prep['seconds']:.2f} s total; {prep['nearby_views']} nearby views {prep['nearby_seconds']:.2f} s, "
+            f"{prep['bank_views']} bank views {prep['bank_seconds']:.2f} s; peak {_gib(prep['peak_memory_gib'])} GiB"
+        )
     write_json(args.out, results)
     return results
 

@@ -3,7 +3,11 @@
 ``"full"`` is the real Zero123 / Zero123-XL / Stable-Zero123 network (SD 1.x
 UNet with 8 input channels, the SD VAE, CLIP ViT-L/14 vision tower, a
 772 -> 768 camera projection). ``"tiny"`` has the same structure at a size
-that runs in milliseconds on a CPU (tests, the shipped prior, smoke runs).
+that runs in milliseconds on a CPU (tests, smoke runs). ``"prior"`` is the
+shipped small prior (docs/TINY-PRIOR.md): 128 px images, a VAE with
+downsampling factor 4 (32 x 32 x 4 latents), a ~4 M parameter UNet with
+cross-attention at 16 x 16 and 8 x 8, a 4-layer ViT image encoder; about
+6 M parameters in all (~12 MB in fp16).
 """
 
 from __future__ import annotations
@@ -92,11 +96,50 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "layer_norm_eps": 1e-5,
         },
     },
+    "prior": {
+        "unet": {
+            "sample_size": 32,
+            "in_channels": 8,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64, 128),
+            # No attention at 32 x 32 (1024 tokens): cross-attention where it is cheap.
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 128,
+            "attention_head_dim": 4,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "sample_size": 128,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64, 64),
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "norm_num_groups": 32,
+            # Replaced by 1 / std of the trained VAE's latents (guidance.training.train_vae).
+            "scaling_factor": 0.18215,
+        },
+        "image_encoder": {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "patch_size": 16,
+            "image_size": 128,
+            "projection_dim": 128,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        },
+    },
 }
 
 
 def architecture(name: str) -> dict[str, Any]:
-    """A deep copy of the named config dict (``"full"`` or ``"tiny"``)."""
+    """A deep copy of the named config dict (``"full"``, ``"tiny"`` or ``"prior"``)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
     return copy.deepcopy(ARCHITECTURES[name])

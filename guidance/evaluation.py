@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from guidance.cascade import Conditions, angular_distance_deg, generate_views, nearby_poses, refiner_tokens
+from guidance.cascade import (
+    Conditions,
+    angular_distance_deg,
+    generate_views,
+    nearby_poses,
+    refiner_tokens,
+)
 from recon.data.multiview import MultiViewDataset, composite
 from recon.fileio import write_json, write_text
 
@@ -113,7 +119,10 @@ def cascade_views(
 
 def image_scores(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Per-image PSNR (dB) and SSIM of (N, 3, H, W) images in [0, 1] (torchmetrics)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
 
     pred, target = pred.float().clamp(0, 1), target.float().clamp(0, 1)
     psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))

@@ -46,6 +46,8 @@ class Guidance:
         self.base = base
         self.refiner = (base if refiner is None else refiner) if cfg.mode == "cascade" else None
         self.model = self.refiner if self.refiner is not None else base
+        for model in {id(m): m for m in (base, self.refiner) if m is not None}.values():
+            model.use_cuda_graphs(cfg.cuda_graphs)
         self.nearby_views: ViewSet | None = None
         self.bank_views: ViewSet | None = None
         self._input: Conditions | None = None

@@ -90,6 +90,7 @@ class Zero123Model(nn.Module):
         self.scheduler = scheduler if scheduler is not None else make_scheduler()
         self.pose_encoding: PoseEncoding = pose_encoding
         self.is_random = is_random
+        self._graphed_unet = None  # set by use_cuda_graphs
         self.description = description
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
@@ -209,11 +210,20 @@ class Zero123Model(nn.Module):
         return self.camera_projection(tokens)
 
     # -------------------------------------------------------------- denoising
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replays CUDA graphs for gradient-free UNet calls on CUDA (see guidance/cuda_graphs.py)."""
+        from guidance.cuda_graphs import unet_runner
+
+        self._graphed_unet = unet_runner(self.unet, enabled)
+
     def eps(self, noisy: Tensor, t: Tensor, context: Tensor, cond_latent: Tensor) -> Tensor:
         """Predicted noise (B, 4, h, w) for ``noisy`` diffusion latents at integer timesteps ``t`` (B,)."""
         x = torch.cat([noisy, cond_latent], dim=1).to(self.dtype)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        return self.unet(x, t, encoder_hidden_states=context.to(self.dtype)).sample
+        context = context.to(self.dtype)
+        if self._graphed_unet is not None and x.is_cuda and not torch.is_grad_enabled():
+            return self._graphed_unet(x, t.contiguous(), context)
+        return self.unet(x, t, encoder_hidden_states=context).sample
 
     def eps_cfg(self, noisy: Tensor, t: Tensor, context: Tensor, cond_latent: Tensor, scale: float) -> Tensor:
         """Classifier-free guided noise: one UNet call on the batch [cond; uncond].

@@ -16,6 +16,15 @@ over, without a third copy of the UNet in memory.
 Stage ``base``: plain Zero-1-to-3 fine-tuning (one token, no self-prompting);
 the EMA is kept the same way and saved as the result.
 
+Stage ``vae``: trains only the AutoencoderKL as an autoencoder on the
+dataset's views composited over the background (L1 + L2 reconstruction of a
+posterior sample, plus ``kl_weight`` x KL), then sets the VAE's
+``scaling_factor`` to 1 / std of its latents (posterior modes of a sample of
+views) and writes the whole model to ``final/base``; later stages start from
+that folder and keep the VAE frozen. For networks trained from scratch (the
+shipped ``prior`` architecture), where a random decoder turns any latent into
+noise.
+
 Conditioning dropout (per sample): all tokens, the concat latent, or both
 (the classifier-free-guidance unconditional: zero tokens after the
 projection and a zero latent, as :meth:`Zero123Model.eps_cfg` uses), and each
@@ -41,15 +50,16 @@ import copy
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guidance.cascade import Conditions, generate_views, nearby_poses, refiner_tokens
+from guidance.cascade import Conditions, nearby_poses, refiner_tokens
 from recon.cameras import relative_pose
 from recon.data.multiview import MultiViewDataset, composite
 from recon.errors import InputError, ReconError
@@ -58,7 +68,7 @@ from recon.fileio import atomic_path
 if TYPE_CHECKING:
     from guidance.model import Zero123Model
 
-STAGES = ("cascade", "base")
+STAGES = ("cascade", "base", "vae")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 CHECKPOINT_FORMAT = 1
 _CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})\.pt$")
@@ -69,7 +79,8 @@ class TrainConfig:
     """Cascade-Zero123 self-distillation (stage cascade) or Zero-1-to-3 fine-tuning (stage base)."""
 
     stage: str = "cascade"
-    """'cascade': train the Refiner, its EMA is the Base; 'base': plain Zero123 fine-tuning."""
+    """'cascade': train the Refiner, its EMA is the Base; 'base': plain Zero123 fine-tuning;
+    'vae': train the VAE alone as an autoencoder (for networks trained from scratch)."""
     steps: int = 2000
     """Optimiser steps in total (a resumed run continues to this count)."""
     batch_size: int = 4
@@ -120,14 +131,22 @@ class TrainConfig:
     """Steps between checkpoints (one is also written when training stops)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept."""
+    lr_vae: float = 1e-3
+    """Stage vae: AdamW learning rate of the VAE."""
+    kl_weight: float = 1e-6
+    """Stage vae: weight of the KL term (per latent element) against the per-pixel reconstruction loss."""
+    scale_samples: int = 512
+    """Stage vae: views encoded to measure the latents' std (scaling_factor = 1 / std)."""
+    preload: bool = False
+    """Decode every view once into memory (8-bit RGBA) and draw batches there; fast for datasets that fit in RAM."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ReconError(f"stage {self.stage!r}: choose one of {', '.join(STAGES)}")
         if self.mixed_precision not in PRECISIONS:
             raise ReconError(f"mixed_precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if self.steps < 1 or self.batch_size < 1 or self.prompt_steps < 1:
-            raise ReconError("steps, batch_size and prompt_steps must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.prompt_steps < 1 or self.scale_samples < 1:
+            raise ReconError("steps, batch_size, prompt_steps and scale_samples must be >= 1")
         for name in ("drop_tokens_p", "drop_latent_p", "drop_both_p", "drop_extra_token_p", "single_token_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ReconError(f"{name} must be in [0, 1]")
@@ -167,6 +186,57 @@ def sample_batch(dataset: MultiViewDataset, batch_size: int, generator: torch.Ge
     return ViewBatch(torch.stack(inputs), p[:, 0], p[:, 1], p[:, 2], torch.stack(targets), p[:, 3], p[:, 4], p[:, 5])
 
 
+class ViewCache:
+    """Every view of a :class:`MultiViewDataset` decoded once into memory as 8-bit RGBA (N_views, 4, S, S).
+
+    ``device``: where the images live (the GPU saves a host-to-device copy per
+    step). :meth:`sample` draws the same kind of batch as :func:`sample_batch`
+    (objects with replacement, two different views each), vectorised.
+    """
+
+    def __init__(self, dataset: MultiViewDataset, device: torch.device | str = "cpu", workers: int = 8) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        for record in dataset.objects:
+            if len(record.views) < 2:
+                raise InputError(f"{record.folder}: needs at least 2 views for training")
+        pairs = [(i, v) for i, record in enumerate(dataset.objects) for v in range(len(record.views))]
+
+        def load(pair: tuple[int, int]) -> Tensor:
+            return (dataset.view_image(*pair) * 255.0).round().to(torch.uint8)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            images = list(pool.map(load, pairs))
+        self.images = torch.stack(images).to(device)
+        counts = [len(record.views) for record in dataset.objects]
+        self.counts = torch.tensor(counts)
+        self.offsets = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
+        self.poses = torch.tensor([[v.elevation_deg, v.azimuth_deg, v.radius] for r in dataset.objects for v in r.views], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def rgb(self, flat_index: Tensor, background: float) -> Tensor:
+        """(B, 3, S, S) float images in [0, 1] of flat view indices (B,), composited over ``background``."""
+        rgba = self.images[flat_index.to(self.images.device)].float() / 255.0
+        return composite(rgba, background)
+
+    def sample_views(self, count: int, generator: torch.Generator, background: float = 1.0) -> Tensor:
+        """``count`` views drawn uniformly (with replacement) from all views, (count, 3, S, S)."""
+        return self.rgb(torch.randint(self.images.shape[0], (count,), generator=generator), background)
+
+    def sample(self, batch_size: int, generator: torch.Generator, background: float = 1.0) -> ViewBatch:
+        """A :class:`ViewBatch` of ``batch_size`` (object, input view, different target view) triples."""
+        objects = torch.randint(len(self.counts), (batch_size,), generator=generator)
+        counts = self.counts[objects]
+        first = (torch.rand(batch_size, generator=generator) * counts).long().clamp_max(counts - 1)
+        shift = 1 + (torch.rand(batch_size, generator=generator) * (counts - 1)).long().clamp_max(counts - 2)
+        i = self.offsets[objects] + first
+        j = self.offsets[objects] + torch.remainder(first + shift, counts)
+        pi, pj = self.poses[i], self.poses[j]
+        return ViewBatch(self.rgb(i, background), pi[:, 0], pi[:, 1], pi[:, 2], self.rgb(j, background), pj[:, 0], pj[:, 1], pj[:, 2])
+
+
 @dataclass
 class Prompts:
     """Self-prompted views per sample: nearby (B, N, 3, S, S) with poses (B, N); coarse (B, 3, S, S) or None."""
@@ -185,34 +255,57 @@ class Prompts:
 def self_prompt(base: Zero123Model, batch: ViewBatch, cfg: TrainConfig, generator: torch.Generator) -> Prompts:
     """The Base's nearby views of each input and, if ``cfg.coarse_target``, a coarse view near each target.
 
-    One :func:`guidance.cascade.generate_views` call per sample (DDIM with CFG).
+    All samples' views in one batched DDIM + CFG run (``cfg.prompt_steps``),
+    as :func:`guidance.cascade.generate_views` samples them one input at a
+    time: initial noise from ``generator`` on the CPU, outputs rounded to
+    8-bit levels.
     """
-    nearby, coarse, n_el, n_az, n_r, c_pose = [], [], [], [], [], []
-    for b in range(batch.input_images.shape[0]):
-        el, az, r = nearby_poses(float(batch.input_elevation[b]), float(batch.input_azimuth[b]), float(batch.input_radius[b]), cfg.nearby_views)
-        targets = [el, az, r]
-        if cfg.coarse_target:
-            jitter = (torch.rand(2, generator=generator) * 2 - 1) * cfg.coarse_jitter_deg
-            c_el = (batch.target_elevation[b] + jitter[0]).clamp(-89.0, 89.0)
-            pose = torch.stack([c_el, batch.target_azimuth[b] + jitter[1], batch.target_radius[b]])
-            c_pose.append(pose)
-            targets = [torch.cat([t, pose[k : k + 1]]) for k, t in enumerate(targets)]
-        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        pose_in = (float(batch.input_elevation[b]), float(batch.input_azimuth[b]), float(batch.input_radius[b]))
-        images = generate_views(base, batch.input_images[b], pose_in, tuple(targets), cfg.prompt_steps, cfg.prompt_guidance_scale, seed, len(targets[0]))
-        count = len(cfg.nearby_views)
-        nearby.append(images[:count])
-        n_el.append(el)
-        n_az.append(az)
-        n_r.append(r)
-        if cfg.coarse_target:
-            coarse.append(images[count])
-    coarse_pose = torch.stack(c_pose) if c_pose else None
+    b = batch.input_images.shape[0]
+    n = len(cfg.nearby_views)
+    near = [nearby_poses(float(batch.input_elevation[k]), float(batch.input_azimuth[k]), float(batch.input_radius[k]), cfg.nearby_views) for k in range(b)]
+    n_el, n_az, n_r = (torch.stack([p[c] for p in near]) for c in range(3))
+    t_el, t_az, t_r = n_el, n_az, n_r
+    coarse_pose = None
+    if cfg.coarse_target:
+        jitter = (torch.rand(b, 2, generator=generator) * 2 - 1) * cfg.coarse_jitter_deg
+        coarse_pose = torch.stack([(batch.target_elevation + jitter[:, 0]).clamp(-89.0, 89.0), batch.target_azimuth + jitter[:, 1], batch.target_radius.clone()], dim=1)
+        t_el, t_az, t_r = (torch.cat([t, coarse_pose[:, c : c + 1]], dim=1) for c, t in enumerate((n_el, n_az, n_r)))
+    per = t_el.shape[1]
+    rel = relative_pose(
+        t_el.reshape(-1), t_az.reshape(-1), t_r.reshape(-1),
+        batch.input_elevation.repeat_interleave(per), batch.input_azimuth.repeat_interleave(per),
+        batch.input_radius.repeat_interleave(per), encoding=base.pose_encoding,
+    )
+    device = base.device
+    inputs = batch.input_images.to(device=device, dtype=torch.float32)
+    clip = base.clip_embed(inputs).repeat_interleave(per, dim=0)
+    latent = base.cond_latent(inputs).repeat_interleave(per, dim=0)
+    noise = torch.randn(latent.shape, generator=generator)
+    images = ddim_views(base, base.context(clip, rel.to(device)), latent, noise, cfg.prompt_steps, cfg.prompt_guidance_scale)
+    # Prompts live where the batch lives (cascade_tokens concatenates them with the inputs).
+    images = images.view(b, per, *images.shape[1:]).to(batch.input_images.device)
     return Prompts(
-        torch.stack(nearby), torch.stack(n_el), torch.stack(n_az), torch.stack(n_r),
-        torch.stack(coarse) if coarse else None,
+        images[:, :n], n_el, n_az, n_r,
+        images[:, n] if cfg.coarse_target else None,
         *((coarse_pose[:, k] for k in range(3)) if coarse_pose is not None else (None, None, None)),
     )
+
+
+@torch.no_grad()
+def ddim_views(model: Zero123Model, context: Tensor, cond_latent: Tensor, noise: Tensor, steps: int, guidance_scale: float) -> Tensor:
+    """DDIM + CFG from ``noise`` (N, 4, h, w) for tokens (N, K, D) and concat latents (N, 4, h, w) ->
+    images (N, 3, S, S) in [0, 1] on the model's device, rounded to 8-bit levels."""
+    from diffusers import DDIMScheduler
+
+    device = model.device
+    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    x = noise.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = model.eps_cfg(x.to(model.dtype), t, context, cond_latent, guidance_scale).float()
+        x = scheduler.step(eps, t, x).prev_sample
+    images = model.decode(x.to(model.dtype)).float().clamp(0.0, 1.0)
+    return torch.round(images * 255.0) / 255.0
 
 
 # ------------------------------------------------------------ conditioning
@@ -323,7 +416,7 @@ def base_copy(model: Zero123Model) -> Zero123Model:
         model.scheduler, model.pose_encoding, model.is_random, model.description,
     )
     base.eval().requires_grad_(False)
-    return base
+    return base.to(model.device)  # its own CLIP normalisation buffers start on the CPU
 
 
 def step_generator(seed: int, process: int, step: int) -> torch.Generator:
@@ -497,19 +590,27 @@ class TrainResult:
     step: int
     finished: bool
     losses: list[float]
-    final: Optional[Path]
+    final: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Stage vae: reconstruction PSNR before/after on a fixed batch, the latents' std and scaling_factor."""
 
 
 def train(
     cfg: TrainConfig, data: Path, init: str, run_dir: Path, device: str = "auto",
     max_minutes: float | None = None, resume: bool = True,
+    export_on_stop: bool = False, on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Trains from ``init`` (any ``load_zero123`` spec, e.g. a weights folder or ``random-tiny``) on ``data``.
 
     Resumes from ``run_dir/checkpoints`` when it holds a checkpoint (and
     ``resume``). Stops after ``cfg.steps`` steps (then writes
-    ``run_dir/final/base``) or after ``max_minutes`` (with a checkpoint).
+    ``run_dir/final/base``) or after ``max_minutes`` (with a checkpoint, and
+    also ``final/base`` when ``export_on_stop``). ``on_step(step, loss)`` is
+    called on the main process after every step. Stage ``vae`` goes to
+    :func:`train_vae`.
     """
+    if cfg.stage == "vae":
+        return train_vae(cfg, data, init, run_dir, device, max_minutes, resume, on_step)
     from guidance.checkpoints import load_zero123
     from recon.config import to_plain
     from recon.progress import info
@@ -530,6 +631,7 @@ def train(
     model = load_zero123(init, acc.device, torch.float32, seed=cfg.seed)
     trainer = Trainer(cfg, model, acc)
     dataset = MultiViewDataset(data, image_size=trainer.image_size)
+    cache = ViewCache(dataset, acc.device) if cfg.preload else None
     found = list_checkpoints(run.checkpoints)
     if found:
         trainer.load_state(load_checkpoint_file(found[-1][1]), found[-1][1])
@@ -545,7 +647,10 @@ def train(
                 stopped_early = True
                 break
             generator = step_generator(cfg.seed, acc.process_index, trainer.step)
-            batch = sample_batch(dataset, cfg.batch_size, generator, cfg.background)
+            if cache is not None:
+                batch = cache.sample(cfg.batch_size, generator, cfg.background)
+            else:
+                batch = sample_batch(dataset, cfg.batch_size, generator, cfg.background)
             loss = trainer.train_step(batch, generator)
             if not math.isfinite(loss):
                 from recon.errors import TrainingDivergedError
@@ -554,14 +659,158 @@ def train(
             losses.append(loss)
             if main:
                 reporter.update(trainer.step, f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+                if on_step is not None:
+                    on_step(trainer.step, loss)
             if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps and main:
                 save_checkpoint(trainer, run.checkpoints, cfg.keep_checkpoints)
     final = None
     if main:
         save_checkpoint(trainer, run.checkpoints, cfg.keep_checkpoints)
-        if not stopped_early:
+        if not stopped_early or export_on_stop:
             final = export_base(trainer, run.root / "final" / "base", init)
         run.write_progress(f"train {cfg.stage}", trainer.step, cfg.steps, None, "interrupted" if stopped_early else "finished",
                            loss=(sum(losses[-20:]) / len(losses[-20:])) if losses else None)
     acc.wait_for_everyone()
     return TrainResult(trainer.step, not stopped_early, losses, final)
+
+
+# ------------------------------------------------------------------ stage vae
+class AutoencoderLoss(nn.Module):
+    """The VAE as one module for DDP/accelerate.
+
+    ``forward(x (B, 3, S, S) in [-1, 1], noise (B, C, h, w))`` -> the
+    reconstruction (B, 3, S, S) of the posterior sample ``mean + std * noise``
+    and the KL divergence to N(0, I) per latent element (B,).
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """See the class docstring."""
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean + dist.std * noise.to(dist.mean.dtype)
+        kl = 0.5 * (dist.mean.float() ** 2 + dist.var.float() - 1.0 - dist.logvar.float()).flatten(1).mean(1)
+        return self.vae.decode(z).sample, kl
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: nn.Module, images: Tensor, chunk: int = 64) -> float:
+    """PSNR (dB) of ``images`` (N, 3, S, S) in [0, 1] through the VAE (posterior mode, decoded, clamped)."""
+    errors = []
+    for part in images.split(chunk):
+        x = (part * 2.0 - 1.0).to(vae.dtype)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        errors.append(((rec.float() + 1.0) / 2.0).clamp(0, 1).sub(part.float()).square().flatten(1).mean(1))
+    mse = torch.cat(errors).mean()
+    return float(-10.0 * torch.log10(mse.clamp_min(1e-10)))
+
+
+@torch.no_grad()
+def latent_std(vae: nn.Module, images: Tensor, chunk: int = 64) -> float:
+    """Standard deviation over all elements of the posterior modes of ``images`` (N, 3, S, S) in [0, 1]."""
+    modes = [vae.encode((part * 2.0 - 1.0).to(vae.dtype)).latent_dist.mode().float() for part in images.split(chunk)]
+    return float(torch.cat(modes).std())
+
+
+def _random_views(dataset: MultiViewDataset, cache: ViewCache | None, count: int, generator: torch.Generator, background: float) -> Tensor:
+    """``count`` views drawn uniformly over objects, then views, (count, 3, S, S) over ``background``."""
+    if cache is not None:
+        return cache.sample_views(count, generator, background)
+    views = []
+    for _ in range(count):
+        index = int(torch.randint(len(dataset), (1,), generator=generator))
+        view = int(torch.randint(len(dataset.objects[index].views), (1,), generator=generator))
+        views.append(composite(dataset.view_image(index, view), background))
+    return torch.stack(views)
+
+
+def train_vae(
+    cfg: TrainConfig, data: Path, init: str, run_dir: Path, device: str = "auto",
+    max_minutes: float | None = None, resume: bool = True, on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Stage vae: trains ``init``'s VAE as an autoencoder on ``data`` and writes the model to ``run_dir/final/base``.
+
+    Loss per step: L1 + L2 between the views (in [-1, 1]) and the decoded
+    posterior samples, plus ``cfg.kl_weight`` x KL per latent element;
+    AdamW (``cfg.lr_vae``, warm-up, clip). Ends after ``cfg.steps`` steps or
+    ``max_minutes``; either way the VAE's ``scaling_factor`` becomes 1 / std
+    of the latents of ``cfg.scale_samples`` views and the whole model (UNet,
+    image encoder and projection untouched) is written. No mid-run
+    checkpoints: rerunning starts the VAE training over.
+    """
+    from guidance.checkpoints import load_zero123, save_diffusers
+    from recon.config import to_plain
+    from recon.runs import RunDir, StepReporter
+
+    start = time.perf_counter()
+    acc = make_accelerator(device, cfg.mixed_precision)
+    main = acc.is_main_process
+    run_dir = Path(run_dir)
+    existed = RunDir.is_run(run_dir)
+    if existed and not resume:
+        raise ReconError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another folder")
+    acc.wait_for_everyone()
+    plain = {"train": to_plain(cfg), "data": str(data), "init": str(init)}
+    run = RunDir.create(run_dir, plain, seed=cfg.seed, device=str(acc.device)) if main and not existed else RunDir(run_dir)
+    acc.wait_for_everyone()
+    model = load_zero123(init, acc.device, torch.float32, seed=cfg.seed)
+    vae = model.vae
+    size = cfg.image_size or int(vae.config.sample_size)
+    dataset = MultiViewDataset(data, image_size=size)
+    cache = ViewCache(dataset, acc.device) if cfg.preload else None
+    fixed = _random_views(dataset, cache, min(32, cfg.scale_samples), torch.Generator().manual_seed(cfg.seed + 1), cfg.background).to(acc.device)
+    psnr_before = reconstruction_psnr(vae, fixed)
+    vae.requires_grad_(True)
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr_vae, weight_decay=0.0)
+    module, optimizer = acc.prepare(AutoencoderLoss(vae), optimizer)
+    latent_side = size // model.latent_scale
+    losses: list[float] = []
+    step = 0
+    stopped_early = False
+    reporter = StepReporter(run, "train vae", cfg.steps, 0) if main else contextlib.nullcontext()
+    with reporter:
+        while step < cfg.steps:
+            if max_minutes is not None and time.perf_counter() - start > 60.0 * max_minutes:
+                stopped_early = True
+                break
+            generator = step_generator(cfg.seed, acc.process_index, step)
+            x = _random_views(dataset, cache, cfg.batch_size, generator, cfg.background).to(acc.device) * 2.0 - 1.0
+            noise = torch.randn((x.shape[0], vae.config.latent_channels, latent_side, latent_side), generator=generator).to(acc.device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr_vae * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            with acc.autocast():
+                rec, kl = module(x, noise)
+            rec = rec.float()
+            loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + cfg.kl_weight * kl.float().mean()
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            if cfg.grad_clip > 0:
+                acc.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                from recon.errors import TrainingDivergedError
+
+                raise TrainingDivergedError(f"VAE loss is {value} at step {step}; lower lr_vae or use bf16/fp32")
+            losses.append(value)
+            if main:
+                reporter.update(step, f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+                if on_step is not None:
+                    on_step(step, value)
+    vae.eval().requires_grad_(False)
+    std = latent_std(vae, _random_views(dataset, cache, cfg.scale_samples, torch.Generator().manual_seed(cfg.seed + 2), cfg.background).to(acc.device))
+    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-8))
+    metrics = {"psnr_before": psnr_before, "psnr_after": reconstruction_psnr(vae, fixed), "latent_std": std, "scaling_factor": float(vae.config.scaling_factor), "steps": float(step)}
+    final = None
+    if main:
+        model.description = f"recon train-cascade (stage vae) from {init}: VAE trained {step} steps, UNet untouched"
+        final = save_diffusers(model, run.root / "final" / "base", overwrite=True)
+        run.update_meta(vae_metrics=metrics)
+        run.write_progress("train vae", step, cfg.steps, None, "interrupted" if stopped_early else "finished",
+                           loss=(sum(losses[-20:]) / len(losses[-20:])) if losses else None)
+    acc.wait_for_everyone()
+    return TrainResult(step, not stopped_early, losses, final, metrics)

@@ -61,7 +61,7 @@ def resolve(schema: type[T], *layers: dict[str, Any] | None, overrides: list[str
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, TypeError) as exc:
         key = getattr(exc, "full_key", None)
         where = f" at {key}" if key else ""
         raise ReconError(f"invalid config{where}: {str(exc).splitlines()[0]}") from exc

@@ -17,6 +17,7 @@ all :func:`load_field_from_run` needs.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,6 +130,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     path = Path(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: unreadable checkpoint (holds objects other than tensors and plain values; refused)") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -64,16 +64,21 @@ class LossWeights:
 
 @dataclass
 class StageConfig:
-    """One stage of the optimisation (steps, render sizes, schedules)."""
+    """One stage of the optimisation: steps, render sizes, learning rate, loss weights.
+
+    Render sizes, the batch size, the active hash levels and every loss
+    weight are schedules (a number, ``[start_step, v0, v1, end_step]`` or
+    ``{step: value}``) counted in steps from the start of the stage.
+    """
 
     steps: int = 200
     """Optimisation steps of this stage (0 skips it)."""
-    resolution: int = 64
-    """Side of the random-view renders scored by the guidance, pixels."""
-    batch_size: int = 8
-    """Random views per step."""
-    reference_resolution: int = 128
-    """Side of the reference-view render compared with the input image, pixels."""
+    resolution: Any = 64
+    """Side of the random-view renders scored by the guidance, pixels (a schedule, e.g. {0: 128, 200: 256})."""
+    batch_size: Any = 8
+    """Random views per step (a schedule)."""
+    reference_resolution: Any = 128
+    """Side of the reference-view render compared with the input image, pixels (a schedule)."""
     active_levels: Any = 16
     """Hash-grid levels in use (a schedule; opened progressively for coarse-to-fine; capped at the grid's levels)."""
     lr: float = 0.01
@@ -84,6 +89,10 @@ class StageConfig:
     """Surface points per step for the 3D normal smoothness loss."""
     normal_jitter: float = 0.01
     """Standard deviation of the jitter of the 3D normal smoothness loss, world units."""
+
+    def sizes(self, local_step: int) -> tuple[int, int, int]:
+        """(random-view resolution, views per step, reference resolution) at ``local_step`` of the stage."""
+        return tuple(int(round(value_at(s, local_step))) for s in (self.resolution, self.batch_size, self.reference_resolution))
 
 
 def _default_stages() -> dict[str, StageConfig]:
@@ -98,8 +107,8 @@ def _default_stages() -> dict[str, StageConfig]:
         ),
         "fine": StageConfig(
             steps=400,
-            resolution=128,
-            batch_size=4,
+            resolution={0: 128, 200: 256},
+            batch_size={0: 4, 200: 2},
             reference_resolution=256,
             lr=0.005,
             weights=LossWeights(
@@ -187,11 +196,14 @@ class FitConfig:
         if not any(stage.steps > 0 for stage in self.stages.values()):
             raise ReconError("config: every stage has 0 steps; nothing to optimise")
         for name, stage in self.stages.items():
-            if stage.steps < 0 or stage.resolution < 8 or stage.reference_resolution < 8 or stage.batch_size < 1:
-                raise ReconError(f"stages.{name}: steps >= 0, resolution and reference_resolution >= 8, batch_size >= 1")
-            if stage.lr <= 0:
-                raise ReconError(f"stages.{name}.lr must be > 0, got {stage.lr}")
-            validate_schedule(stage.active_levels, f"stages.{name}.active_levels")
+            if stage.steps < 0 or stage.lr <= 0:
+                raise ReconError(f"stages.{name}: steps must be >= 0 and lr > 0, got {stage.steps} and {stage.lr}")
+            for key in ("resolution", "batch_size", "reference_resolution", "active_levels"):
+                validate_schedule(getattr(stage, key), f"stages.{name}.{key}")
+            for step in range(max(stage.steps, 1)):
+                resolution, batch, reference = stage.sizes(step)
+                if resolution < 8 or reference < 8 or batch < 1:
+                    raise ReconError(f"stages.{name}: resolution and reference_resolution must stay >= 8 and batch_size >= 1")
             for loss in LOSS_NAMES:
                 validate_schedule(getattr(stage.weights, loss), f"stages.{name}.weights.{loss}")
         if len(self.background) != 3:
@@ -229,7 +241,8 @@ def scale_steps(cfg: FitConfig, total: int) -> FitConfig:
         if stage.steps == 0:
             continue
         stage.steps = max(1, int(round(stage.steps * factor)))
-        stage.active_levels = _scale_schedule(stage.active_levels, factor)
+        for key in ("resolution", "batch_size", "reference_resolution", "active_levels"):
+            setattr(stage, key, _scale_schedule(getattr(stage, key), factor))
         for loss in LOSS_NAMES:
             setattr(stage.weights, loss, _scale_schedule(getattr(stage.weights, loss), factor))
     for name in ("guidance_scale", "min_step_percent", "max_step_percent", "grad_clip"):
@@ -237,12 +250,13 @@ def scale_steps(cfg: FitConfig, total: int) -> FitConfig:
     return cfg
 
 
-def oom_message(stage: str, cfg: StageConfig) -> str:
-    """What to turn down when a stage runs out of GPU memory."""
+def oom_message(stage: str, cfg: StageConfig, local_step: int) -> str:
+    """What to turn down when a stage runs out of GPU memory at ``local_step``."""
+    resolution, batch, _ = cfg.sizes(local_step)
     return (
-        f"out of GPU memory in stage {stage!r} ({cfg.batch_size} views of {cfg.resolution} px per step): "
-        f"lower --set stages.{stage}.batch_size={max(1, cfg.batch_size // 2)} or "
-        f"stages.{stage}.resolution={max(32, cfg.resolution // 2)}, or renderer.chunk_rays, "
+        f"out of GPU memory in stage {stage!r} ({batch} views of {resolution} px per step): "
+        f"lower --set stages.{stage}.batch_size={max(1, batch // 2)} or "
+        f"stages.{stage}.resolution={max(32, resolution // 2)}, or renderer.chunk_rays, "
         "or guidance.cfg_chunk=1, or use --preset fast"
     )
 
@@ -285,6 +299,7 @@ class Trainer:
         self.rollbacks = 0
         self.step = 0
         self.last_losses: dict[str, float] = {}
+        self.last_diagnostics: dict[str, float] = {}
         self._targets: dict[int, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------ state
@@ -351,27 +366,30 @@ class Trainer:
     def losses(self, stage: StageConfig, local_step: int) -> tuple[Tensor, dict[str, float]]:
         """The weighted loss of one step and each term's unweighted value."""
         weights = {name: value_at(getattr(stage.weights, name), local_step) for name in LOSS_NAMES}
+        resolution, batch_size, reference_resolution = stage.sizes(local_step)
         terms: dict[str, Tensor] = {}
         if weights["rgb"] > 0 or weights["mask"] > 0:
-            target_rgb, target_mask = self.targets(stage.reference_resolution)
+            target_rgb, target_mask = self.targets(reference_resolution)
             with self._autocast():
-                ref = self.renderer.render(self.reference_cameras(stage.reference_resolution), self.background)
+                ref = self.renderer.render(self.reference_cameras(reference_resolution), self.background)
             if weights["rgb"] > 0:
                 terms["rgb"] = losses.rgb_loss(ref["rgb"], target_rgb)
             if weights["mask"] > 0:
                 terms["mask"] = losses.mask_loss(ref["opacity"], target_mask, self.cfg.mask_loss)
         random_terms = ("sds", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
         if any(weights[name] > 0 for name in random_terms):
-            cameras, elevation, azimuth = self.sampler.sample(stage.batch_size, stage.resolution, self.generator)
+            cameras, elevation, azimuth = self.sampler.sample(batch_size, resolution, self.generator)
             cameras = cameras.to(self.device)
             with_normals = weights["normal_smooth_2d"] > 0 or weights["orientation"] > 0
             with self._autocast():
                 out = self.renderer.render(cameras, self.background, normals=with_normals)
-                if weights["sds"] > 0:
-                    radius = torch.full_like(elevation, self.sampler.radius)
-                    images = out["rgb"].permute(0, 3, 1, 2)
-                    sds = self.guidance.sds(images, elevation.to(self.device), azimuth.to(self.device), radius.to(self.device), self.step)
-                    terms["sds"] = sds.loss.float()
+            if weights["sds"] > 0:
+                # outside autocast: the guidance runs its models in their own dtype
+                radius = torch.full_like(elevation, self.sampler.radius)
+                images = out["rgb"].permute(0, 3, 1, 2).float()
+                sds = self.guidance.sds(images, elevation.to(self.device), azimuth.to(self.device), radius.to(self.device), self.step)
+                terms["sds"] = sds.loss.float()
+                self.last_diagnostics = dict(sds.diagnostics)
             if weights["opacity"] > 0:
                 terms["opacity"] = losses.opacity_entropy(out["opacity"])
             if weights["sparsity"] > 0:
@@ -407,7 +425,7 @@ class Trainer:
                 return float("nan")
             loss.backward()
         except torch.cuda.OutOfMemoryError as exc:
-            raise ReconError(oom_message(stage_name, stage)) from exc
+            raise ReconError(oom_message(stage_name, stage, local_step)) from exc
         grads = [p.grad for p in self.field.parameters() if p.grad is not None]
         if grads and not torch.isfinite(torch.stack([g.float().norm() for g in grads]).sum()):
             self.optimizer.zero_grad(set_to_none=True)

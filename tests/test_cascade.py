@@ -250,3 +250,24 @@ def test_training_free_guidance_runs(model):
     out = g.sds(images, 10.0, 80.0, 3.8, step=0, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_make_guidance_loads_once_and_shares_the_refiner(monkeypatch):
+    import guidance.checkpoints
+    from guidance.interface import load_models, make_guidance
+
+    loaded = []
+    original = guidance.checkpoints.load_zero123
+
+    def counting(spec, *args, **kwargs):
+        loaded.append(spec)
+        return original(spec, *args, **kwargs)
+
+    monkeypatch.setattr(guidance.checkpoints, "load_zero123", counting)
+    base, refiner = load_models(cascade_config(), "cpu")
+    assert loaded == ["random-tiny"] and refiner is base
+    assert base.dtype == torch.float32  # dtype auto on the CPU
+    g = make_guidance(cascade_config(), "cpu", base=base)
+    assert loaded == ["random-tiny"] and g.model is base and g.base is base
+    _, refiner = load_models(GuidanceConfig(model="random-tiny"), "cpu")
+    assert refiner is None and loaded == ["random-tiny", "random-tiny"]

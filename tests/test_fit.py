@@ -300,3 +300,77 @@ def test_nan_loss_rolls_back_to_the_last_checkpoint_and_finishes(tmp_path, share
     meta = json.loads((results[0].run_dir / "meta.json").read_text())
     assert meta["rollbacks"] == 1 and meta["final_step"] == 6
     assert all(math.isfinite(v) for v in meta["final_losses"].values())
+
+
+# ------------------------------------------------------------------ the trainer with a fake guidance
+class FakeGuidance:
+    """Stands in for guidance.interface.Guidance: a differentiable 'SDS' that pulls renders towards grey."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sds(self, images, elevation_deg, azimuth_deg, radius, step):
+        from guidance.sds import SDSOutput
+
+        self.calls.append((tuple(images.shape), step))
+        return SDSOutput(loss=((images - 0.5) ** 2).mean(), diagnostics={})
+
+
+def make_trainer(tmp_path, *overrides):
+    from recon.cli.api import build_config
+    from recon.preprocess import ReferenceView
+    from recon.runs import RunDir
+    from systems.fit import Trainer
+
+    cfg = build_config("cpu", [*TINY, *overrides])
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    alpha = ((x**2 + y**2) < 0.3).float()
+    rgba = torch.stack([0.8 * torch.ones_like(x), 0.3 + 0.2 * x, 0.2 * torch.ones_like(x), alpha])
+    reference = ReferenceView(rgba=rgba, source=tmp_path / "synthetic.png")
+    run = RunDir.create(tmp_path / "run", to_plain(cfg))
+    guidance = FakeGuidance()
+    return Trainer(cfg, guidance, reference, run, torch.device("cpu")), guidance
+
+
+def test_reference_losses_fall_and_levels_open_coarse_to_fine(tmp_path):
+    trainer, guidance = make_trainer(
+        tmp_path, "stages.coarse.steps=16", "stages.fine.steps=2", "stages.coarse.active_levels=[0,1,4,12]", "preview_every=0"
+    )
+    coarse = trainer.cfg.stages["coarse"]
+    first, _ = trainer.losses(coarse, 0)
+    levels = []
+    for step in range(16):
+        trainer.train_step("coarse", coarse, step)
+        levels.append(trainer.field.encoding.active_levels)
+        trainer.step += 1
+    last, terms = trainer.losses(coarse, 15)
+    assert last.item() < 0.7 * first.item()
+    assert levels[0] == 1 and levels[6] == 2 and levels[-1] == 4 and levels == sorted(levels)
+    assert {"rgb", "mask", "sds", "opacity"} <= set(terms)
+    assert guidance.calls[0] == ((2, 3, 16, 16), 0)  # coarse: 2 views of 16 px, the global step
+
+
+def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
+    from recon.errors import ReconError
+
+    trainer, _ = make_trainer(tmp_path)
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainer, "losses", oom)
+    with pytest.raises(ReconError, match=r"out of GPU memory in stage 'fine'.*stages\.fine\.batch_size=1.*--preset fast"):
+        trainer.train_step("fine", trainer.cfg.stages["fine"], 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_with_mixed_precision(tmp_path, shared_models):
+    image = make_rgba(tmp_path / "disc.png")
+    out = tmp_path / "outputs"
+    args = fit_args(image, out, "--format", "glb", "--set", "mixed_precision=true")
+    args[args.index("--device") + 1] = "cuda"
+    assert main(args) == 0
+    meta = json.loads((out / "disc" / "meta.json").read_text())
+    assert meta["device"].startswith("cuda") and meta["peak_gpu_memory_gib"] > 0
+    assert (out / "disc" / "exports" / "mesh.glb").is_file()

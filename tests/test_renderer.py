@@ -227,7 +227,8 @@ def test_nerfacc_agrees_with_stratified_on_a_smooth_field():
         assert difference.max().item() < 0.1, key
     out = grid.train().render(cams, torch.ones(3, device="cuda"))
     out["rgb"].sum().backward()
-    assert field.encoding.backend.table.grad.abs().sum() > 0
+    # the zeroed output layer blocks gradients to the table; its own weights get them
+    assert field.mlp[-1].weight.grad.abs().sum() > 0
 
 
 def _segment_weights(t_starts, t_ends, sigmas, ray_indices=None, n_rays=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import tyro
 
@@ -21,7 +21,7 @@ class EvalNVSCommand:
     """Base weights: a run's final/base folder, any Zero123 folder/checkpoint/hub id, 'tiny' or 'random-tiny'."""
     output: Annotated[Path, tyro.conf.arg(aliases=("-o",))] = Path("outputs/eval-nvs")
     """Folder for eval.md and eval.json."""
-    refiner: Optional[str] = None
+    refiner: str | None = None
     """Refiner weights; default: the same as --model (a cascade run's Base and Refiner are one network)."""
     no_cascade: bool = False
     """Score the Base alone (skip the cascade)."""
@@ -45,7 +45,12 @@ class EvalNVSCommand:
     def run(self) -> int:
         """Evaluates and writes the report; returns the exit code."""
         from guidance.checkpoints import load_zero123
-        from guidance.evaluation import EvalConfig, evaluate, markdown_report, write_report
+        from guidance.evaluation import (
+            EvalConfig,
+            evaluate,
+            markdown_report,
+            write_report,
+        )
         from guidance.sampling import native_size
         from recon.data.multiview import MultiViewDataset
         from recon.progress import info, progress_bar, set_quiet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import tyro
 
@@ -23,7 +23,9 @@ class TrainCascadeCommand:
     output: Annotated[Path, tyro.conf.arg(aliases=("-o",))]
     """Run folder (checkpoints/, final/base, progress.json)."""
     stage: str = "cascade"
-    """'cascade': Refiner training with its EMA as the Base; 'base': plain Zero123 fine-tuning."""
+    """'cascade': Refiner training with its EMA as the Base; 'base': plain Zero123 fine-tuning;
+    'vae': train the VAE alone as an autoencoder and set its scaling factor (from-scratch networks;
+    later stages use --init RUN/final/base and keep it frozen)."""
     steps: int = 2000
     """Total optimiser steps."""
     batch_size: int = 4
@@ -40,9 +42,11 @@ class TrainCascadeCommand:
     """'auto' (bf16 on CUDA), 'no', 'bf16' or 'fp16'."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass to save memory."""
+    preload: bool = False
+    """Decode every view into memory once (8-bit) and draw batches there: much faster for small datasets."""
     checkpoint_every: int = 500
     """Steps between checkpoints."""
-    max_minutes: Optional[float] = None
+    max_minutes: float | None = None
     """Stop cleanly (with a checkpoint) after this many minutes; rerun to continue."""
     seed: int = 0
     """Seed of data sampling, noise and dropout."""
@@ -66,12 +70,16 @@ class TrainCascadeCommand:
             "stage": self.stage, "steps": self.steps, "batch_size": self.batch_size, "image_size": self.image_size,
             "lr_unet": self.lr_unet, "lr_projection": self.lr_projection, "prompt_steps": self.prompt_steps,
             "mixed_precision": self.mixed_precision, "gradient_checkpointing": self.gradient_checkpointing,
-            "checkpoint_every": self.checkpoint_every, "seed": self.seed,
+            "checkpoint_every": self.checkpoint_every, "seed": self.seed, "preload": self.preload,
         }
         cfg = resolve(TrainConfig, flags, overrides=self.set)
         result = train(cfg, self.data, self.init, self.output, self.device, self.max_minutes, self.resume)
+        if result.metrics:
+            info("VAE: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
         if result.finished:
             info(f"finished {result.step} steps; Base (and Refiner) weights: {result.final}")
+        elif result.final is not None:
+            info(f"stopped at step {result.step}/{cfg.steps} (time budget); wrote {result.final}")
         else:
             info(f"stopped at step {result.step}/{cfg.steps} (time budget); rerun the same command to continue")
         return 0
