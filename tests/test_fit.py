@@ -183,7 +183,8 @@ def test_presets_have_descriptions_and_resolve():
     default, fast, cpu = (build_config(n) for n in ("default", "fast", "cpu"))
     assert fast.total_steps < default.total_steps
     assert cpu.field.encoding.n_levels < default.field.encoding.n_levels
-    assert cpu.stages["fine"].resolution < default.stages["fine"].resolution
+    assert cpu.stages["fine"].sizes(0)[0] < default.stages["fine"].sizes(0)[0]
+    assert default.stages["fine"].sizes(0)[:2] == (128, 4) and default.stages["fine"].sizes(399)[:2] == (256, 2)
     assert default.guidance.model == "tiny"
 
 
@@ -209,6 +210,17 @@ def test_scale_steps_scales_stages_and_schedules():
     assert scaled.stages["coarse"].active_levels == [0, 8, 16, 75]
     assert scaled.guidance.min_step_percent == [0, 0.4, 0.2, 100]
     assert scaled.stages["fine"].weights.normal_smooth_2d == [0, 0.0, 8.0, 50]
+    assert scaled.stages["fine"].resolution == {0: 128, 100: 256}
+
+
+def test_size_schedules_from_the_command_line_are_validated():
+    from recon.cli.api import build_config
+    from recon.errors import ReconError
+
+    cfg = build_config("cpu", ["stages.fine.resolution={0: 16, 30: 32}", "stages.fine.batch_size=[0, 4, 1, 60]"])
+    assert cfg.stages["fine"].sizes(0)[:2] == (16, 4) and cfg.stages["fine"].sizes(59)[:2] == (32, 1)
+    with pytest.raises(ReconError, match="stages.fine"):
+        build_config("cpu", ["stages.fine.resolution={0: 16, 30: 4}"])
 
 
 # ------------------------------------------------------------------ end to end
