@@ -8,6 +8,7 @@ validated against the dataclass types by OmegaConf and saved as plain YAML.
 from __future__ import annotations
 
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,9 +21,17 @@ from recon.errors import ReconError
 T = TypeVar("T")
 
 
+def _presets_folder() -> Traversable:
+    """The installed presets (package ``recon.configs``), or ``configs/`` of a source checkout run uninstalled."""
+    try:
+        return resources.files("recon.configs")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
 def preset_names() -> list[str]:
     """Names of the presets shipped with the package."""
-    folder = resources.files("recon.configs")
+    folder = _presets_folder()
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -34,7 +43,7 @@ def read_preset(name_or_path: str | Path) -> dict[str, Any]:
             raise ReconError(f"{path}: config file not found")
         text = path.read_text(encoding="utf-8")
     else:
-        resource = resources.files("recon.configs") / f"{name_or_path}.yaml"
+        resource = _presets_folder() / f"{name_or_path}.yaml"
         if not resource.is_file():
             raise ReconError(f"unknown preset {str(name_or_path)!r}; choose from {', '.join(preset_names())} or give a .yaml path")
         text = resource.read_text(encoding="utf-8")

@@ -231,7 +231,7 @@ class StepReporter:
     _t0: float = field(default=0.0, init=False, repr=False)
     _last_write: float = field(default=-1e9, init=False, repr=False)
 
-    def __enter__(self) -> StepReporter:
+    def __enter__(self) -> StepReporter:  # noqa: PYI034 - typing.Self needs Python 3.11
         from recon.progress import progress_bar
 
         self._bar = progress_bar()
@@ -241,7 +241,7 @@ class StepReporter:
         self.run.write_progress(self.stage, self.start_step, self.total, None, "running")
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._bar.__exit__(*exc_info)
 
     def eta_s(self, step: int) -> float | None:

@@ -505,4 +505,7 @@ class Trainer:
                     if os.environ.get(INTERRUPT_ENV) == str(self.step):
                         raise KeyboardInterrupt(f"test hook {INTERRUPT_ENV} after step {self.step}")
             begin = end
+        broken = [name for name, p in self.field.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise TrainingDivergedError(f"field parameters {', '.join(broken)} are NaN/inf after training; nothing exported")
         self.renderer.eval()

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -29,10 +28,16 @@ from torch import Tensor
 from exports.config import ExportConfig
 from recon.cameras import Cameras
 from recon.config import to_plain
-from recon.data.transforms_json import PosedImages, estimate_scene, read_transforms, scene_scale, transforms_file
+from recon.data.transforms_json import (
+    PosedImages,
+    estimate_scene,
+    read_transforms,
+    scene_scale,
+    transforms_file,
+)
 from recon.errors import InputError, TrainingDivergedError
-from recon.fileio import write_json
 from recon.field import FieldConfig, RadianceField
+from recon.fileio import write_json
 from recon.imageio import save_rgba_png
 from recon.progress import PhaseTimer, info
 from recon.render import RendererConfig, VolumeRenderer
@@ -48,7 +53,7 @@ STAGE = "fit-views"
 class SceneConfig:
     """How the transforms.json's world maps into the field's box: field = (world - center) * scale."""
 
-    center: Optional[list[float]] = None
+    center: list[float] | None = None
     """Scene centre in the JSON's units; None = the point the cameras look at (least squares)."""
     scale: float = 0.0
     """World -> field scale; 0 = automatic (the region the cameras see at the centre fills the field box)."""
@@ -123,7 +128,7 @@ class ViewData:
 def _evenly_spaced(count: int, limit: int) -> list[int]:
     if count <= limit:
         return list(range(count))
-    return sorted({int(round(i)) for i in np.linspace(0, count - 1, limit)})
+    return sorted({round(float(i)) for i in np.linspace(0, count - 1, limit)})
 
 
 def load_views(transforms: str | Path, cfg: FitViewsConfig) -> ViewData:

@@ -16,7 +16,7 @@ from recon.data.transforms_json import estimate_scene, read_transforms, write_tr
 from recon.errors import InputError
 from recon.runs import RunDir
 from systems.checkpoint import load_latest
-from systems.fit_views import FitViewsConfig, load_views, pixel_rays
+from systems.fit_views import FitViewsConfig, FitViewsTrainer, load_views, pixel_rays
 
 # A field and renderer small enough for a CPU test.
 TINY = [
@@ -136,25 +136,40 @@ def test_held_out_split(tmp_path):
     assert all(p.parent.name == "test" for p in views.held_out.paths)
 
 
-def test_resume_continues_bit_exactly(tmp_path):
+def test_resume_continues_bit_exactly(tmp_path, monkeypatch):
     _, _, _, path = _scene(tmp_path, count=6, size=32)
-    common = ["fit-views", str(path), "--device", "cpu", "--no-export", "--quiet", *_sets(TINY + ["rays_per_batch=64", "eval_every=3", "checkpoint_every=3"])]
-    assert main([*common, "-o", str(tmp_path / "straight"), "--steps", "6"]) == 0
-    assert main([*common, "-o", str(tmp_path / "split"), "--steps", "3"]) == 0
-    assert RunDir.open(tmp_path / "split").is_finished
-    # Without --resume an existing run is refused; with it, training continues to the new step count.
-    assert main([*common, "-o", str(tmp_path / "split"), "--steps", "6"]) == 2
-    assert main([*common, "-o", str(tmp_path / "split"), "--steps", "6", "--resume"]) == 0
+    common = ["fit-views", str(path), "--device", "cpu", "--no-export", "--quiet", "--steps", "6"]
+    common += _sets(TINY + ["rays_per_batch=64", "eval_every=3", "checkpoint_every=3"])
+    assert main([*common, "-o", str(tmp_path / "straight")]) == 0
+
+    real_step = FitViewsTrainer.train_step
+
+    def interrupted_step(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(FitViewsTrainer, "train_step", interrupted_step)
+    assert main([*common, "-o", str(tmp_path / "split")]) == 130
+    monkeypatch.setattr(FitViewsTrainer, "train_step", real_step)
+    run = RunDir.open(tmp_path / "split")
+    assert run.read_progress()["status"] == "interrupted" and load_latest(run).step == 3
+    # Without --resume an existing run is refused.
+    assert main([*common, "-o", str(tmp_path / "split")]) == 2
+    assert main([*common, "-o", str(tmp_path / "split"), "--resume"]) == 0
     straight = load_latest(RunDir.open(tmp_path / "straight"))
-    split = load_latest(RunDir.open(tmp_path / "split"))
+    split = load_latest(run)
     assert straight.step == split.step == 6
     for key, value in straight.modules["field"].items():
         assert torch.equal(value, split.modules["field"][key]), key
-    run = RunDir.open(tmp_path / "split")
-    assert (run.previews / "step_000003.png").is_file() and (run.root / "metrics.json").is_file()
+    assert run.is_finished and (run.previews / "step_000003.png").is_file() and (run.root / "metrics.json").is_file()
     meta = run.read_meta()
     assert meta["metrics"]["step"] == 6 and "fit views" in meta["timings_s"]
     assert run.read_config()["scene"]["scale"] > 0
+    # A finished run can be extended; its saved config (the tiny field) is reused without --set.
+    extend = ["fit-views", str(path), "--device", "cpu", "--no-export", "--quiet", "--steps", "8", "--resume"]
+    assert main([*extend, "-o", str(tmp_path / "split")]) == 0
+    assert load_latest(run).step == 8 and run.read_config()["steps"] == 8
 
 
 @pytest.mark.slow
@@ -187,3 +202,17 @@ def test_fit_views_end_to_end(tmp_path):
     run = RunDir.open(tmp_path / "fitted")
     assert run.is_finished and (run.exports / "mesh.obj").is_file()
     assert sorted(p.name for p in run.previews.iterdir()) == ["step_000400.png"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_views_nerfacc_sampler_on_cuda(tmp_path):
+    """The occupancy-grid (nerfacc) path trains, checkpoints and resumes the grid state on the GPU."""
+    _, _, _, path = _scene(tmp_path, count=16, size=48)
+    args = ["fit-views", str(path), "-o", str(tmp_path / "run"), "--device", "cuda", "--steps", "300", "--no-export", "--quiet"]
+    overrides = [item for item in TINY if not item.startswith("renderer.") and "backend" not in item]
+    assert main([*args, *_sets(overrides + ["renderer.sampler=nerfacc", "eval_every=0", "checkpoint_every=0"])]) == 0
+    run = RunDir.open(tmp_path / "run")
+    assert json.loads((run.root / "metrics.json").read_text())["psnr"] > 19.0
+    checkpoint = load_latest(run)
+    assert any(key.startswith("occupancy.") for key in checkpoint.modules["renderer"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import tyro
@@ -70,19 +70,19 @@ class ExportCommand:
 
     run_dir: tyro.conf.Positional[Path]
     """Run folder (holds config.yaml and checkpoints/)."""
-    format: Optional[str] = None
+    format: str | None = None
     """Comma-separated formats: glb, obj, ply (default: the run's export.formats)."""
-    texture_resolution: Optional[int] = None
+    texture_resolution: int | None = None
     """Side of the square texture in pixels (default: the run's setting)."""
-    mc_resolution: Optional[int] = None
+    mc_resolution: int | None = None
     """Marching-cubes grid points per axis (default: the run's setting)."""
-    threshold: Optional[str] = None
+    threshold: str | None = None
     """Surface density level, a number or 'auto' (default: the run's setting)."""
-    target_faces: Optional[int] = None
+    target_faces: int | None = None
     """Decimate to at most this many faces, 0 = no decimation (default: the run's setting)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
+    output: Annotated[Path | None, tyro.conf.arg(aliases=("-o",))] = None
     """Folder for the files (default: RUN_DIR/exports)."""
     quiet: bool = False
     """Print only warnings and errors."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import tyro
 
@@ -25,15 +25,15 @@ class FitViewsCommand:
 
     transforms: tyro.conf.Positional[Path]
     """transforms.json (or a folder holding transforms.json / transforms_train.json)."""
-    output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
+    output: Annotated[Path | None, tyro.conf.arg(aliases=("-o",))] = None
     """Run folder (default: outputs/<folder of the JSON>)."""
-    steps: Optional[int] = None
+    steps: int | None = None
     """Optimisation steps (default: the preset's)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    seed: Optional[int] = None
+    seed: int | None = None
     """Random seed (default: the preset's)."""
-    preset: Optional[str] = None
+    preset: str | None = None
     """Preset name or .yaml path of config overrides."""
     set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """Config override key.path=value (repeatable), e.g. --set rays_per_batch=8192."""
@@ -58,7 +58,12 @@ class FitViewsCommand:
         from recon.config import read_preset, resolve, to_plain
         from recon.progress import PhaseTimer, info, set_quiet
         from recon.runtime import resolve_device, seed_everything
-        from systems.fit_views import FitViewsConfig, FitViewsTrainer, load_views, resolve_scene
+        from systems.fit_views import (
+            FitViewsConfig,
+            FitViewsTrainer,
+            load_views,
+            resolve_scene,
+        )
 
         set_quiet(self.quiet)
         device = resolve_device(self.device)

@@ -1,0 +1,431 @@
+"""Trains the shipped ``tiny`` Zero-1-to-3 prior from scratch in one command (docs/TINY-PRIOR.md).
+
+    PYTHONPATH=. python3 bench/train_tiny_prior.py --out OUT [--budget-minutes 9]
+
+Steps, all inside one time budget (default 9 minutes of wall time):
+
+1. synthesise the training set (random primitive objects, ``--objects`` x
+   ``--views`` views at ``--size`` px, ``recon.data.synth``) in parallel
+   processes, stopping at ``--synth-minutes``, and a held-out orbit set of
+   other seeds;
+2. build random weights of ``--arch`` (``prior``: 128 px, VAE factor 4);
+3. stage vae: the VAE as an autoencoder (~``--vae-minutes``), scaling factor
+   from its latents;
+4. stage base (plain Zero-1-to-3 objective) then stage cascade
+   (self-distillation), sharing the time left after reserving
+   ``--eval-reserve-minutes`` for the evaluation;
+5. the final Base (= the Refiner's EMA) saved in the diffusers layout in
+   ``--save-dtype`` (fp16 by default), evaluated on the held-out set (Base,
+   cascade, copy-input, mean-image) as it ships.
+
+Writes into ``--out`` (flat, every file < 16 MiB): ``tiny-zero123.tar`` (the
+diffusers folder, with ``recipe.json``, ``eval.md`` and ``eval.json`` inside;
+split into ``tiny-zero123.tar.partNN`` if larger than 15 MiB: ``cat`` them),
+``eval.md``, ``eval.json``, ``recipe.json`` (exact settings, data recipe,
+timings, VAE metrics, parameter counts), ``samples.png`` (rows per held-out
+object: ground truth, Base, cascade; the first column is the input) and
+``log.txt``. Scratch data and runs go to ``--work`` (default: a temporary
+folder outside ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# The budget counts from here, before torch is imported.
+START = time.perf_counter()
+
+# Run as a script, this file's folder comes first on sys.path and bench/guidance.py
+# would shadow the ``guidance`` package.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import torch  # noqa: E402
+
+from recon.fileio import write_bytes, write_json, write_text  # noqa: E402
+
+PART_BYTES = 15 * 1024 * 1024
+PRIOR_NAME = "tiny-zero123"
+
+
+@dataclass
+class RecipeConfig:
+    """Every setting of the recipe (recorded verbatim in recipe.json)."""
+
+    out: str = ""
+    """Output folder for the tar, metrics, samples and log (required)."""
+    work: str = ""
+    """Scratch folder for the datasets and training runs ('' = a new temporary folder)."""
+    budget_minutes: float = 9.0
+    """Wall time of the whole command, from start to the last file written."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on CUDA, off on the CPU), no, bf16 or fp16."""
+    seed: int = 0
+    """Seed of the training data (held-out data uses seed + 1), weights and training draws."""
+    arch: str = "prior"
+    """Network sizes (guidance.architectures)."""
+    objects: int = 1000
+    """Training objects to synthesise (fewer if --synth-minutes runs out)."""
+    views: int = 12
+    """Views per training object."""
+    size: int = 128
+    """Image side in pixels (the VAE's sample_size is set to it)."""
+    supersample: int = 2
+    """Rays per pixel side when rendering (anti-aliasing)."""
+    synth_minutes: float = 2.0
+    """Stop synthesising training objects after this long and use the complete ones."""
+    workers: int = 0
+    """Rendering processes (0 = all CPU cores)."""
+    heldout_objects: int = 40
+    """Held-out evaluation objects (orbit views, other seeds)."""
+    heldout_views: int = 8
+    """Views per held-out object (one input, the rest targets)."""
+    vae_minutes: float = 1.25
+    """Time for the VAE stage."""
+    vae_steps: int = 1_000_000
+    """Most VAE steps (time usually ends the stage first)."""
+    vae_batch: int = 64
+    """Views per VAE step."""
+    lr_vae: float = 1e-3
+    """AdamW learning rate of the VAE."""
+    kl_weight: float = 1e-6
+    """KL weight of the VAE stage (per latent element)."""
+    base_steps: int = 1_000_000
+    """Most base-stage steps (time usually ends the stage first)."""
+    base_batch: int = 128
+    """Samples per base-stage step."""
+    cascade_steps: int = 1_000_000
+    """Most cascade-stage steps (0 = skip the cascade stage)."""
+    cascade_batch: int = 32
+    """Samples per cascade-stage step (each self-prompts 4 views)."""
+    cascade_fraction: float = 0.3
+    """Share of the UNet training time given to the cascade stage."""
+    prompt_steps: int = 8
+    """DDIM steps of the Base's self-prompting in the cascade stage."""
+    lr_unet: float = 4e-4
+    """AdamW learning rate of the UNet (from scratch: higher than fine-tuning's 1e-4)."""
+    lr_projection: float = 1e-3
+    """AdamW learning rate of the camera projection."""
+    warmup_steps: int = 200
+    """Linear warm-up steps of every stage."""
+    ema_decay: float = 0.995
+    """EMA decay of the Base (the shipped weights are the EMA)."""
+    eval_steps: int = 20
+    """DDIM steps of the evaluation samplers."""
+    eval_batch: int = 16
+    """Views per UNet batch in the evaluation."""
+    eval_reserve_minutes: float = 1.5
+    """Time kept for saving, evaluation, samples and packing after training."""
+    consistency: bool = True
+    """Also score multi-view consistency in the evaluation (doubles its cost)."""
+    sample_objects: int = 4
+    """Held-out objects shown in samples.png (0 = none)."""
+    save_dtype: str = "fp16"
+    """Weights dtype of the shipped folder: fp16 (half the size; the loader casts) or fp32."""
+
+
+def parse_args(argv: list[str] | None = None) -> RecipeConfig:
+    """The command line as a :class:`RecipeConfig` (one --flag per field)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(RecipeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, required=f.name == "out")
+    cfg = RecipeConfig(**vars(parser.parse_args(argv)))
+    if cfg.save_dtype not in ("fp16", "fp32"):
+        parser.error("--save-dtype must be fp16 or fp32")
+    return cfg
+
+
+class Log:
+    """Timestamped progress lines on stdout (flushed) and in OUT/log.txt."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[str] = []
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - START:6.1f}s] {message}"
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def flush(self) -> None:
+        """Rewrites log.txt with every line so far."""
+        write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+def remaining_s(cfg: RecipeConfig) -> float:
+    """Seconds left of the budget."""
+    return cfg.budget_minutes * 60.0 - (time.perf_counter() - START)
+
+
+# ------------------------------------------------------------------ data
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _render(job: tuple) -> int:
+    from recon.data.synth import synthesize_object
+
+    synth_cfg, index, folder = job
+    synthesize_object(synth_cfg, index, Path(folder))
+    return index
+
+
+def synthesize_parallel(synth_cfg, root: Path, workers: int, deadline_s: float, log: Log) -> int:
+    """Renders ``synth_cfg.objects`` objects into ``root`` with ``workers`` processes until ``deadline_s``
+    (perf_counter); removes incomplete object folders; returns the number of complete objects."""
+    from recon.data.synth import is_complete
+
+    root.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(synth_cfg.objects) if not is_complete(root / f"{i:05d}", synth_cfg)]
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    done, last = 0, time.perf_counter()
+    with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker) as pool:
+        for _ in pool.imap_unordered(_render, [(synth_cfg, i, str(root / f"{i:05d}")) for i in todo], chunksize=2):
+            done += 1
+            if time.perf_counter() - last > 15.0:
+                last = time.perf_counter()
+                log(f"  rendered {done}/{len(todo)} objects")
+            if time.perf_counter() > deadline_s:
+                log(f"  synthesis time is up after {done}/{len(todo)} objects")
+                pool.terminate()
+                break
+    complete = 0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if is_complete(folder, synth_cfg):
+            complete += 1
+        else:
+            shutil.rmtree(folder)
+    write_json(root / "dataset.json", {"layout": "recon", "objects": complete, "views": synth_cfg.views, "config": asdict(synth_cfg)})
+    return complete
+
+
+# ------------------------------------------------------------------ model
+def random_init(cfg: RecipeConfig, folder: Path) -> dict[str, int]:
+    """Seeded random weights of ``cfg.arch`` sized for ``cfg.size`` px, saved as a diffusers folder; parameter counts."""
+    from guidance.architectures import architecture, build_components
+    from guidance.checkpoints import save_diffusers
+    from guidance.model import Zero123Model
+
+    arch = architecture(cfg.arch)
+    factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
+    if cfg.size % (factor * 2 ** (len(arch["unet"]["block_out_channels"]) - 1)):
+        raise SystemExit(f"--size {cfg.size} must be divisible by the VAE and UNet downsampling of {cfg.arch}")
+    arch["vae"]["sample_size"] = cfg.size
+    arch["unet"]["sample_size"] = cfg.size // factor
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        parts = build_components(arch)
+    model = Zero123Model(**parts, is_random=True, description=f"random {cfg.arch} weights (seed {cfg.seed}) for bench/train_tiny_prior.py")
+    save_diffusers(model, folder, overwrite=True)
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+
+
+def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
+    """The TrainConfig of one training stage."""
+    from guidance.training import TrainConfig
+
+    return TrainConfig(
+        stage=stage, steps=max(1, steps), batch_size=batch, image_size=cfg.size, lr_unet=cfg.lr_unet,
+        lr_projection=cfg.lr_projection, lr_vae=cfg.lr_vae, kl_weight=cfg.kl_weight, warmup_steps=cfg.warmup_steps,
+        ema_decay=cfg.ema_decay, mixed_precision=cfg.mixed_precision, prompt_steps=cfg.prompt_steps,
+        seed=cfg.seed, preload=True, checkpoint_every=10**9, keep_checkpoints=1,
+    )
+
+
+def run_stage(cfg: RecipeConfig, stage: str, steps: int, batch: int, data: Path, init: Path, run: Path, minutes: float, log: Log):
+    """Runs one stage of guidance.training.train within ``minutes``; returns its TrainResult."""
+    from guidance.training import train
+
+    tcfg = stage_config(cfg, stage, steps, batch)
+    state = {"t": time.perf_counter(), "n": 0, "loss": 0.0}
+
+    def on_step(step: int, loss: float) -> None:
+        state["n"] += 1
+        state["loss"] += loss
+        now = time.perf_counter()
+        if now - state["t"] > 15.0 or step == 1:
+            log(f"  {stage} step {step}: loss {state['loss'] / state['n']:.4f} ({state['n'] / (now - state['t']):.1f} steps/s)")
+            state.update(t=now, n=0, loss=0.0)
+
+    log(f"stage {stage}: up to {steps} steps of batch {batch} in {minutes:.2f} min from {init}")
+    result = train(tcfg, data, str(init), run, cfg.device, max_minutes=minutes, resume=False, export_on_stop=True, on_step=on_step)
+    tail = result.losses[-50:]
+    log(f"stage {stage} done: {result.step} steps, mean loss of the last {len(tail)} {sum(tail) / max(1, len(tail)):.4f}")
+    if result.final is None:
+        raise SystemExit(f"stage {stage} wrote no final weights")
+    return result
+
+
+# ------------------------------------------------------------------ outputs
+def save_shipped(final: Path, folder: Path, dtype: str, description: str) -> Path:
+    """The Base of ``final`` rewritten as the shipped folder in ``dtype`` (fp16 / fp32)."""
+    from guidance.checkpoints import load_zero123, save_diffusers
+
+    model = load_zero123(final, "cpu", torch.float16 if dtype == "fp16" else torch.float32)
+    model.is_random = False
+    model.description = description
+    return save_diffusers(model, folder, overwrite=True)
+
+
+def sample_grid(base, dataset, count: int, cfg, background: float) -> torch.Tensor:
+    """(3, H, W) grid: per object rows of ground truth, Base views and cascade views; column 0 = the input."""
+    from guidance.cascade import generate_views
+    from guidance.evaluation import cascade_views
+    from recon.data.multiview import composite
+
+    rows = []
+    for index in range(min(count, len(dataset))):
+        item = dataset[index]
+        views = composite(item.images, background)
+        targets = tuple(p[1:] for p in (item.elevation_deg, item.azimuth_deg, item.radius))
+        pose = (float(item.elevation_deg[0]), float(item.azimuth_deg[0]), float(item.radius[0]))
+        base_views = generate_views(base, views[0], pose, targets, cfg.steps, cfg.guidance_scale, index, cfg.batch)
+        cascade = cascade_views(base, base, views[0], pose, targets, base_views, cfg, index)
+        for images in (views[1:], base_views, cascade):
+            rows.append(torch.cat([views[0], *images.cpu()], dim=2))
+    return torch.cat(rows, dim=1)
+
+
+def write_png(path: Path, image: torch.Tensor) -> None:
+    """Writes a (3, H, W) image in [0, 1] as an opaque PNG."""
+    from recon.imageio import save_rgba_png
+
+    rgba = torch.cat([image, torch.ones_like(image[:1])]).permute(1, 2, 0).numpy()
+    save_rgba_png(path, rgba)
+
+
+def pack(folder: Path, out: Path) -> list[str]:
+    """Tars ``folder`` (as ``PRIOR_NAME/...``) into ``out``; splits into 15 MiB parts if larger. Returns file names."""
+    tar_path = out / f"{PRIOR_NAME}.tar"
+    tmp = out / f".{PRIOR_NAME}.tar.tmp"
+    with tarfile.open(tmp, "w") as tar:
+        tar.add(folder, arcname=PRIOR_NAME)
+    data = tmp.read_bytes()
+    tmp.unlink()
+    if len(data) <= PART_BYTES:
+        write_bytes(tar_path, data)
+        return [tar_path.name]
+    names = []
+    for k, start in enumerate(range(0, len(data), PART_BYTES)):
+        part = out / f"{PRIOR_NAME}.tar.part{k:02d}"
+        write_bytes(part, data[start : start + PART_BYTES])
+        names.append(part.name)
+    return names
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    """Runs the whole recipe; returns the exit code."""
+    cfg = parse_args(argv)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="tiny-prior-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "log.txt")
+    timings: dict[str, float] = {}
+    record: dict = {"recipe": asdict(cfg), "command": " ".join(sys.argv), "python": sys.version.split()[0], "torch": torch.__version__}
+    log(f"recipe: work folder {work}, output {out}, budget {cfg.budget_minutes} min")
+
+    from recon.data.synth import SynthConfig
+
+    t = time.perf_counter()
+    workers = cfg.workers or os.cpu_count() or 1
+    train_synth = SynthConfig(objects=cfg.objects, views=cfg.views, size=cfg.size, seed=cfg.seed, supersample=cfg.supersample)
+    held_synth = SynthConfig(objects=cfg.heldout_objects, views=cfg.heldout_views, size=cfg.size, seed=cfg.seed + 1, supersample=cfg.supersample, orbit=True)
+    log(f"synthesising {cfg.heldout_objects} held-out and up to {cfg.objects} training objects with {workers} processes")
+    held_count = synthesize_parallel(held_synth, work / "heldout", workers, float("inf"), log)
+    train_count = synthesize_parallel(train_synth, work / "train", workers, START + 60.0 * cfg.synth_minutes, log)
+    timings["synth_s"] = time.perf_counter() - t
+    record["data"] = {"train": {"objects": train_count, **asdict(train_synth)}, "heldout": {"objects": held_count, **asdict(held_synth)}}
+    log(f"data: {train_count} training objects x {cfg.views} views, {held_count} held-out objects x {cfg.heldout_views} views ({timings['synth_s']:.0f} s)")
+    if train_count < 2:
+        raise SystemExit("fewer than 2 training objects were rendered; raise --synth-minutes")
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    record["params"] = random_init(cfg, work / "init")
+    log(f"parameters: {record['params']} (total {sum(record['params'].values()) / 1e6:.2f} M)")
+
+    t = time.perf_counter()
+    vae = run_stage(cfg, "vae", cfg.vae_steps, cfg.vae_batch, work / "train", work / "init", work / "run-vae", cfg.vae_minutes, log)
+    timings["vae_s"] = time.perf_counter() - t
+    record["vae"] = vae.metrics
+    log("VAE: " + ", ".join(f"{k} {v:.4g}" for k, v in vae.metrics.items()))
+    log.flush()
+
+    unet_s = max(0.0, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes)
+    cascade_share = cfg.cascade_fraction if cfg.cascade_steps > 0 else 0.0
+    t = time.perf_counter()
+    base = run_stage(cfg, "base", cfg.base_steps, cfg.base_batch, work / "train", vae.final, work / "run-base", unet_s * (1 - cascade_share) / 60.0, log)
+    timings["base_s"] = time.perf_counter() - t
+    final, stages = base.final, {"base": base.step}
+    if cascade_share > 0:
+        t = time.perf_counter()
+        minutes = max(0.1, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes) / 60.0
+        cascade = run_stage(cfg, "cascade", cfg.cascade_steps, cfg.cascade_batch, work / "train", base.final, work / "run-cascade", minutes, log)
+        timings["cascade_s"] = time.perf_counter() - t
+        final, stages["cascade"] = cascade.final, cascade.step
+    record["steps"] = stages
+    log.flush()
+
+    from guidance.checkpoints import load_zero123
+    from guidance.evaluation import EvalConfig, evaluate, markdown_report, write_report
+    from recon.data.multiview import MultiViewDataset
+    from recon.runtime import resolve_device
+
+    t = time.perf_counter()
+    shipped = work / PRIOR_NAME
+    description = (f"recon tiny prior: {cfg.arch} architecture trained from scratch by bench/train_tiny_prior.py on "
+                   f"{train_count} synthetic objects (VAE, base {stages['base']} steps, cascade {stages.get('cascade', 0)} steps)")
+    save_shipped(final, shipped, cfg.save_dtype, description)
+    device = resolve_device(cfg.device)
+    model = load_zero123(shipped, device, torch.float32)
+    heldout = MultiViewDataset(work / "heldout", image_size=cfg.size)
+    ecfg = EvalConfig(steps=cfg.eval_steps, batch=cfg.eval_batch, consistency=cfg.consistency, seed=cfg.seed, max_objects=1)
+    probe = time.perf_counter()
+    evaluate(heldout, model, model, ecfg)
+    per_object = time.perf_counter() - probe
+    affordable = int((remaining_s(cfg) - 25.0) / max(per_object, 1e-3))
+    ecfg.max_objects = max(1, min(len(heldout), affordable))
+    log(f"evaluating {ecfg.max_objects}/{len(heldout)} held-out objects ({per_object:.1f} s per object)")
+    report = evaluate(heldout, model, model, ecfg)
+    timings["eval_s"] = time.perf_counter() - t
+    write_report(report, out)
+    write_report(report, shipped)
+    log("\n" + markdown_report(report))
+
+    if cfg.sample_objects > 0 and remaining_s(cfg) > 15.0:
+        write_png(out / "samples.png", sample_grid(model, heldout, cfg.sample_objects, ecfg, ecfg.background))
+    record["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    record["eval_summary"] = {k: {"psnr": v["psnr"], "ssim": v["ssim"]} for k, v in report["summary"].items()}
+    record["description"] = description
+    write_json(shipped / "recipe.json", record)
+    names = pack(shipped, out)
+    record["files"] = {name: (out / name).stat().st_size for name in names}
+    record["timings_s"]["total"] = round(time.perf_counter() - START, 1)
+    write_json(out / "recipe.json", record)
+    log(f"wrote {', '.join(names)} ({sum(record['files'].values()) / 2**20:.1f} MiB), eval.md, eval.json, recipe.json to {out}")
+    log.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The shipped-prior architecture, the VAE stage, the in-memory view cache and bench/train_tiny_prior.py at micro scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from guidance.architectures import architecture, build_components, match_architecture
+from guidance.checkpoints import load_zero123
+from guidance.evaluation import METHODS
+from guidance.training import TrainConfig, ViewCache, latent_std, train
+from recon.data.multiview import MultiViewDataset, composite
+from recon.data.synth import SynthConfig, synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions run far faster on one thread than on an oversubscribed 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prior") / "data"
+    synthesize(SynthConfig(objects=3, views=3, size=64, seed=5, supersample=1), root)
+    return root
+
+
+def test_prior_architecture_sizes():
+    with torch.device("meta"):
+        parts = build_components("prior")
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+    assert 2e6 <= counts["unet"] <= 6e6
+    assert counts["vae"] <= 2e6 and counts["image_encoder"] <= 2e6
+    # Shipped in fp16, every weight file and the whole folder stay under the 16 MiB file limit.
+    assert 2 * sum(counts.values()) < 15 * MIB
+    cfg = architecture("prior")
+    assert cfg["vae"]["sample_size"] == 128 and 2 ** (len(cfg["vae"]["block_out_channels"]) - 1) == 4
+    assert cfg["unet"]["sample_size"] == 32
+    assert cfg["image_encoder"]["projection_dim"] + 4 == parts["camera_projection"].in_features
+    assert parts["camera_projection"].out_features == cfg["unet"]["cross_attention_dim"]
+    assert match_architecture(cfg["unet"]["block_out_channels"][0], cfg["image_encoder"]["hidden_size"]) == "prior"
+    assert match_architecture(32, 32) == "tiny"
+
+
+def test_view_cache_draws_two_different_views_of_one_object(data):
+    dataset = MultiViewDataset(data, image_size=64)
+    cache = ViewCache(dataset, workers=2)
+    assert cache.images.shape == (9, 4, 64, 64) and cache.images.dtype == torch.uint8
+    torch.testing.assert_close(cache.rgb(torch.tensor([4]), 1.0)[0], composite(dataset.view_image(1, 1), 1.0), atol=0.5 / 255, rtol=0)
+    batch = cache.sample(64, torch.Generator().manual_seed(0))
+    assert batch.input_images.shape == (64, 3, 64, 64)
+    poses = {(round(v.elevation_deg, 4), round(v.azimuth_deg, 4)): (o, k) for o, r in enumerate(dataset.objects) for k, v in enumerate(r.views)}
+    for i in range(64):
+        a = poses[(round(float(batch.input_elevation[i]), 4), round(float(batch.input_azimuth[i]), 4))]
+        b = poses[(round(float(batch.target_elevation[i]), 4), round(float(batch.target_azimuth[i]), 4))]
+        assert a[0] == b[0] and a[1] != b[1]
+        torch.testing.assert_close(batch.input_images[i], composite(dataset.view_image(*a), 1.0), atol=0.5 / 255, rtol=0)
+        torch.testing.assert_close(batch.target_images[i], composite(dataset.view_image(*b), 1.0), atol=0.5 / 255, rtol=0)
+    again = cache.sample(64, torch.Generator().manual_seed(0))
+    assert torch.equal(again.target_images, batch.target_images)
+
+
+def test_vae_stage_learns_and_sets_the_scaling_factor(data, tmp_path):
+    cfg = TrainConfig(stage="vae", steps=12, batch_size=4, lr_vae=2e-3, warmup_steps=1, scale_samples=8, preload=True)
+    result = train(cfg, data, "random-tiny", tmp_path / "run", device="cpu")
+    assert result.finished and result.step == 12 and result.final is not None
+    assert result.metrics["psnr_after"] > result.metrics["psnr_before"] + 1.0
+    model = load_zero123(result.final, "cpu", torch.float32)
+    assert model.is_random  # the UNet was not trained
+    saved = json.loads((result.final / "vae" / "config.json").read_text())["scaling_factor"]
+    assert saved == pytest.approx(1.0 / result.metrics["latent_std"], rel=1e-6)
+    assert model.scaling_factor == pytest.approx(saved)
+    # The same views through the reloaded VAE give the same std.
+    views = ViewCache(MultiViewDataset(data, image_size=64)).sample_views(8, torch.Generator().manual_seed(cfg.seed + 2))
+    assert latent_std(model.vae, views) == pytest.approx(result.metrics["latent_std"], rel=1e-4)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["vae_metrics"]["steps"] == 12
+
+
+def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, str(ROOT / "bench" / "train_tiny_prior.py"), "--out", str(out), "--work", str(tmp_path / "work"),
+        "--device", "cpu", "--mixed-precision", "bf16", "--objects", "3", "--views", "3", "--size", "32", "--supersample", "1",
+        "--workers", "2", "--heldout-objects", "2", "--heldout-views", "3", "--vae-steps", "8", "--vae-batch", "4",
+        "--lr-vae", "2e-3", "--base-steps", "2", "--base-batch", "2", "--cascade-steps", "2", "--cascade-batch", "1",
+        "--prompt-steps", "1", "--warmup-steps", "1", "--eval-steps", "1", "--sample-objects", "1", "--budget-minutes", "4",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["eval.json", "eval.md", "log.txt", "recipe.json", "samples.png", "tiny-zero123.tar"]
+    assert all(p.is_file() and p.stat().st_size < 16 * MIB for p in out.iterdir())
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["vae"]["psnr_after"] > recipe["vae"]["psnr_before"]
+    assert recipe["steps"] == {"base": 2, "cascade": 2} and recipe["data"]["train"]["objects"] == 3
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["summary"]) == set(METHODS)
+    assert "| mean-image |" in (out / "eval.md").read_text()
+    with tarfile.open(out / "tiny-zero123.tar") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    folder = tmp_path / "unpacked" / "tiny-zero123"
+    assert {"recipe.json", "eval.json", "eval.md", "model_index.json"} <= {p.name for p in folder.iterdir()}
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    model = load_zero123(folder, "cpu", torch.float32)
+    assert not model.is_random and model.latent_scale == 4 and model.dtype == torch.float32
+    assert model.scaling_factor == pytest.approx(recipe["vae"]["scaling_factor"], rel=1e-3)
+    images = model.decode(torch.zeros(1, 4, 8, 8))
+    assert images.shape == (1, 3, 32, 32)
