@@ -24,7 +24,7 @@ from typing import Any
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-from recon.fileio import read_json, write_json  # noqa: E402
+from recon.fileio import read_json, write_json
 
 
 def run(image: Path, preset: str, device: str, overrides: list[str], model: str, output: Path) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +105,10 @@ def random_model(arch: str = "tiny", seed: int = 0, pose_encoding: PoseEncoding 
 
 def shipped_prior_path() -> Path:
     """Where the shipped ``tiny`` prior lives inside the installed package."""
-    return Path(str(resources.files("recon"))) / "assets" / "tiny-zero123"
+    import recon
+
+    # the package folder itself: importlib.resources cannot list an editable install's package
+    return Path(recon.__file__).resolve().parent / "assets" / "tiny-zero123"
 
 
 def save_diffusers(

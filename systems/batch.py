@@ -113,7 +113,7 @@ def run_batch(
                 result.status = "finished"
                 result.exports = {k: str(v) for k, v in (outcome.get("exports") or {}).items()}
                 result.timings_s = dict(outcome.get("timings_s") or {})
-            except Exception as exc:  # one bad image must not stop the batch
+            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
                 result.error = _one_line(exc)
                 error(f"{image}: {result.error}")
                 if not isinstance(exc, ReconError):

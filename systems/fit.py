@@ -12,11 +12,12 @@ an uninterrupted one step for step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,7 @@ class StageConfig:
 
     def sizes(self, local_step: int) -> tuple[int, int, int]:
         """(random-view resolution, views per step, reference resolution) at ``local_step`` of the stage."""
-        return tuple(int(round(value_at(s, local_step))) for s in (self.resolution, self.batch_size, self.reference_resolution))
+        return tuple(round(value_at(s, local_step)) for s in (self.resolution, self.batch_size, self.reference_resolution))
 
 
 def _default_stages() -> dict[str, StageConfig]:
@@ -145,9 +146,9 @@ class CameraConfig:
     """Elevation range of random views, degrees."""
     azimuth_range: list[float] = dataclasses.field(default_factory=lambda: [-180.0, 180.0])
     """Azimuth range of random views, degrees (0 = the input camera)."""
-    radius: Optional[float] = None
+    radius: float | None = None
     """Camera distance of random views; None = the reference camera's."""
-    fovy_deg: Optional[float] = None
+    fovy_deg: float | None = None
     """Vertical field of view of random views, degrees; None = the reference camera's (Zero123 uses a fixed one)."""
 
 
@@ -217,13 +218,65 @@ class FitConfig:
         return sum(stage.steps for stage in self.stages.values())
 
 
+def _is_config_node(node: Any) -> bool:
+    """Whether an OmegaConf node is a config section (a dataclass, or a mapping of dataclasses such as ``stages``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(node, DictConfig):
+        return False
+    if dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        return True
+    values = list(node.values())
+    return bool(values) and all(isinstance(v, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(v)) for v in values)
+
+
+def _apply_layer(node: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Writes ``data`` into ``node``: sections merge key by key, every other value (schedules included) is replaced."""
+    from omegaconf import OmegaConf
+
+    for key, value in data.items():
+        key = str(key)
+        child = node.get(key)
+        if isinstance(value, dict) and _is_config_node(child):
+            _apply_layer(child, value, f"{prefix}{key}.")
+        elif key in node:
+            node[key] = OmegaConf.create(value) if isinstance(value, (dict, list)) else value
+        else:
+            node.merge_with({key: value})  # a new entry: a new stage gets the StageConfig defaults
+
+
+def resolve_config(*layers: dict[str, Any] | None, overrides: Sequence[str] = ()) -> FitConfig:
+    """Defaults <- each layer (a preset, flags) <- ``key.path=value`` overrides, as a validated :class:`FitConfig`.
+
+    Unlike a plain OmegaConf merge, a schedule given as ``{step: value}``
+    replaces the previous schedule instead of merging its steps into it.
+    Unknown keys and wrong types raise :class:`ReconError` naming the key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for item in overrides:
+        if "=" not in item:
+            raise ReconError(f"--set {item!r}: expected key.path=value")
+    try:
+        merged = OmegaConf.structured(FitConfig)
+        for layer in layers:
+            if layer:
+                _apply_layer(merged, layer)
+        for item in overrides:
+            _apply_layer(merged, OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ReconError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+
+
 def _scale_schedule(schedule: Any, factor: float) -> Any:
     """A schedule with its step positions multiplied by ``factor`` (values unchanged)."""
     if isinstance(schedule, dict):
-        return {int(round(int(k) * factor)): v for k, v in schedule.items()}
+        return {round(int(k) * factor): v for k, v in schedule.items()}
     if isinstance(schedule, (list, tuple)) and len(schedule) == 4:
         start, v0, v1, end = schedule
-        return [int(round(start * factor)), v0, v1, int(round(end * factor))]
+        return [round(start * factor), v0, v1, round(end * factor)]
     return schedule
 
 
@@ -240,7 +293,7 @@ def scale_steps(cfg: FitConfig, total: int) -> FitConfig:
     for stage in cfg.stages.values():
         if stage.steps == 0:
             continue
-        stage.steps = max(1, int(round(stage.steps * factor)))
+        stage.steps = max(1, round(stage.steps * factor))
         for key in ("resolution", "batch_size", "reference_resolution", "active_levels"):
             setattr(stage, key, _scale_schedule(getattr(stage, key), factor))
         for loss in LOSS_NAMES:
@@ -264,7 +317,7 @@ def oom_message(stage: str, cfg: StageConfig, local_step: int) -> str:
 class _Injected:
     """Per-process memory of the NaN test hook, so an injected NaN fires once."""
 
-    fired: set[int] = set()
+    fired: ClassVar[set[int]] = set()
 
 
 class Trainer:
@@ -409,7 +462,7 @@ class Trainer:
 
     def train_step(self, stage_name: str, stage: StageConfig, local_step: int) -> float:
         """One optimisation step; returns the total loss (NaN when it diverged, with no update made)."""
-        levels = int(round(value_at(stage.active_levels, local_step)))
+        levels = round(value_at(stage.active_levels, local_step))
         self.field.set_active_levels(max(1, min(levels, self.cfg.field.encoding.n_levels)))
         self.renderer.train()
         self.renderer.update_occupancy(self.step)
@@ -458,8 +511,9 @@ class Trainer:
     @torch.no_grad()
     def write_preview(self) -> None:
         """previews/step_XXXXXX.png: the reference view and three quarter turns side by side."""
-        from recon.fileio import atomic_path
         from PIL import Image
+
+        from recon.fileio import atomic_path
 
         ref = self.reference
         azimuth = torch.tensor([0.0, 90.0, 180.0, 270.0]) + ref.azimuth_deg

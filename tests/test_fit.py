@@ -18,10 +18,10 @@ import yaml
 from PIL import Image
 
 from recon.cli.main import main
-from recon.config import from_plain, preset_names, read_preset, to_plain
+from recon.config import preset_names, read_preset, to_plain
 from recon.progress import PhaseTimer
 from systems import losses
-from systems.fit import NAN_ENV, FitConfig, scale_steps
+from systems.fit import NAN_ENV, resolve_config, scale_steps
 
 TINY = [
     "field.encoding.n_levels=4",
@@ -75,7 +75,7 @@ def make_rgb(path: Path, size: int = 64) -> Path:
 @pytest.fixture(scope="module")
 def shared_models():
     """Loads each guidance model once for the module (recon.fit loads per call otherwise)."""
-    import guidance.checkpoints as checkpoints
+    from guidance import checkpoints
 
     loaded: dict = {}
     original = checkpoints.load_zero123
@@ -179,7 +179,7 @@ def test_presets_have_descriptions_and_resolve():
         assert yaml.safe_load(text)["description"].strip()
         assert "description" not in read_preset(name)
         cfg = build_config(name)
-        assert from_plain(FitConfig, yaml.safe_load(yaml.safe_dump(to_plain(cfg)))) == cfg
+        assert resolve_config(yaml.safe_load(yaml.safe_dump(to_plain(cfg)))) == cfg
     default, fast, cpu = (build_config(n) for n in ("default", "fast", "cpu"))
     assert fast.total_steps < default.total_steps
     assert cpu.field.encoding.n_levels < default.field.encoding.n_levels
@@ -219,6 +219,13 @@ def test_size_schedules_from_the_command_line_are_validated():
 
     cfg = build_config("cpu", ["stages.fine.resolution={0: 16, 30: 32}", "stages.fine.batch_size=[0, 4, 1, 60]"])
     assert cfg.stages["fine"].sizes(0)[:2] == (16, 4) and cfg.stages["fine"].sizes(59)[:2] == (32, 1)
+    # a {step: value} schedule replaces the preset's instead of merging its steps in
+    cfg = build_config("default", ["stages.fine.resolution={0: 64, 50: 96}"])
+    assert cfg.stages["fine"].resolution == {0: 64, 50: 96}
+    assert resolve_config(to_plain(cfg)).stages["fine"].resolution == {0: 64, 50: 96}
+    # a preset may add a stage; it starts from the StageConfig defaults
+    cfg = resolve_config({"stages": {"refine": {"steps": 5}}})
+    assert list(cfg.stages) == ["coarse", "fine", "refine"] and cfg.stages["refine"].lr == 0.01
     with pytest.raises(ReconError, match="stages.fine"):
         build_config("cpu", ["stages.fine.resolution={0: 16, 30: 4}"])
 
@@ -245,7 +252,7 @@ def test_fit_end_to_end_writes_meshes_and_run_files(tmp_path, shared_models, cap
     assert any(exports.glob("turntable.*"))
     assert (exports / "SMOKE_TEST_RANDOM_WEIGHTS.txt").is_file()
 
-    cfg = from_plain(FitConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = resolve_config(yaml.safe_load((run / "config.yaml").read_text()))
     assert cfg.guidance.model == "random-tiny" and cfg.stages["fine"].steps == 3 and cfg.export.formats == ["glb", "obj"]
     meta = json.loads((run / "meta.json").read_text())
     assert meta["seed"] == 0 and meta["device"] == "cpu" and meta["random_weights"] is True
@@ -279,7 +286,11 @@ def test_rgb_input_goes_through_background_removal(tmp_path):
     assert json.loads(run.meta_path.read_text())["background_method"] == "none"
 
 
-def test_missing_weights_without_model_gives_the_message(tmp_path, capsys):
+def test_missing_weights_without_model_gives_the_message(tmp_path, capsys, monkeypatch):
+    from guidance import checkpoints
+
+    # an installation without the shipped prior (the default --model tiny)
+    monkeypatch.setattr(checkpoints, "shipped_prior_path", lambda: tmp_path / "no-prior")
     image = make_rgba(tmp_path / "disc.png")
     out = tmp_path / "outputs"
     code = main(["fit", str(image), "-o", str(out), "--preset", "cpu", "--device", "cpu"])

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from recon.config import to_plain
 from recon.errors import ReconError
 from recon.runs import RunDir
 from systems.batch import ImageResult, print_summary, run_batch, save_summary
-from systems.fit import FitConfig, Trainer, scale_steps
+from systems.fit import FitConfig, Trainer, resolve_config, scale_steps
 
 SMOKE_TEST_NOTE = "SMOKE_TEST_RANDOM_WEIGHTS.txt"
 
@@ -42,7 +43,7 @@ def build_config(
 
     ``steps`` rescales every stage (and every schedule) to that many steps in all.
     """
-    from recon.config import read_preset, resolve
+    from recon.config import read_preset
 
     flags: dict[str, Any] = {}
     if model is not None:
@@ -57,11 +58,9 @@ def build_config(
         flags.setdefault("preprocess", {})["foreground_ratio"] = foreground_ratio
     if remove_bg is not None:
         flags.setdefault("preprocess", {})["remove_bg"] = remove_bg
-    cfg = resolve(FitConfig, read_preset(preset), overrides=tuple(overrides))
-    if flags:
-        from recon.config import to_plain
-
-        cfg = resolve(FitConfig, to_plain(cfg), flags)
+    cfg = resolve_config(read_preset(preset), overrides=tuple(overrides))
+    if flags:  # explicit flags win over --set
+        cfg = resolve_config(to_plain(cfg), flags)
     if steps is not None:
         cfg = scale_steps(cfg, steps)
     return cfg
@@ -88,8 +87,6 @@ class _Models:
         self._cache: dict[str, Any] = {}
 
     def get(self, cfg: FitConfig, timer: Any) -> Any:
-        from recon.config import to_plain
-
         key = repr(to_plain(cfg.guidance))
         if key not in self._cache:
             from guidance.interface import make_guidance
@@ -105,7 +102,6 @@ def _existing_run(run_dir: Path, cfg: FitConfig, resume: bool, overwrite: bool) 
     A resumed run keeps its own config.yaml. Raises :class:`ReconError` for an
     unfinished run without ``resume`` / ``overwrite`` or a folder that is not a run.
     """
-    from recon.config import from_plain, to_plain
     from recon.progress import info
 
     if RunDir.is_run(run_dir):
@@ -113,7 +109,7 @@ def _existing_run(run_dir: Path, cfg: FitConfig, resume: bool, overwrite: bool) 
             shutil.rmtree(run_dir)
             return cfg, False
         if resume:
-            saved = from_plain(FitConfig, RunDir.open(run_dir).read_config())
+            saved = resolve_config(RunDir.open(run_dir).read_config())
             if to_plain(saved) != to_plain(cfg):
                 info(f"{run_dir}: resuming with the run's own config.yaml (preset, --set and config flags apply to new runs only)")
             return saved, True
@@ -126,7 +122,6 @@ def _existing_run(run_dir: Path, cfg: FitConfig, resume: bool, overwrite: bool) 
 def _create_run(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, timer: Any) -> RunDir:
     """Preprocesses ``image`` and makes the run folder with the input files, config.yaml, meta.json, progress.json."""
     from recon import fileio
-    from recon.config import to_plain
     from recon.preprocess import load_reference
     from recon.progress import warn
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import tyro
 
@@ -19,14 +19,14 @@ class _FitOptions:
     """Preset: default (GPU, quality), fast (GPU, fewer steps), cpu (no GPU, minutes), or a .yaml path."""
     set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """Override any config value, e.g. --set stages.fine.steps=200 (repeatable)."""
-    model: Optional[str] = None
+    model: str | None = None
     """Zero123 weights (overrides guidance.model; preset default 'tiny'): a folder, a .ckpt/.safetensors
     file, a hub id, or random-tiny / random-full (random weights: a smoke test only)."""
-    format: Optional[str] = None
+    format: str | None = None
     """Mesh formats, comma-separated: glb (default), obj (OBJ+MTL+PNG), ply."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    seed: Optional[int] = None
+    seed: int | None = None
     """Random seed (default: the preset's, 0); recorded in meta.json."""
     resume: bool = False
     """Continue an interrupted run from its last checkpoint (same result as an uninterrupted run)."""
@@ -34,11 +34,11 @@ class _FitOptions:
     """Delete and redo runs that already exist (finished runs are otherwise skipped)."""
     quiet: bool = False
     """Print only warnings and errors."""
-    foreground_ratio: Optional[float] = None
+    foreground_ratio: float | None = None
     """Object size as a fraction of the reference image side (default 0.85)."""
     remove_bg: bool = True
     """Remove the background of images without transparency (--no-remove-bg uses the whole frame)."""
-    steps: Optional[int] = None
+    steps: int | None = None
     """Total optimisation steps; every stage and schedule is scaled to match (default: the preset's)."""
 
     def _fit(self, images: list[Path], batch: bool | None) -> int:
