@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from guidance.sampling import ddim_sample
 from recon.cameras import relative_pose, spherical_to_position
 from recon.fileio import atomic_path, read_json, write_json
 
@@ -121,29 +122,13 @@ def generate_views(
     result does not depend on the device or on the batch split. Outputs are
     rounded to 8-bit levels, so a view read back from its PNG is identical.
     """
-    from diffusers import DDIMScheduler
-
     device = model.device
     cond = image[None].to(device=device, dtype=torch.float32)
-    clip = model.clip_embed(cond)
     latent = model.cond_latent(cond)
     rel = relative_pose(*targets, *pose, encoding=model.pose_encoding).to(device)
-    count = rel.shape[0]
-    noise = torch.randn((count, *latent.shape[1:]), generator=torch.Generator().manual_seed(seed))
-    outputs = []
-    for start in range(0, count, batch):
-        stop = min(count, start + batch)
-        n = stop - start
-        scheduler = DDIMScheduler.from_config(model.scheduler.config)
-        scheduler.set_timesteps(steps, device=device)
-        x = noise[start:stop].to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
-        context = model.context(clip.expand(n, -1), rel[start:stop])
-        cond_latent = latent.expand(n, -1, -1, -1)
-        for t in scheduler.timesteps:
-            eps = model.eps_cfg(x.to(model.dtype), t, context, cond_latent, guidance_scale).float()
-            x = scheduler.step(eps, t, x).prev_sample
-        outputs.append(model.decode(x.to(model.dtype)).float().cpu())
-    images = torch.cat(outputs).clamp(0.0, 1.0)
+    context = model.context(model.clip_embed(cond).expand(rel.shape[0], -1), rel)
+    noise = torch.randn((rel.shape[0], *latent.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    images = ddim_sample(model, context, latent, noise, steps, guidance_scale, batch).clamp(0.0, 1.0)
     return torch.round(images * 255.0) / 255.0
 
 

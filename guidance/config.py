@@ -12,6 +12,9 @@ MODES = ("zero123", "cascade", "cascade-training-free")
 WEIGHTINGS = ("sds", "uniform")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 COARSE_TARGETS = ("bank", "none")
+# The paper's self-prompted views, [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input camera:
+# +45 / -45 deg azimuth and 30 deg above. Training, SDS and evaluation must agree on them.
+NEARBY_VIEWS = ((0.0, 45.0, 0.0), (0.0, -45.0, 0.0), (-30.0, 0.0, 0.0))
 
 
 @dataclass
@@ -47,7 +50,7 @@ class GuidanceConfig:
     cuda_graphs: bool = True
     """Replay CUDA graphs for the UNet's gradient-free calls (CUDA only; removes kernel-launch gaps,
     several times faster at the batch sizes SDS uses; one graph per batch shape)."""
-    nearby_views: list[list[float]] = field(default_factory=lambda: [[0.0, 45.0, 0.0], [0.0, -45.0, 0.0], [-30.0, 0.0, 0.0]])
+    nearby_views: list[list[float]] = field(default_factory=lambda: [list(v) for v in NEARBY_VIEWS])
     """Self-prompted views as [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input camera
     (negative polar = higher up). The paper's three: +45 / -45 deg azimuth and 30 deg above."""
     nearby_steps: int = 25

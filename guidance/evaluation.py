@@ -35,8 +35,11 @@ from guidance.cascade import (
     nearby_poses,
     refiner_tokens,
 )
+from guidance.config import NEARBY_VIEWS
+from guidance.sampling import ddim_sample
 from recon.data.multiview import MultiViewDataset, composite
 from recon.fileio import write_json, write_text
+from recon.metrics import psnr_per_image, ssim_per_image
 
 if TYPE_CHECKING:
     from guidance.model import Zero123Model
@@ -57,7 +60,7 @@ class EvalConfig:
     """Index of the view used as the input image of each object."""
     max_objects: int = 0
     """Evaluate at most this many objects (0 = all)."""
-    nearby_views: list[list[float]] = field(default_factory=lambda: [[0.0, 45.0, 0.0], [0.0, -45.0, 0.0], [-30.0, 0.0, 0.0]])
+    nearby_views: list[list[float]] = field(default_factory=lambda: [list(v) for v in NEARBY_VIEWS])
     """Self-prompted views of the cascade, [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input."""
     consistency: bool = True
     """Also generate every target from a second input and score the agreement (doubles the cost)."""
@@ -67,25 +70,6 @@ class EvalConfig:
     """Views generated per UNet batch."""
     seed: int = 0
     """Seed of the samplers' initial noise."""
-
-
-@torch.no_grad()
-def sample_with_context(model: Zero123Model, context: Tensor, cond_latent: Tensor, steps: int, guidance_scale: float, seed: int) -> Tensor:
-    """DDIM + CFG sampling for given tokens (N, K, D) and concat latents (N, 4, h, w) -> images (N, 3, S, S) on the CPU.
-
-    The initial noise comes from a CPU generator seeded with ``seed``.
-    """
-    from diffusers import DDIMScheduler
-
-    device = model.device
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps, device=device)
-    noise = torch.randn(cond_latent.shape, generator=torch.Generator().manual_seed(seed))
-    x = noise.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = model.eps_cfg(x.to(model.dtype), t, context, cond_latent, guidance_scale).float()
-        x = scheduler.step(eps, t, x).prev_sample
-    return model.decode(x.to(model.dtype)).float().cpu().clamp(0, 1)
 
 
 def _pose(poses: tuple[Tensor, Tensor, Tensor], index: int) -> tuple[float, float, float]:
@@ -109,25 +93,20 @@ def cascade_views(
     bank = Conditions(clip[1 + n :], *targets)
     embeds, poses = refiner_tokens(targets, inputs, nearby, bank, refiner.pose_encoding)
     cond_latent = refiner.cond_latent(image[None].to(device))
-    outputs = []
-    for start in range(0, embeds.shape[0], cfg.batch):
-        stop = min(start + cfg.batch, embeds.shape[0])
-        context = refiner.context(embeds[start:stop], poses[start:stop])
-        outputs.append(sample_with_context(refiner, context, cond_latent.expand(stop - start, -1, -1, -1), cfg.steps, cfg.guidance_scale, seed + 2 + start))
-    return torch.cat(outputs)
+    count = embeds.shape[0]
+    # Each batch of cfg.batch targets draws its noise from its own seed (seed + 2 + first index).
+    noise = torch.cat([
+        torch.randn((min(cfg.batch, count - start), *cond_latent.shape[1:]), generator=torch.Generator().manual_seed(seed + 2 + start))
+        for start in range(0, count, cfg.batch)
+    ])
+    context = refiner.context(embeds, poses)
+    return ddim_sample(refiner, context, cond_latent, noise, cfg.steps, cfg.guidance_scale, cfg.batch)
 
 
 def image_scores(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image PSNR (dB) and SSIM of (N, 3, H, W) images in [0, 1] (torchmetrics)."""
-    from torchmetrics.functional.image import (
-        peak_signal_noise_ratio,
-        structural_similarity_index_measure,
-    )
-
+    """Per-image PSNR (dB) and SSIM of (N, 3, H, W) images, both clamped to [0, 1] first."""
     pred, target = pred.float().clamp(0, 1), target.float().clamp(0, 1)
-    psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
-    return psnr.reshape(-1), ssim.reshape(-1)
+    return psnr_per_image(pred, target), ssim_per_image(pred, target)
 
 
 def _second_input(elevation: Tensor, azimuth: Tensor, first: int) -> int:

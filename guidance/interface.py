@@ -252,6 +252,13 @@ def make_guidance(
         from guidance.checkpoints import load_zero123
 
         refiner = load_zero123(cfg.refiner_model, device, DTYPES[cfg.dtype])
+    if cfg.model == "tiny":
+        from recon.progress import info
+
+        info(
+            "guidance: the shipped 'tiny' prior knows only synthetic toy objects; "
+            "real photos need real Zero123 weights (--model PATH, see docs/GUIDANCE-MODELS.md)"
+        )
     if base.is_random or (refiner is not None and refiner.is_random):
         from recon.progress import warn
 

@@ -41,6 +41,60 @@ def encode_relative_views(
 
 
 @torch.no_grad()
+def ddim_sample(
+    model: Zero123Model,
+    context: Tensor,
+    cond_latent: Tensor,
+    noise: Tensor,
+    steps: int,
+    guidance_scale: float,
+    batch_size: int = 8,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tensor:
+    """DDIM with classifier-free guidance from ready-made conditioning -> images (N, 3, S, S) in [0, 1], float32 on the CPU.
+
+    ``context``: (N, K, context_dim) cross-attention tokens (:meth:`Zero123Model.context`);
+    ``cond_latent``: (N, 4, h, w) or (1, 4, h, w) channel-concatenated latents;
+    ``noise``: (N, 4, h, w) initial noise, drawn by the caller (on the CPU from a
+    seeded generator, so the result depends neither on the device nor on
+    ``batch_size``). Samples run ``batch_size`` at a time, each batch with a
+    fresh scheduler; latents are stepped in float32 whatever the model dtype.
+    ``guidance_scale == 1`` skips the unconditional branch. ``generator`` feeds
+    the DDIM step noise when ``eta > 0``; ``progress(step, total)`` is called
+    after each DDIM step of each batch.
+    """
+    from diffusers import DDIMScheduler
+
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    device = model.device
+    count = noise.shape[0]
+    batches = [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    total, done = steps * len(batches), 0
+    outputs = []
+    for chunk in batches:
+        n = chunk.stop - chunk.start
+        scheduler = DDIMScheduler.from_config(model.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        latent_cond = cond_latent.expand(n, -1, -1, -1) if cond_latent.shape[0] == 1 else cond_latent[chunk]
+        tokens = context[chunk]
+        x = noise[chunk].to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            if guidance_scale == 1.0:
+                eps = model.eps(x, t, tokens, latent_cond)
+            else:
+                eps = model.eps_cfg(x, t, tokens, latent_cond, guidance_scale)
+            x = scheduler.step(eps.float(), t, x, eta=eta, generator=generator).prev_sample
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        outputs.append(model.decode(x).float().cpu())
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
 def sample_views(
     model: Zero123Model,
     image: Tensor,
@@ -62,47 +116,20 @@ def sample_views(
     views is drawn at once from ``generator`` (CPU), so results do not depend
     on ``batch_size``. ``progress(step, total)`` is called after each DDIM step.
     """
-    from diffusers import DDIMScheduler
-
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
         raise ValueError(f"image must be (1, 3, H, W), got {tuple(image.shape)}")
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
     if not isinstance(poses, Tensor):
         poses = encode_relative_views(model, *poses)
     poses = poses.reshape(-1, 4).float()
     count = poses.shape[0]
     size = image_size or native_size(model)
-    device, dtype = model.device, model.dtype
+    device = model.device
     image = image.to(device=device, dtype=torch.float32)
     if image.shape[-2:] != (size, size):
         image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
-    embed = model.clip_embed(image)
+    context = model.context(model.clip_embed(image).expand(count, -1), poses.to(device))
     cond_latent = model.cond_latent(image)
     latent_side = size // model.latent_scale
     noise = torch.randn(count, model.vae.config.latent_channels, latent_side, latent_side, generator=generator)
-
-    outputs = []
-    total = steps * ((count + batch_size - 1) // batch_size)
-    done = 0
-    for start in range(0, count, batch_size):
-        chunk = slice(start, min(start + batch_size, count))
-        n = chunk.stop - chunk.start
-        scheduler = DDIMScheduler.from_config(model.scheduler.config)
-        scheduler.set_timesteps(steps, device=device)
-        context = model.context(embed.expand(n, -1)[:, None], poses[chunk].to(device)[:, None])
-        latent_cond = cond_latent.expand(n, -1, -1, -1)
-        latents = (noise[chunk].to(device) * scheduler.init_noise_sigma).to(dtype)
-        for t in scheduler.timesteps:
-            t_batch = t.expand(n)
-            if guidance_scale == 1.0:
-                eps = model.eps(latents, t_batch, context, latent_cond)
-            else:
-                eps = model.eps_cfg(latents, t_batch, context, latent_cond, guidance_scale)
-            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        outputs.append(model.decode(latents).float().cpu())
-    return torch.cat(outputs)
+    return ddim_sample(model, context, cond_latent, noise, steps, guidance_scale, batch_size, eta, generator, progress)

@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guidance.cascade import Conditions, nearby_poses, refiner_tokens
+from guidance.config import NEARBY_VIEWS
+from guidance.sampling import ddim_sample
 from recon.cameras import relative_pose
 from recon.data.multiview import MultiViewDataset, composite
 from recon.errors import InputError, ReconError
@@ -113,7 +115,7 @@ class TrainConfig:
     """Cascade: chance that each self-prompted token (coarse, nearby) is zeroed on its own."""
     single_token_p: float = 0.1
     """Cascade: fraction of steps trained with the input token alone (keeps the Base's one-token skill)."""
-    nearby_views: list[list[float]] = field(default_factory=lambda: [[0.0, 45.0, 0.0], [0.0, -45.0, 0.0], [-30.0, 0.0, 0.0]])
+    nearby_views: list[list[float]] = field(default_factory=lambda: [list(v) for v in NEARBY_VIEWS])
     """Self-prompted views, [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input camera."""
     coarse_target: bool = True
     """Cascade: give the Refiner a Base-generated coarse view near the target as a token."""
@@ -281,7 +283,9 @@ def self_prompt(base: Zero123Model, batch: ViewBatch, cfg: TrainConfig, generato
     clip = base.clip_embed(inputs).repeat_interleave(per, dim=0)
     latent = base.cond_latent(inputs).repeat_interleave(per, dim=0)
     noise = torch.randn(latent.shape, generator=generator)
-    images = ddim_views(base, base.context(clip, rel.to(device)), latent, noise, cfg.prompt_steps, cfg.prompt_guidance_scale)
+    context = base.context(clip, rel.to(device))
+    images = ddim_sample(base, context, latent, noise, cfg.prompt_steps, cfg.prompt_guidance_scale, batch_size=noise.shape[0])
+    images = torch.round(images.clamp(0.0, 1.0) * 255.0) / 255.0
     # Prompts live where the batch lives (cascade_tokens concatenates them with the inputs).
     images = images.view(b, per, *images.shape[1:]).to(batch.input_images.device)
     return Prompts(
@@ -289,23 +293,6 @@ def self_prompt(base: Zero123Model, batch: ViewBatch, cfg: TrainConfig, generato
         images[:, n] if cfg.coarse_target else None,
         *((coarse_pose[:, k] for k in range(3)) if coarse_pose is not None else (None, None, None)),
     )
-
-
-@torch.no_grad()
-def ddim_views(model: Zero123Model, context: Tensor, cond_latent: Tensor, noise: Tensor, steps: int, guidance_scale: float) -> Tensor:
-    """DDIM + CFG from ``noise`` (N, 4, h, w) for tokens (N, K, D) and concat latents (N, 4, h, w) ->
-    images (N, 3, S, S) in [0, 1] on the model's device, rounded to 8-bit levels."""
-    from diffusers import DDIMScheduler
-
-    device = model.device
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps, device=device)
-    x = noise.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = model.eps_cfg(x.to(model.dtype), t, context, cond_latent, guidance_scale).float()
-        x = scheduler.step(eps, t, x).prev_sample
-    images = model.decode(x.to(model.dtype)).float().clamp(0.0, 1.0)
-    return torch.round(images * 255.0) / 255.0
 
 
 # ------------------------------------------------------------ conditioning

@@ -133,6 +133,7 @@ class Cameras:
 
     @property
     def device(self) -> torch.device:
+        """Device of the camera matrices."""
         return self.c2w.device
 
     @property
@@ -160,24 +161,35 @@ class Cameras:
         return Cameras(look_at(eye), fovy, height, height if width is None else width)
 
 
+def pixel_rays(c2w: Tensor, focal: Tensor, rows: Tensor, cols: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """World-space rays through the centres of pixels (``rows``, ``cols``) of ``height`` x ``width`` images.
+
+    ``c2w`` (..., 4, 4) camera-to-world matrices, ``focal`` (...) focal lengths
+    in pixels, ``rows``/``cols`` (...) integer pixel indices (row from the top,
+    column from the left); all broadcast against each other. Returns origins
+    and unit directions, each (..., 3).
+    """
+    dtype = c2w.dtype
+    x = (cols.to(dtype) + 0.5 - 0.5 * width) / focal
+    y = -(rows.to(dtype) + 0.5 - 0.5 * height) / focal
+    x, y = torch.broadcast_tensors(x, y)
+    local = torch.stack([x, y, -torch.ones_like(x)], dim=-1)
+    directions = torch.einsum("...ij,...j->...i", c2w[..., :3, :3], local)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    return c2w[..., :3, 3].expand_as(directions), directions
+
+
 def generate_rays(cameras: Cameras) -> tuple[Tensor, Tensor]:
     """World-space rays through pixel centres.
 
     Returns origins and unit directions, each (N, H, W, 3). Pixel (i, j) is
     row i from the top, column j from the left.
     """
-    device, dtype = cameras.c2w.device, cameras.c2w.dtype
-    rows = torch.arange(cameras.height, device=device, dtype=dtype) + 0.5
-    cols = torch.arange(cameras.width, device=device, dtype=dtype) + 0.5
-    v, u = torch.meshgrid(rows, cols, indexing="ij")
-    focal = cameras.focal.to(dtype)[:, None, None]
-    x = (u[None] - 0.5 * cameras.width) / focal
-    y = -(v[None] - 0.5 * cameras.height) / focal
-    local = torch.stack([x, y, -torch.ones_like(x)], dim=-1)
-    directions = torch.einsum("nij,nhwj->nhwi", cameras.c2w[:, :3, :3], local)
-    directions = directions / directions.norm(dim=-1, keepdim=True)
-    origins = cameras.c2w[:, None, None, :3, 3].expand_as(directions)
-    return origins, directions
+    device = cameras.c2w.device
+    rows = torch.arange(cameras.height, device=device)[:, None]
+    cols = torch.arange(cameras.width, device=device)[None, :]
+    focal = cameras.focal.to(cameras.c2w.dtype)[:, None, None]
+    return pixel_rays(cameras.c2w[:, None, None], focal, rows, cols, cameras.height, cameras.width)
 
 
 @dataclass

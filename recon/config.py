@@ -7,13 +7,14 @@ validated against the dataclass types by OmegaConf and saved as plain YAML.
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recon.errors import ReconError
@@ -54,10 +55,37 @@ def read_preset(name_or_path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(schema: type[T], *layers: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Merges dict ``layers`` then ``key.path=value`` overrides onto the defaults of ``schema``.
+def _is_config_node(node: Any) -> bool:
+    """Whether an OmegaConf node is a config section (a dataclass, or a mapping of dataclasses such as ``stages``)."""
+    if not isinstance(node, DictConfig):
+        return False
+    if dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        return True
+    values = list(node.values())
+    return bool(values) and all(isinstance(v, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(v)) for v in values)
 
-    Unknown keys and values of the wrong type raise :class:`ReconError` naming the key.
+
+def _apply_layer(node: Any, data: dict[str, Any]) -> None:
+    """Writes ``data`` into ``node``: sections merge key by key, every other value (schedules included) is replaced."""
+    for key, value in data.items():
+        key = str(key)
+        child = node.get(key)
+        if isinstance(value, dict) and _is_config_node(child):
+            _apply_layer(child, value)
+        elif key in node:
+            OmegaConf.update(node, key, value, merge=False)
+        else:
+            node.merge_with({key: value})  # a new entry: a new stage gets the StageConfig defaults
+
+
+def resolve(schema: type[T], *layers: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Writes dict ``layers`` then ``key.path=value`` overrides, in order, onto the defaults of ``schema``.
+
+    Config sections (dataclasses, and mappings of them) merge key by key;
+    every other value is replaced whole, so a schedule given as
+    ``{step: value}`` or a list replaces the earlier one instead of merging
+    its steps into it. Unknown keys and values of the wrong type raise
+    :class:`ReconError` naming the key.
     """
     for item in overrides:
         if "=" not in item:
@@ -66,9 +94,9 @@ def resolve(schema: type[T], *layers: dict[str, Any] | None, overrides: list[str
         merged = OmegaConf.structured(schema)
         for layer in layers:
             if layer:
-                merged = OmegaConf.merge(merged, layer)
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+                _apply_layer(merged, layer)
+        for item in overrides:
+            _apply_layer(merged, OmegaConf.to_container(OmegaConf.from_dotlist([item])))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except (OmegaConfBaseException, TypeError) as exc:
         key = getattr(exc, "full_key", None)

@@ -63,8 +63,10 @@ class FieldConfig:
     """Blob bias at the centre (raw density units)."""
     blob_radius: float = 0.5
     """Radius (world units) where the blob bias falls to zero; negative beyond."""
-    normal_mode: Literal["analytic", "finite_difference"] = "analytic"
-    """Normals from autograd of the density, or from central finite differences."""
+    normal_mode: Literal["auto", "analytic", "finite_difference"] = "auto"
+    """Normals from autograd of the density (analytic), from central finite differences, or auto:
+    analytic with the torch hash grid, finite differences with the fused GPU backends (their kernels
+    have first derivatives only, and normal losses need the derivative of a derivative)."""
     fd_step: float = 0.01
     """Finite-difference step for normals (world units)."""
 
@@ -102,6 +104,9 @@ class RadianceField(nn.Module):
         self.cfg = cfg
         self.encoding = make_encoding(cfg.encoding)
         self.mlp = _mlp(self.encoding.output_dim, cfg.mlp_width, cfg.mlp_hidden_layers, 4)
+        self.normal_mode = cfg.normal_mode
+        if self.normal_mode == "auto":
+            self.normal_mode = "analytic" if self.encoding.backend_name == "torch" else "finite_difference"
 
     @property
     def aabb(self) -> Tensor:
@@ -147,7 +152,7 @@ class RadianceField(nn.Module):
         normal-smoothness / orientation losses) and are computed without
         one under ``torch.no_grad()``.
         """
-        if with_normals and self.cfg.normal_mode == "analytic":
+        if with_normals and self.normal_mode == "analytic":
             create_graph = torch.is_grad_enabled()
             with torch.enable_grad():
                 p = points.detach().requires_grad_(True)
@@ -165,7 +170,7 @@ class RadianceField(nn.Module):
 
     def normals(self, points: Tensor) -> Tensor:
         """Unit outward normals (P, 3) (minus the density gradient) at world points (P, 3); 0 where it vanishes."""
-        if self.cfg.normal_mode == "analytic":
+        if self.normal_mode == "analytic":
             return self(points, with_normals=True).normal
         return self._fd_normals(points)
 

@@ -74,26 +74,32 @@ class RunDir:
 
     @property
     def config_path(self) -> Path:
+        """``config.yaml``: the resolved config as plain values."""
         return self.root / "config.yaml"
 
     @property
     def meta_path(self) -> Path:
+        """``meta.json``: versions, seed, device, command line, timings, peak memory, metrics."""
         return self.root / "meta.json"
 
     @property
     def progress_path(self) -> Path:
+        """``progress.json``: stage, step, total, eta_s, status."""
         return self.root / "progress.json"
 
     @property
     def checkpoints(self) -> Path:
+        """``checkpoints/``: step_XXXXXX.pt files."""
         return self.root / "checkpoints"
 
     @property
     def previews(self) -> Path:
+        """``previews/``: PNGs written during training."""
         return self.root / "previews"
 
     @property
     def exports(self) -> Path:
+        """``exports/``: meshes and videos."""
         return self.root / "exports"
 
     @staticmethod

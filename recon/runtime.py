@@ -38,6 +38,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak-memory window on a CUDA ``device`` (no-op on the CPU).
+
+    Initialises CUDA first: resetting the statistics of a device whose
+    allocator has not started yet fails with "Invalid device argument".
+    """
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_gib(device: torch.device) -> float | None:
     """Peak allocated CUDA memory on ``device`` since the last reset, in GiB; ``None`` on the CPU."""
     if device.type != "cuda":

@@ -26,6 +26,7 @@ from torch import Tensor
 from exports.config import ExportConfig
 from guidance.config import GuidanceConfig
 from recon.cameras import Cameras, ViewSampler, generate_rays
+from recon.config import resolve
 from recon.errors import ReconError, TrainingDivergedError
 from recon.field import FieldConfig, RadianceField
 from recon.render import RendererConfig, VolumeRenderer
@@ -218,56 +219,14 @@ class FitConfig:
         return sum(stage.steps for stage in self.stages.values())
 
 
-def _is_config_node(node: Any) -> bool:
-    """Whether an OmegaConf node is a config section (a dataclass, or a mapping of dataclasses such as ``stages``)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if not isinstance(node, DictConfig):
-        return False
-    if dataclasses.is_dataclass(OmegaConf.get_type(node)):
-        return True
-    values = list(node.values())
-    return bool(values) and all(isinstance(v, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(v)) for v in values)
-
-
-def _apply_layer(node: Any, data: dict[str, Any], prefix: str = "") -> None:
-    """Writes ``data`` into ``node``: sections merge key by key, every other value (schedules included) is replaced."""
-    from omegaconf import OmegaConf
-
-    for key, value in data.items():
-        key = str(key)
-        child = node.get(key)
-        if isinstance(value, dict) and _is_config_node(child):
-            _apply_layer(child, value, f"{prefix}{key}.")
-        elif key in node:
-            node[key] = OmegaConf.create(value) if isinstance(value, (dict, list)) else value
-        else:
-            node.merge_with({key: value})  # a new entry: a new stage gets the StageConfig defaults
-
-
 def resolve_config(*layers: dict[str, Any] | None, overrides: Sequence[str] = ()) -> FitConfig:
     """Defaults <- each layer (a preset, flags) <- ``key.path=value`` overrides, as a validated :class:`FitConfig`.
 
-    Unlike a plain OmegaConf merge, a schedule given as ``{step: value}``
-    replaces the previous schedule instead of merging its steps into it.
-    Unknown keys and wrong types raise :class:`ReconError` naming the key.
+    :func:`recon.config.resolve`: a schedule given as ``{step: value}``
+    replaces the previous schedule instead of merging its steps into it;
+    unknown keys and wrong types raise :class:`ReconError` naming the key.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    for item in overrides:
-        if "=" not in item:
-            raise ReconError(f"--set {item!r}: expected key.path=value")
-    try:
-        merged = OmegaConf.structured(FitConfig)
-        for layer in layers:
-            if layer:
-                _apply_layer(merged, layer)
-        for item in overrides:
-            _apply_layer(merged, OmegaConf.to_container(OmegaConf.from_dotlist([item])))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        raise ReconError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+    return resolve(FitConfig, *layers, overrides=tuple(overrides))
 
 
 def _scale_schedule(schedule: Any, factor: float) -> Any:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from exports.config import ExportConfig
-from recon.cameras import Cameras
+from recon.cameras import Cameras, pixel_rays
 from recon.config import to_plain
 from recon.data.transforms_json import (
     PosedImages,
@@ -39,12 +39,12 @@ from recon.errors import InputError, TrainingDivergedError
 from recon.field import FieldConfig, RadianceField
 from recon.fileio import write_json
 from recon.imageio import save_rgba_png
+from recon.metrics import psnr, ssim
 from recon.progress import PhaseTimer, info
 from recon.render import RendererConfig, VolumeRenderer
 from recon.runs import RunDir, StepReporter
-from recon.runtime import peak_memory_gib
+from recon.runtime import peak_memory_gib, reset_peak_memory
 from systems.checkpoint import Checkpoint, SceneTransform, load_latest, save_checkpoint
-from systems.metrics import psnr, ssim
 
 STAGE = "fit-views"
 
@@ -162,19 +162,6 @@ def to_field_frame(views: PosedImages, transform: SceneTransform) -> PosedImages
     c2w[:, :3, 3] = transform.to_field(c2w[:, :3, 3])
     cameras = Cameras(c2w, views.cameras.fovy, views.cameras.height, views.cameras.width)
     return PosedImages(views.images, cameras, views.paths)
-
-
-def pixel_rays(c2w: Tensor, focal: Tensor, rows: Tensor, cols: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Rays through pixel centres (row, col) of cameras ``c2w`` (R, 4, 4) with focal lengths (R,) in pixels.
-
-    Returns origins and unit directions (R, 3); the same rays as
-    :func:`recon.cameras.generate_rays` for those pixels.
-    """
-    x = (cols.to(c2w.dtype) + 0.5 - 0.5 * width) / focal
-    y = -(rows.to(c2w.dtype) + 0.5 - 0.5 * height) / focal
-    local = torch.stack([x, y, -torch.ones_like(x)], dim=-1)
-    directions = torch.einsum("rij,rj->ri", c2w[:, :3, :3], local)
-    return c2w[:, :3, 3], directions / directions.norm(dim=-1, keepdim=True)
 
 
 def composite(rgba: Tensor, background: Tensor) -> Tensor:
@@ -326,8 +313,7 @@ class FitViewsTrainer:
     def fit(self) -> FitResult:
         """Runs (or resumes) the optimisation to ``cfg.steps``; returns the final step and held-out metrics."""
         cfg = self.cfg
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_memory(self.device)
         step = self._resume()
         start = time.perf_counter()
         loss_value = float("nan")

@@ -12,6 +12,7 @@ from recon.cameras import (
     generate_rays,
     look_at,
     orbit,
+    pixel_rays,
     position_to_spherical,
     relative_pose,
     spherical_to_position,
@@ -76,6 +77,23 @@ def test_rays_through_the_centre_and_corners():
     expected_top_left = torch.tensor([-0.5, 0.5, -1.0])
     torch.testing.assert_close(directions[0, 0, 0], expected_top_left / expected_top_left.norm())
     torch.testing.assert_close(origins[0, 1, 1], torch.tensor([0.0, 0.0, 4.0]))
+
+
+def test_pixel_rays_match_generate_rays_and_the_pinhole_model():
+    cameras = Cameras(orbit(3, 20.0, 3.0, 30.0, 6).c2w, torch.tensor([0.5, 0.7, 0.9]), 6, 9)
+    origins, directions = generate_rays(cameras)
+    image = torch.tensor([0, 2, 1, 2])
+    rows = torch.tensor([0, 5, 3, 2])
+    cols = torch.tensor([8, 0, 4, 7])
+    o, d = pixel_rays(cameras.c2w[image], cameras.focal[image], rows, cols, 6, 9)
+    assert torch.allclose(o, origins[image, rows, cols], atol=1e-6)
+    assert torch.allclose(d, directions[image, rows, cols], atol=1e-6)
+    # Pinhole camera: pixel centre (col + 0.5, row + 0.5) -> camera-space direction (x, y, -1), rotated to world.
+    focal = cameras.focal[image]
+    local = torch.stack([(cols + 0.5 - 4.5) / focal, -(rows + 0.5 - 3.0) / focal, -torch.ones(4)], dim=-1)
+    world = (cameras.c2w[image, :3, :3] @ local[:, :, None])[..., 0]
+    torch.testing.assert_close(d, world / world.norm(dim=-1, keepdim=True), atol=1e-6, rtol=0)
+    torch.testing.assert_close(o, cameras.c2w[image, :3, 3])
 
 
 def test_projection_of_a_world_point_lands_on_the_expected_pixel():

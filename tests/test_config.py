@@ -1,6 +1,7 @@
 """Typed configs: defaults <- preset <- --set overrides, plain YAML round trip, clear errors."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import yaml
@@ -27,6 +28,31 @@ class Outer:
     """None = automatic."""
     inner: Inner = field(default_factory=Inner)
     """Nested part."""
+
+
+@dataclass
+class Scheduled:
+    weight: Any = field(default_factory=lambda: {0: 1.0, 100: 2.0})
+    """A {step: value} schedule."""
+    ramp: Any = field(default_factory=lambda: [0, 1.0, 2.0, 100])
+    """A [start_step, v0, v1, end_step] schedule."""
+    inner: Inner = field(default_factory=Inner)
+    """Nested part."""
+
+
+def test_a_step_schedule_replaces_an_earlier_schedule_instead_of_merging():
+    # Over the defaults: dict over dict, dict over list.
+    config = resolve(Scheduled, {"weight": {50: 3.0}, "ramp": {10: 4.0}})
+    assert config.weight == {50: 3.0} and config.ramp == {10: 4.0}
+    # A later layer over an earlier layer, and a list over a dict.
+    assert resolve(Scheduled, {"weight": {0: 5.0, 10: 6.0}}, {"weight": {20: 7.0}}).weight == {20: 7.0}
+    assert resolve(Scheduled, {"weight": {0: 5.0}}, {"weight": [0, 1.0, 0.0, 10]}).weight == [0, 1.0, 0.0, 10]
+    # --set over a layer and over the defaults.
+    config = resolve(Scheduled, {"weight": {0: 5.0, 10: 6.0}}, overrides=["weight={20: 7.0}", "ramp={30: 8.0}"])
+    assert config.weight == {20: 7.0} and config.ramp == {30: 8.0}
+    # Sections still merge key by key.
+    config = resolve(Scheduled, {"inner": {"width": 8}}, overrides=["inner.schedule=[1, 2, 3, 4]"])
+    assert config.inner.width == 8 and config.inner.schedule == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_layers_then_overrides_win():

@@ -102,3 +102,13 @@ def test_set_active_levels_reaches_the_encoding():
 def test_config_validation():
     with pytest.raises(ReconError, match="bound"):
         FieldConfig(bound=0.0)
+
+
+def test_auto_normals_are_analytic_with_the_torch_grid_and_finite_differences_otherwise(monkeypatch):
+    assert RadianceField(FieldConfig(encoding=TINY)).normal_mode == "analytic"
+    from recon.encoding import hashgrid
+
+    monkeypatch.setattr(hashgrid, "resolve_backend", lambda name: "triton")
+    monkeypatch.setitem(hashgrid.BACKENDS, "triton", hashgrid.BACKENDS["torch"])
+    assert RadianceField(FieldConfig(encoding=TINY)).normal_mode == "finite_difference"
+    assert RadianceField(FieldConfig(encoding=TINY, normal_mode="analytic")).normal_mode == "analytic"

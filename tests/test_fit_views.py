@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from recon.cameras import Cameras, generate_rays
+from recon.cameras import Cameras
 from recon.cli.main import main
 from recon.config import resolve
 from recon.data.primitives import random_object, render_object
@@ -16,7 +16,7 @@ from recon.data.transforms_json import estimate_scene, read_transforms, write_tr
 from recon.errors import InputError
 from recon.runs import RunDir
 from systems.checkpoint import load_latest
-from systems.fit_views import FitViewsConfig, FitViewsTrainer, load_views, pixel_rays
+from systems.fit_views import FitViewsConfig, FitViewsTrainer, load_views
 
 # A field and renderer small enough for a CPU test.
 TINY = [
@@ -112,17 +112,6 @@ def test_estimate_scene_finds_the_target():
     assert radius == pytest.approx(4.0 * math.tan(math.radians(20.0)), rel=1e-4)
 
 
-def test_pixel_rays_match_generate_rays():
-    cameras = Cameras(_orbit_cameras(3, 8).c2w, torch.tensor([0.5, 0.7, 0.9]), 6, 9)
-    origins, directions = generate_rays(cameras)
-    image = torch.tensor([0, 2, 1, 2])
-    rows = torch.tensor([0, 5, 3, 2])
-    cols = torch.tensor([8, 0, 4, 7])
-    o, d = pixel_rays(cameras.c2w[image], cameras.focal[image], rows, cols, 6, 9)
-    assert torch.allclose(o, origins[image, rows, cols], atol=1e-6)
-    assert torch.allclose(d, directions[image, rows, cols], atol=1e-6)
-
-
 def test_held_out_split(tmp_path):
     cameras = _orbit_cameras(10, 32)
     path = write_transforms(tmp_path / "transforms.json", torch.rand(10, 32, 32, 4), cameras)
@@ -182,7 +171,7 @@ def test_fit_views_end_to_end(tmp_path):
     """
     import trimesh
 
-    from systems.metrics import chamfer_distance
+    from recon.metrics import chamfer_distance
 
     obj, _, _, path = _scene(tmp_path)
     truth, _ = obj.sample_surface(5000, seed=1)

@@ -23,7 +23,7 @@ from systems.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from systems.metrics import chamfer_distance, psnr, ssim
+from recon.metrics import chamfer_distance, psnr, ssim
 
 TINY_FIELD = FieldConfig(
     encoding=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4, backend="torch"), mlp_width=16, mlp_hidden_layers=1

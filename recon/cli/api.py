@@ -180,12 +180,11 @@ def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, 
     Marks the run failed (or interrupted) in progress.json before re-raising.
     """
     from recon.progress import PhaseTimer, info
-    from recon.runtime import peak_memory_gib, seed_everything
+    from recon.runtime import peak_memory_gib, reset_peak_memory, seed_everything
 
     timer = PhaseTimer()
     start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     image, run_dir = Path(image), Path(run_dir)
     cfg, resuming = _existing_run(run_dir, cfg, resume, overwrite)
     guidance = models.get(cfg, timer)  # before the run folder exists: missing weights leave nothing behind

@@ -11,6 +11,7 @@ import triton.language as tl
 
 @triton.jit
 def _load_unit_points(x_ptr, points, valid):
+    """The three coordinates of ``points`` of x (P, 3), 0 where not ``valid``."""
     r0 = tl.load(x_ptr + points * 3 + 0, mask=valid, other=0.0)
     r1 = tl.load(x_ptr + points * 3 + 1, mask=valid, other=0.0)
     r2 = tl.load(x_ptr + points * 3 + 2, mask=valid, other=0.0)
@@ -27,6 +28,7 @@ def _cell(x, scale):
 
 @triton.jit
 def _corner_rows(v0, v1, v2, res, size, offset, hashed):
+    """Table rows of grid vertices (v0, v1, v2) on a level: dense index or spatial hash, modulo the level size."""
     dense = v0 + v1 * res + v2 * res * res
     # the spatial hash with recon.encoding.hashgrid.PRIMES, kept to 32 bits
     spatial = (v0 & 0xFFFFFFFF) ^ ((v1 * 2654435761) & 0xFFFFFFFF) ^ ((v2 * 805459861) & 0xFFFFFFFF)
@@ -34,31 +36,47 @@ def _corner_rows(v0, v1, v2, res, size, offset, hashed):
 
 
 @triton.jit
+def _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level):
+    """A level's grid scale, resolution, table offset, table size and whether it is hashed."""
+    scale = tl.load(scales_ptr + level)
+    res = tl.load(res_ptr + level)
+    offset = tl.load(offsets_ptr + level)
+    size = tl.load(sizes_ptr + level)
+    hashed = tl.load(hashed_ptr + level)
+    return scale, res, offset, size, hashed
+
+
+@triton.jit
+def _corner_weights(corner, f0, f1, f2):
+    """Offsets (0/1 per axis) of cell corner ``corner`` (0..7) and its trilinear weight factors per axis."""
+    c0 = corner & 1
+    c1 = (corner >> 1) & 1
+    c2 = (corner >> 2) & 1
+    w0 = c0 * f0 + (1 - c0) * (1.0 - f0)
+    w1 = c1 * f1 + (1 - c1) * (1.0 - f1)
+    w2 = c2 * f2 + (1 - c2) * (1.0 - f2)
+    return c0, c1, c2, w0, w1, w2
+
+
+@triton.jit
 def forward_kernel(
     x_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
     n_points, n_levels, F: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Encodes points x (P, 3) in the unit cube into out (P, n_levels * F): per level, trilinear
+    interpolation of the F features at the 8 corners of the point's cell."""
     points = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = points < n_points
     feature = tl.arange(0, F)
     r0, r1, r2 = _load_unit_points(x_ptr, points, valid)
     for level in range(n_levels):
-        scale = tl.load(scales_ptr + level)
-        res = tl.load(res_ptr + level)
-        offset = tl.load(offsets_ptr + level)
-        size = tl.load(sizes_ptr + level)
-        hashed = tl.load(hashed_ptr + level)
+        scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
         i0, f0 = _cell(r0, scale)
         i1, f1 = _cell(r1, scale)
         i2, f2 = _cell(r2, scale)
         acc = tl.zeros((BLOCK_P, F), dtype=tl.float32)
         for corner in tl.static_range(8):
-            c0 = corner & 1
-            c1 = (corner >> 1) & 1
-            c2 = (corner >> 2) & 1
-            w0 = c0 * f0 + (1 - c0) * (1.0 - f0)
-            w1 = c1 * f1 + (1 - c1) * (1.0 - f1)
-            w2 = c2 * f2 + (1 - c2) * (1.0 - f2)
+            c0, c1, c2, w0, w1, w2 = _corner_weights(corner, f0, f1, f2)
             rows = _corner_rows(i0 + c0, i1 + c1, i2 + c2, res, size, offset, hashed)
             values = tl.load(table_ptr + rows[:, None] * F + feature[None, :], mask=valid[:, None], other=0.0)
             acc += (w0 * w1 * w2)[:, None] * values
@@ -72,6 +90,8 @@ def backward_kernel(
     scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
     n_points, n_levels, F: tl.constexpr, BLOCK_P: tl.constexpr, NEED_GRAD_X: tl.constexpr,
 ):
+    """Backward of :func:`forward_kernel`: scatters grad_out (P, n_levels * F) into grad_table
+    (atomic adds) and, if NEED_GRAD_X, writes grad_x (P, 3)."""
     points = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = points < n_points
     feature = tl.arange(0, F)
@@ -80,23 +100,14 @@ def backward_kernel(
     g1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     g2 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for level in range(n_levels):
-        scale = tl.load(scales_ptr + level)
-        res = tl.load(res_ptr + level)
-        offset = tl.load(offsets_ptr + level)
-        size = tl.load(sizes_ptr + level)
-        hashed = tl.load(hashed_ptr + level)
+        scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
         i0, f0 = _cell(r0, scale)
         i1, f1 = _cell(r1, scale)
         i2, f2 = _cell(r2, scale)
         out_index = points[:, None] * (n_levels * F) + level * F + feature[None, :]
         grad = tl.load(grad_out_ptr + out_index, mask=valid[:, None], other=0.0)
         for corner in tl.static_range(8):
-            c0 = corner & 1
-            c1 = (corner >> 1) & 1
-            c2 = (corner >> 2) & 1
-            w0 = c0 * f0 + (1 - c0) * (1.0 - f0)
-            w1 = c1 * f1 + (1 - c1) * (1.0 - f1)
-            w2 = c2 * f2 + (1 - c2) * (1.0 - f2)
+            c0, c1, c2, w0, w1, w2 = _corner_weights(corner, f0, f1, f2)
             rows = _corner_rows(i0 + c0, i1 + c1, i2 + c2, res, size, offset, hashed)
             table_index = rows[:, None] * F + feature[None, :]
             tl.atomic_add(grad_table_ptr + table_index, (w0 * w1 * w2)[:, None] * grad, mask=valid[:, None])

@@ -1,10 +1,19 @@
-"""Image and geometry metrics: PSNR, SSIM (torchmetrics) and Chamfer distance (scipy cKDTree)."""
+"""Image and geometry metrics: PSNR, SSIM (torchmetrics) and Chamfer distance (scipy cKDTree).
+
+Shared by the NeRF fits (:mod:`systems`) and the novel-view evaluation
+(:mod:`guidance.evaluation`).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import Tensor
+
+
+def _same_shape(pred: Tensor, target: Tensor, name: str) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"{name}: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
 
 
 def _as_nchw(images: Tensor) -> Tensor:
@@ -22,24 +31,39 @@ def psnr(pred: Tensor, target: Tensor, data_range: float = 1.0) -> float:
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    if pred.shape != target.shape:
-        raise ValueError(f"psnr: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
+    _same_shape(pred, target, "psnr")
     return float(peak_signal_noise_ratio(pred.detach().float(), target.detach().float(), data_range=data_range))
 
 
-def ssim(pred: Tensor, target: Tensor, data_range: float = 1.0) -> float:
-    """Mean structural similarity of channels-last images (N, H, W, C) or (H, W, C) in [0, data_range].
+def psnr_per_image(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
+    """PSNR in dB of each image of a batch (N, ...) vs ``target`` (same shape, values in [0, data_range]) -> (N,)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    _same_shape(pred, target, "psnr")
+    dims = tuple(range(1, pred.ndim))
+    value = peak_signal_noise_ratio(pred.detach().float(), target.detach().float(), data_range=data_range, reduction="none", dim=dims)
+    return value.reshape(-1)
+
+
+def ssim_per_image(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
+    """Structural similarity of each channels-first image (N, C, H, W) in [0, data_range] -> (N,).
 
     Gaussian window 11 px, sigma 1.5 (the usual SSIM settings); images must be at least 11 px on a side.
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    if pred.shape != target.shape:
-        raise ValueError(f"ssim: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
-    value = structural_similarity_index_measure(
-        _as_nchw(pred.detach()), _as_nchw(target.detach()), data_range=data_range
-    )
-    return float(value)
+    _same_shape(pred, target, "ssim")
+    value = structural_similarity_index_measure(pred.detach().float(), target.detach().float(), data_range=data_range, reduction="none")
+    return value.reshape(-1)
+
+
+def ssim(pred: Tensor, target: Tensor, data_range: float = 1.0) -> float:
+    """Mean structural similarity of channels-last images (N, H, W, C) or (H, W, C) in [0, data_range].
+
+    The mean of :func:`ssim_per_image` over the batch.
+    """
+    _same_shape(pred, target, "ssim")
+    return float(ssim_per_image(_as_nchw(pred.detach()), _as_nchw(target.detach()), data_range).mean())
 
 
 def chamfer_distance(points_a: Tensor | np.ndarray, points_b: Tensor | np.ndarray) -> float:

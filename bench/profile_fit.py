@@ -1,0 +1,90 @@
+"""Profiles `recon fit` training steps: where a step's time goes (render, SDS, backward), per stage.
+
+    python bench/profile_fit.py IMAGE [--model random-full] [--steps 30] [--set key=value ...]
+
+Runs a shortened preset (``--steps`` per stage), times every training step
+and the guidance's SDS call inside it with CUDA events, and prints, for
+steps after the warm-up of each stage, the mean ms per step and per SDS
+call, then the torch profiler's top operators of a few steps of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # bench/guidance.py would shadow the guidance package
+
+import torch  # noqa: E402
+
+from systems import fit as fit_module  # noqa: E402
+
+
+def main() -> None:
+    """Parses the flags, runs the shortened fit with the timers installed, prints the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--model", default="random-full")
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--steps", type=int, default=30, help="steps per stage")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+
+    from recon.cli.api import fit
+
+    step_ms: dict[str, list[float]] = defaultdict(list)
+    sds_ms: dict[str, list[float]] = defaultdict(list)
+    original_step = fit_module.Trainer.train_step
+    warmup = 5
+
+    def timed_step(self, stage_name, stage, local_step):  # noqa: ANN001
+        original_sds = self.guidance.sds
+
+        def timed_sds(*a, **k):  # noqa: ANN002, ANN003
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = original_sds(*a, **k)
+            end.record()
+            torch.cuda.synchronize()
+            sds_ms[stage_name].append(start.elapsed_time(end))
+            return out
+
+        self.guidance.sds = timed_sds
+        profile = warmup + 2 <= local_step < warmup + 2 + args.profile_steps
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+                loss = original_step(self, stage_name, stage, local_step)
+                torch.cuda.synchronize()
+            print(f"\n### {stage_name} step {local_step}: top operators by CUDA time")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        else:
+            loss = original_step(self, stage_name, stage, local_step)
+        end.record()
+        torch.cuda.synchronize()
+        if not profile:  # the profiler's own overhead stays out of the means
+            step_ms[stage_name].append(start.elapsed_time(end))
+        self.guidance.sds = original_sds
+        return loss
+
+    fit_module.Trainer.train_step = timed_step
+    overrides = [f"stages.coarse.steps={args.steps}", f"stages.fine.steps={args.steps}", "turntable=false", *args.overrides]
+    with tempfile.TemporaryDirectory() as scratch:
+        fit(args.image, Path(scratch), args.preset, overrides, model=args.model, overwrite=True, batch=False)
+    print("\n| stage | steps timed | ms / step | ms / SDS call |")
+    print("|---|---:|---:|---:|")
+    for stage, values in step_ms.items():
+        steady = values[warmup:]
+        sds = sds_ms[stage][warmup:]
+        print(f"| {stage} | {len(steady)} | {sum(steady) / max(1, len(steady)):.1f} | {sum(sds) / max(1, len(sds)):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
