@@ -22,7 +22,7 @@ from recon.errors import ReconError
 T = TypeVar("T")
 
 
-def _presets_folder() -> Traversable:
+def presets_folder() -> Traversable:
     """The installed presets (package ``recon.configs``), or ``configs/`` of a source checkout run uninstalled."""
     try:
         return resources.files("recon.configs")
@@ -32,7 +32,7 @@ def _presets_folder() -> Traversable:
 
 def preset_names() -> list[str]:
     """Names of the presets shipped with the package."""
-    folder = _presets_folder()
+    folder = presets_folder()
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -44,7 +44,7 @@ def read_preset(name_or_path: str | Path) -> dict[str, Any]:
             raise ReconError(f"{path}: config file not found")
         text = path.read_text(encoding="utf-8")
     else:
-        resource = _presets_folder() / f"{name_or_path}.yaml"
+        resource = presets_folder() / f"{name_or_path}.yaml"
         if not resource.is_file():
             raise ReconError(f"unknown preset {str(name_or_path)!r}; choose from {', '.join(preset_names())} or give a .yaml path")
         text = resource.read_text(encoding="utf-8")

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from recon.cli.main import main
-from recon.config import preset_names, read_preset, to_plain
+from recon.config import preset_names, presets_folder, read_preset, to_plain
 from recon.progress import PhaseTimer
 from systems import losses
 from systems.fit import NAN_ENV, resolve_config, scale_steps
@@ -172,10 +172,8 @@ def test_presets_have_descriptions_and_resolve():
     from recon.cli.api import build_config
 
     assert {"default", "fast", "cpu"} <= set(preset_names())
-    from importlib import resources
-
     for name in ("default", "fast", "cpu"):
-        text = (resources.files("recon.configs") / f"{name}.yaml").read_text()
+        text = (presets_folder() / f"{name}.yaml").read_text()
         assert yaml.safe_load(text)["description"].strip()
         assert "description" not in read_preset(name)
         cfg = build_config(name)
