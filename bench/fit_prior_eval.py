@@ -203,14 +203,17 @@ def over_white(rgba: torch.Tensor) -> torch.Tensor:
     return rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
 
 
-def method_configs(preset: str, overrides: list[str], model: str) -> dict[str, Any]:
-    """{"sds": FitConfig, "no-sds": FitConfig}: the second is the first with every stage's SDS weight at 0."""
+def method_configs(preset: str, overrides: list[str], model: str, steps: int | None = None) -> dict[str, Any]:
+    """{"sds": FitConfig, "no-sds": FitConfig}: the second is the first with every stage's SDS weight at 0.
+
+    ``steps`` rescales every stage and schedule to that many steps in all (as ``recon fit --steps``).
+    """
     from recon.cli.api import build_config
 
     overrides = [*BENCH_OVERRIDES, *overrides]
-    sds = build_config(preset, overrides, model=model)
+    sds = build_config(preset, overrides, model=model, steps=steps)
     zero = [f"stages.{name}.weights.sds=0.0" for name in sds.stages]
-    return {"sds": sds, "no-sds": build_config(preset, [*overrides, *zero], model=model)}
+    return {"sds": sds, "no-sds": build_config(preset, [*overrides, *zero], model=model, steps=steps)}
 
 
 @torch.no_grad()
@@ -245,7 +248,7 @@ def mesh_points(path: Path, count: int, seed: int) -> np.ndarray:
 
 def score_run(run_dir: Path, mesh: Path, truth: dict[str, Any], device: torch.device, chamfer_points: int) -> dict[str, float]:
     """Held-out PSNR / SSIM, input-view PSNR and Chamfer distance of one finished run against ``truth``."""
-    from systems.metrics import chamfer_distance, psnr, ssim
+    from recon.metrics import chamfer_distance, psnr, ssim
 
     views = render_run(run_dir, truth["cameras"], device)
     reference = render_run(run_dir, truth["reference_camera"], device)
@@ -328,7 +331,7 @@ def markdown(record: dict[str, Any]) -> str:
     """The summary table (per method) and the per-object table."""
     summary = record["summary"]
     lines = [
-        f"# Tiny prior vs reference view only ({record['objects_done']} held-out objects, preset {record['preset']}, model {record['model']})",
+        f"# Tiny prior vs reference view only ({record['objects_done']} held-out objects, preset {record['preset']}, steps {record['steps']}, model {record['model']})",
         "",
         "| method | objects | Chamfer (world units) | held-out PSNR (dB) | SSIM | input-view PSNR (dB) | s / fit |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -343,8 +346,10 @@ def markdown(record: dict[str, Any]) -> str:
     d = summary["sds_minus_no_sds"]
     lines += [
         "",
-        f"sds - no-sds over {d['objects']} paired objects: Chamfer {_fmt(d['chamfer'], 4)}, PSNR {_fmt(d['psnr'], 2)} dB; "
-        f"sds better on Chamfer for {d['sds_better_chamfer']}, on PSNR for {d['sds_better_psnr']}.",
+        (
+            f"sds - no-sds over {d['objects']} paired objects: Chamfer {_fmt(d['chamfer'], 4)}, PSNR {_fmt(d['psnr'], 2)} dB; "
+            f"sds better on Chamfer for {d['sds_better_chamfer']}, on PSNR for {d['sds_better_psnr']}."
+        ),
         "",
         "| object seed | method | Chamfer | PSNR (dB) | SSIM | input PSNR (dB) | s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -372,6 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default=None, help="fit preset (default: fast on CUDA, cpu on the CPU)")
     parser.add_argument("--model", default="tiny", help="guidance model of the sds method (default: tiny, the shipped prior)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key.path=value for both methods (repeatable)")
+    parser.add_argument("--steps", type=int, default=None, help="total fit steps, every stage and schedule rescaled (default: the preset's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--views", type=int, default=8, help="held-out views per object (default 8)")
     parser.add_argument("--eval-size", type=int, default=128, help="side of the held-out renders, pixels (>= 11 for SSIM; default 128)")
@@ -397,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_quiet(args.quiet)
     device = resolve_device(args.device)
     preset = args.preset or ("fast" if device.type == "cuda" else "cpu")
-    configs = method_configs(preset, args.overrides, args.model)
+    configs = method_configs(preset, args.overrides, args.model, args.steps)
     seeds = heldout_seeds(args.objects, args.seed_offset)
     record: dict[str, Any] = {
         "preset": preset,
