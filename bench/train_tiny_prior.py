@@ -50,9 +50,9 @@ START = time.perf_counter()
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-import torch  # noqa: E402
+import torch
 
-from recon.fileio import write_bytes, write_json, write_text  # noqa: E402
+from recon.fileio import read_json, write_bytes, write_json, write_text
 
 PART_BYTES = 15 * 1024 * 1024
 PRIOR_NAME = "tiny-zero123"
@@ -76,6 +76,12 @@ class RecipeConfig:
     """Seed of the training data (held-out data uses seed + 1), weights and training draws."""
     arch: str = "prior"
     """Network sizes (guidance.architectures)."""
+    init: str = ""
+    """Continue from these weights (a diffusers folder, e.g. recon/assets/tiny-zero123) instead of random
+    --arch weights: the VAE stage is skipped and the folder's VAE kept."""
+    projection_pose_gain: float = 1.0
+    """Multiply the camera projection's 4 pose columns by this before stage base (a larger pose signal
+    in the tokens speeds up a from-scratch UNet's learning to use the camera)."""
     objects: int = 1000
     """Training objects to synthesise (fewer if --synth-minutes runs out)."""
     views: int = 12
@@ -236,6 +242,47 @@ def random_init(cfg: RecipeConfig, folder: Path) -> dict[str, int]:
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 
+def with_pose_gain(init: Path, gain: float, folder: Path) -> Path:
+    """``init`` re-saved into ``folder`` with the camera projection's pose columns multiplied by ``gain``."""
+    from guidance.architectures import POSE_DIM
+    from guidance.checkpoints import load_zero123, save_diffusers
+
+    model = load_zero123(init, "cpu", torch.float32)
+    with torch.no_grad():
+        model.camera_projection.weight[:, -POSE_DIM:] *= gain
+    return save_diffusers(model, folder, overwrite=True)
+
+
+@torch.no_grad()
+def pose_use(weights: Path, heldout: Path, size: int, device: str, count: int = 256, seed: int = 0) -> dict[str, float]:
+    """How much a model uses its tokens: epsilon-MSE on ``count`` held-out (input, target) pairs with the
+    true tokens, with the tokens of other pairs (poses shuffled) and with zero tokens. A model that ignores
+    the camera scores the same on all three."""
+    from guidance.checkpoints import load_zero123
+    from guidance.training import ViewCache
+    from recon.cameras import relative_pose
+    from recon.data.multiview import MultiViewDataset
+    from recon.runtime import resolve_device
+
+    model = load_zero123(weights, resolve_device(device), torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    batch = ViewCache(MultiViewDataset(heldout, image_size=size)).sample(count, generator)
+    dev = model.device
+    cond_latent = model.cond_latent(batch.input_images.to(dev))
+    target = model.encode(batch.target_images.to(dev))
+    rel = relative_pose(batch.target_elevation, batch.target_azimuth, batch.target_radius,
+                        batch.input_elevation, batch.input_azimuth, batch.input_radius, encoding=model.pose_encoding)
+    context = model.context(model.clip_embed(batch.input_images.to(dev)), rel.to(dev))
+    t = torch.randint(50, 950, (count,), generator=generator).to(dev)
+    noise = torch.randn(target.shape, generator=generator).to(dev)
+    noisy = model.scheduler.add_noise(target, noise, t)
+    shuffled = context[torch.roll(torch.arange(count), 1)]
+    scores = {}
+    for name, tokens in (("true", context), ("shuffled", shuffled), ("zero", torch.zeros_like(context))):
+        scores[name] = float(torch.nn.functional.mse_loss(model.eps(noisy, t, tokens, cond_latent).float(), noise))
+    return scores
+
+
 def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
     """The TrainConfig of one training stage."""
     from guidance.training import TrainConfig
@@ -361,28 +408,47 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    record["params"] = random_init(cfg, work / "init")
-    log(f"parameters: {record['params']} (total {sum(record['params'].values()) / 1e6:.2f} M)")
+    if cfg.init:
+        from guidance.checkpoints import load_zero123
 
-    t = time.perf_counter()
-    vae = run_stage(cfg, "vae", cfg.vae_steps, cfg.vae_batch, work / "train", work / "init", work / "run-vae", cfg.vae_minutes, log)
-    timings["vae_s"] = time.perf_counter() - t
-    record["vae"] = vae.metrics
-    log("VAE: " + ", ".join(f"{k} {v:.4g}" for k, v in vae.metrics.items()))
+        initial = load_zero123(cfg.init, "cpu", torch.float32)
+        record["params"] = {name: sum(p.numel() for p in getattr(initial, name).parameters()) for name in ("unet", "vae", "image_encoder", "camera_projection")}
+        start_weights = Path(cfg.init)
+        if (start_weights / "recipe.json").is_file():
+            record["previous"] = read_json(start_weights / "recipe.json")
+        log(f"continuing from {cfg.init}; stage vae skipped")
+    else:
+        record["params"] = random_init(cfg, work / "init")
+        t = time.perf_counter()
+        vae = run_stage(cfg, "vae", cfg.vae_steps, cfg.vae_batch, work / "train", work / "init", work / "run-vae", cfg.vae_minutes, log)
+        timings["vae_s"] = time.perf_counter() - t
+        record["vae"] = vae.metrics
+        log("VAE: " + ", ".join(f"{k} {v:.4g}" for k, v in vae.metrics.items()))
+        start_weights = vae.final
+    log(f"parameters: {record['params']} (total {sum(record['params'].values()) / 1e6:.2f} M)")
+    if cfg.projection_pose_gain != 1.0:
+        start_weights = with_pose_gain(start_weights, cfg.projection_pose_gain, work / "init-pose-gain")
+        log(f"camera projection pose columns x {cfg.projection_pose_gain}")
+    record["pose_use"] = {"start": pose_use(start_weights, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)}
+    log(f"pose use at the start (eps-MSE with true / shuffled / zero tokens): {record['pose_use']['start']}")
     log.flush()
 
     unet_s = max(0.0, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes)
     cascade_share = cfg.cascade_fraction if cfg.cascade_steps > 0 else 0.0
     t = time.perf_counter()
-    base = run_stage(cfg, "base", cfg.base_steps, cfg.base_batch, work / "train", vae.final, work / "run-base", unet_s * (1 - cascade_share) / 60.0, log)
+    base = run_stage(cfg, "base", cfg.base_steps, cfg.base_batch, work / "train", start_weights, work / "run-base", unet_s * (1 - cascade_share) / 60.0, log)
     timings["base_s"] = time.perf_counter() - t
     final, stages = base.final, {"base": base.step}
+    record["pose_use"]["base"] = pose_use(base.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
+    log(f"pose use after stage base: {record['pose_use']['base']}")
     if cascade_share > 0:
         t = time.perf_counter()
         minutes = max(0.1, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes) / 60.0
         cascade = run_stage(cfg, "cascade", cfg.cascade_steps, cfg.cascade_batch, work / "train", base.final, work / "run-cascade", minutes, log)
         timings["cascade_s"] = time.perf_counter() - t
         final, stages["cascade"] = cascade.final, cascade.step
+        record["pose_use"]["cascade"] = pose_use(cascade.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
+        log(f"pose use after stage cascade: {record['pose_use']['cascade']}")
     record["steps"] = stages
     log.flush()
 
@@ -393,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     shipped = work / PRIOR_NAME
-    description = (f"recon tiny prior: {cfg.arch} architecture trained from scratch by bench/train_tiny_prior.py on "
-                   f"{train_count} synthetic objects (VAE, base {stages['base']} steps, cascade {stages.get('cascade', 0)} steps)")
+    origin = f"continued from {cfg.init}" if cfg.init else f"{cfg.arch} architecture trained from scratch"
+    description = (f"recon tiny prior: {origin} by bench/train_tiny_prior.py on "
+                   f"{train_count} synthetic objects (base {stages['base']} steps, cascade {stages.get('cascade', 0)} steps)")
     save_shipped(final, shipped, cfg.save_dtype, description)
     device = resolve_device(cfg.device)
     model = load_zero123(shipped, device, torch.float32)

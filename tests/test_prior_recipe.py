@@ -125,3 +125,20 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     assert model.scaling_factor == pytest.approx(recipe["vae"]["scaling_factor"], rel=1e-3)
     images = model.decode(torch.zeros(1, 4, 8, 8))
     assert images.shape == (1, 3, 32, 32)
+    assert set(recipe["pose_use"]) == {"start", "base", "cascade"}
+    assert all(v > 0 for scores in recipe["pose_use"].values() for v in scores.values())
+
+    # A second run continues from the first's weights: no VAE stage, the same VAE, provenance kept.
+    again = tmp_path / "again"
+    command = [*command[:3], str(again), "--work", str(tmp_path / "work2"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    second = json.loads((again / "recipe.json").read_text())
+    assert "vae" not in second and second["previous"]["steps"] == recipe["steps"]
+    assert "camera projection pose columns x 2.0" in (again / "log.txt").read_text()
+    with tarfile.open(again / "tiny-zero123.tar") as tar:
+        tar.extractall(tmp_path / "unpacked2", filter="data")
+    continued = load_zero123(tmp_path / "unpacked2" / "tiny-zero123", "cpu", torch.float32)
+    assert continued.scaling_factor == pytest.approx(model.scaling_factor)
+    for a, b in zip(continued.vae.state_dict().values(), model.vae.state_dict().values()):
+        assert torch.equal(a, b)
