@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,7 +79,7 @@ def bank_poses(
     elevations_deg: Sequence[float], azimuth_step_deg: float, azimuth0_deg: float, radius: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The coarse-target bank grid: every elevation x azimuths ``azimuth0 + k * step`` over a full turn."""
-    count = max(1, int(round(360.0 / azimuth_step_deg)))
+    count = max(1, round(360.0 / azimuth_step_deg))
     azimuths = azimuth0_deg + torch.arange(count, dtype=torch.float32) * (360.0 / count)
     elevations = torch.tensor([float(e) for e in elevations_deg], dtype=torch.float32)
     el, az = torch.meshgrid(elevations, azimuths, indexing="ij")
@@ -104,7 +104,50 @@ def proximity_weights(target_el: Tensor, target_az: Tensor, cond_el: Tensor, con
 
 
 # --------------------------------------------------------------- sampling
+def in_chunks(encode: Callable[[Tensor], Tensor], images: Tensor, batch: int) -> Tensor:
+    """``encode`` (e.g. :meth:`Zero123Model.clip_embed`) applied to ``images`` (N, ...) ``batch`` at a
+    time, results concatenated along dim 0, so the peak memory does not grow with N."""
+    return torch.cat([encode(images[start : start + batch]) for start in range(0, images.shape[0], batch)])
+
+
 @torch.no_grad()
+def generate_views_many(
+    model: Zero123Model,
+    images: Tensor,
+    poses: Sequence[tuple[float, float, float]],
+    targets: Sequence[tuple[Tensor, Tensor, Tensor]],
+    steps: int,
+    guidance_scale: float,
+    seeds: Sequence[int],
+    batch: int,
+) -> list[Tensor]:
+    """Novel views of G input images at once: one (N_g, 3, S, S) tensor in [0, 1] per input.
+
+    ``images`` (G, 3, S, S) in [0, 1] were taken from ``poses[g]`` (elevation
+    deg, azimuth deg, radius); ``targets[g]`` holds the N_g absolute target
+    cameras of input g, three (N_g,) tensors. All views are sampled by DDIM
+    with classifier-free guidance in shared UNet batches of ``batch`` views.
+    Input g's initial noise comes from its own CPU generator seeded with
+    ``seeds[g]``, so its views depend neither on the device, nor on the batch
+    split, nor on the other inputs. Outputs are rounded to 8-bit levels, so a
+    view read back from its PNG is identical.
+    """
+    device = model.device
+    cond = images.to(device=device, dtype=torch.float32)
+    latents = in_chunks(model.cond_latent, cond, batch)
+    clips = in_chunks(model.clip_embed, cond, batch)
+    counts = [int(t[0].shape[0]) for t in targets]
+    owner = torch.repeat_interleave(torch.tensor(counts)).to(device)  # the input of every view
+    rel = torch.cat([relative_pose(*t, *p, encoding=model.pose_encoding) for t, p in zip(targets, poses, strict=True)])
+    context = model.context(clips[owner], rel.to(device))
+    noise = torch.cat([
+        torch.randn((n, *latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
+        for n, seed in zip(counts, seeds, strict=True)
+    ])
+    views = ddim_sample(model, context, latents[owner], noise, steps, guidance_scale, batch).clamp(0.0, 1.0)
+    return list((torch.round(views * 255.0) / 255.0).split(counts))
+
+
 def generate_views(
     model: Zero123Model,
     image: Tensor,
@@ -116,20 +159,8 @@ def generate_views(
     batch: int,
 ) -> Tensor:
     """Novel views (N, 3, S, S) in [0, 1] of ``image`` (3, S, S) taken from ``pose`` (elevation, azimuth,
-    radius) at the absolute ``targets`` cameras, by DDIM with classifier-free guidance.
-
-    The initial noise comes from a CPU generator seeded with ``seed``, so the
-    result does not depend on the device or on the batch split. Outputs are
-    rounded to 8-bit levels, so a view read back from its PNG is identical.
-    """
-    device = model.device
-    cond = image[None].to(device=device, dtype=torch.float32)
-    latent = model.cond_latent(cond)
-    rel = relative_pose(*targets, *pose, encoding=model.pose_encoding).to(device)
-    context = model.context(model.clip_embed(cond).expand(rel.shape[0], -1), rel)
-    noise = torch.randn((rel.shape[0], *latent.shape[1:]), generator=torch.Generator().manual_seed(seed))
-    images = ddim_sample(model, context, latent, noise, steps, guidance_scale, batch).clamp(0.0, 1.0)
-    return torch.round(images * 255.0) / 255.0
+    radius) at the absolute ``targets`` cameras: :func:`generate_views_many` for one input."""
+    return generate_views_many(model, image[None], [pose], [targets], steps, guidance_scale, [seed], batch)[0]
 
 
 # ----------------------------------------------------------------- caching

@@ -8,17 +8,38 @@ import math
 import pytest
 import torch
 
+from guidance.cascade import generate_views, generate_views_many
 from guidance.checkpoints import load_zero123
-from guidance.evaluation import EvalConfig, evaluate, image_scores, markdown_report
+from guidance.evaluation import (
+    EvalConfig,
+    cascade_views,
+    cascade_views_many,
+    evaluate,
+    image_scores,
+    markdown_report,
+)
 from recon.cli.main import main
 from recon.data.multiview import MultiViewDataset, composite
 from recon.data.synth import SynthConfig, synthesize
+from tests.guidance_fixtures import tiny_images, tiny_model
 
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval") / "heldout"
     synthesize(SynthConfig(objects=2, views=4, size=64, seed=9, supersample=1, orbit=True), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """Three objects with 5, 4 and 3 views (4, 3 and 2 targets)."""
+    root = tmp_path_factory.mktemp("eval") / "uneven"
+    synthesize(SynthConfig(objects=3, views=5, size=64, seed=4, supersample=1, orbit=True), root)
+    for folder, drop in (("00001", ["004"]), ("00002", ["003", "004"])):
+        for name in drop:
+            for suffix in (".png", ".json"):
+                (root / folder / (name + suffix)).unlink()
     return root
 
 
@@ -74,3 +95,46 @@ def test_cli_eval_nvs_writes_table_and_json(heldout, tmp_path):
     text = (tmp_path / "out" / "eval.md").read_text()
     assert text.startswith("# Novel-view evaluation (1 objects, 3 target views)")
     assert "| base |" in text and "| copy-input |" in text
+
+
+# Three inputs with 2, 3 and 1 target cameras (two share a seed, as an object's two inputs do).
+POSES = [(10.0, 0.0, 1.5), (-5.0, 40.0, 1.6), (30.0, -90.0, 1.4)]
+TARGETS = [
+    (torch.tensor([20.0, 0.0]), torch.tensor([30.0, 120.0]), torch.tensor([1.5, 1.5])),
+    (torch.tensor([0.0, 15.0, -10.0]), torch.tensor([0.0, 90.0, 200.0]), torch.tensor([1.6, 1.5, 1.7])),
+    (torch.tensor([5.0]), torch.tensor([-45.0]), torch.tensor([1.4])),
+]
+SEEDS = [3, 17, 3]
+
+
+def test_generate_views_many_matches_one_input_at_a_time():
+    model, images, poses, targets, seeds = tiny_model(), tiny_images(3, seed=1), POSES, TARGETS, SEEDS
+    together = generate_views_many(model, images, poses, targets, 2, 3.0, seeds, batch=4)
+    assert [v.shape[0] for v in together] == [2, 3, 1]
+    for image, pose, target, seed, views in zip(images, poses, targets, seeds, together, strict=True):
+        alone = generate_views(model, image, pose, target, 2, 3.0, seed, batch=8)
+        torch.testing.assert_close(views, alone, rtol=0, atol=1.01 / 255)
+
+
+def test_cascade_views_many_matches_one_input_at_a_time():
+    model, images = tiny_model(), tiny_images(3, seed=2)
+    base_views = generate_views_many(model, images, POSES, TARGETS, 2, 3.0, SEEDS, batch=8)
+    together = cascade_views_many(model, model, images, POSES, TARGETS, base_views, EvalConfig(steps=2, batch=4), SEEDS)
+    assert [v.shape[0] for v in together] == [2, 3, 1]
+    for image, pose, target, base, seed, views in zip(images, POSES, TARGETS, base_views, SEEDS, together, strict=True):
+        alone = cascade_views(model, model, image, pose, target, base, EvalConfig(steps=2, batch=1), seed)
+        torch.testing.assert_close(views, alone, rtol=0, atol=2e-3)
+
+
+def test_evaluate_does_not_depend_on_group_or_batch(uneven):
+    dataset = MultiViewDataset(uneven, image_size=64)
+    model = load_zero123("random-tiny", "cpu", torch.float32)
+    alone = evaluate(dataset, model, model, EvalConfig(steps=1, batch=2, group=1))
+    together = evaluate(dataset, model, model, EvalConfig(steps=1, batch=5, group=3))
+    assert alone["target_views"] == together["target_views"] == 9
+    keys = [f"{m}_psnr" for m in ("base", "cascade", "copy-input", "mean-image")]
+    for a, b in zip(alone["views"], together["views"], strict=True):
+        assert (a["object"], a["target_view"]) == (b["object"], b["target_view"])
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], abs=1e-3)
+    for name in ("base", "cascade"):
+        assert alone["summary"][name]["consistency_psnr"] == pytest.approx(together["summary"][name]["consistency_psnr"], abs=1e-3)

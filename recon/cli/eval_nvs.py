@@ -35,6 +35,10 @@ class EvalNVSCommand:
     """Evaluate at most this many objects (0 = all)."""
     consistency: bool = True
     """Also generate from a second input view for the consistency score (twice the time)."""
+    batch: int = 64
+    """Views per UNet batch (lower it if the GPU runs out of memory)."""
+    group: int = 16
+    """Objects whose views are sampled together (fuller UNet batches; the scores do not change)."""
     seed: int = 0
     """Seed of the samplers' noise."""
     device: str = "auto"
@@ -65,7 +69,8 @@ class EvalNVSCommand:
         dataset = MultiViewDataset(self.data, image_size=native_size(base))
         cfg = EvalConfig(
             steps=self.steps, guidance_scale=self.guidance_scale, input_view=self.input_view,
-            max_objects=self.max_objects, consistency=self.consistency, seed=self.seed,
+            max_objects=self.max_objects, consistency=self.consistency, batch=self.batch, group=self.group,
+            seed=self.seed,
         )
         with progress_bar() as bar:
             total = len(dataset) if self.max_objects <= 0 else min(self.max_objects, len(dataset))
