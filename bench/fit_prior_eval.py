@@ -394,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the Markdown tables, writes JSON to --out, returns the record."""
-    from recon.cli.api import _Models
+    from recon.cli.api import Models
     from recon.progress import set_quiet
     from recon.runtime import resolve_device
 
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "objects_requested": args.objects,
         "objects": [],
     }
-    models = _Models(device)
+    models = Models(device)
     slowest = 0.0
     with tempfile.TemporaryDirectory(prefix="recon-prior-eval-") as scratch:
         work = args.work or Path(scratch)

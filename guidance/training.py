@@ -78,11 +78,12 @@ _CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})\.pt$")
 
 @dataclass
 class TrainConfig:
-    """Cascade-Zero123 self-distillation (stage cascade) or Zero-1-to-3 fine-tuning (stage base)."""
+    """Cascade-Zero123 self-distillation (stage cascade), Zero-1-to-3 fine-tuning (stage base) or VAE training (stage vae)."""
 
     stage: str = "cascade"
     """'cascade': train the Refiner, its EMA is the Base; 'base': plain Zero123 fine-tuning;
-    'vae': train the VAE alone as an autoencoder (for networks trained from scratch)."""
+    'vae': train the VAE alone as an autoencoder and set its scaling factor (for networks trained
+    from scratch; later stages start from that run's final/base and keep the VAE frozen)."""
     steps: int = 2000
     """Optimiser steps in total (a resumed run continues to this count)."""
     batch_size: int = 4

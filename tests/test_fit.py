@@ -323,6 +323,22 @@ def test_nan_loss_rolls_back_to_the_last_checkpoint_and_finishes(tmp_path, share
     assert all(math.isfinite(v) for v in meta["final_losses"].values())
 
 
+def test_public_api_fits_images_one_at_a_time_with_shared_models(tmp_path, monkeypatch):
+    import recon
+    from guidance import interface
+    from recon.runtime import resolve_device
+
+    built = []
+    original = interface.make_guidance
+    monkeypatch.setattr(interface, "make_guidance", lambda cfg, device: built.append(cfg.model) or original(cfg, device))
+    models = recon.Models(resolve_device("cpu"))
+    cfg = recon.build_config("cpu", [*TINY, "turntable=false", "preview_every=0"], model="random-tiny", formats="ply")
+    for name in ("a", "b"):
+        outcome = recon.fit_image(make_rgba(tmp_path / f"{name}.png"), tmp_path / name, cfg, models.device, models)
+        assert outcome["exports"]["ply"].is_file()
+    assert built == ["random-tiny"]
+
+
 # ------------------------------------------------------------------ the trainer with a fake guidance
 class FakeGuidance:
     """Stands in for guidance.interface.Guidance: a differentiable 'SDS' that pulls renders towards grey."""

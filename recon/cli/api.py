@@ -6,6 +6,14 @@
 
 ``fit`` takes one image, several, or a folder; each image gets a run folder
 ``OUTPUT/<stem>/``. The guidance models are loaded once for all images.
+For control over each image (own loop, own run folders), the same steps one
+at a time, with the models loaded once:
+
+    from recon.runtime import resolve_device
+
+    models = recon.Models(resolve_device("auto"))
+    cfg = recon.build_config("cpu", ["stages.fine.steps=200"])
+    recon.fit_image(Path("cat.png"), Path("runs/cat"), cfg, models.device, models)
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 
 from recon.config import to_plain
 from recon.errors import ReconError
+from recon.progress import PhaseTimer
 from recon.runs import RunDir
 from systems.batch import ImageResult, print_summary, run_batch, save_summary
 from systems.fit import FitConfig, Trainer, resolve_config, scale_steps
@@ -79,14 +88,22 @@ def load_reference_png(path: Path) -> Any:
     return ReferenceView(rgba=torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float(), source=path)
 
 
-class _Models:
-    """Guidance objects built once per guidance config and shared by every image of a call."""
+class Models:
+    """The guidance models of :func:`fit_image`, loaded once and shared by every image fitted with them.
+
+    Holds one :class:`guidance.interface.Guidance` (the Zero-1-to-3 Base and,
+    in cascade mode, Refiner weights) per distinct ``cfg.guidance``, on
+    ``device``; each is loaded on first :meth:`get`. Build one with
+    ``Models(resolve_device("auto"))`` (:func:`recon.runtime.resolve_device`)
+    and pass it to every :func:`fit_image` call of a batch, as :func:`fit` does.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._cache: dict[str, Any] = {}
 
-    def get(self, cfg: FitConfig, timer: Any) -> Any:
+    def get(self, cfg: FitConfig, timer: PhaseTimer) -> Any:
+        """The Guidance of ``cfg.guidance``, loaded (timed under ``timer``'s "load models") on first use."""
         key = repr(to_plain(cfg.guidance))
         if key not in self._cache:
             from guidance.interface import make_guidance
@@ -173,13 +190,15 @@ def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device,
     return paths
 
 
-def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, models: _Models, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, models: Models, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Preprocess, prepare the guidance, train every stage, export: one image into ``run_dir``.
 
+    ``cfg`` usually comes from :func:`build_config`; ``models`` is a :class:`Models`
+    on ``device``, shared by the calls of a batch so that weights load once.
     Returns ``{"exports": {format: path}, "timings_s": {phase: seconds}}``.
     Marks the run failed (or interrupted) in progress.json before re-raising.
     """
-    from recon.progress import PhaseTimer, info
+    from recon.progress import info
     from recon.runtime import peak_memory_gib, reset_peak_memory, seed_everything
 
     timer = PhaseTimer()
@@ -261,7 +280,7 @@ def fit(
         remove_bg=remove_bg, steps=steps,
     )
     dev = resolve_device(device)
-    models = _Models(dev)
+    models = Models(dev)
     output = Path(output)
 
     def one(image: Path, run_dir: Path) -> dict[str, Any]:

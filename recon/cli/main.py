@@ -11,6 +11,10 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tyro.constructors import ConstructorRegistry
 
 # command name -> (module under recon.cli, class name, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -33,6 +37,33 @@ def _usage() -> str:
     for name, (_, _, summary) in COMMANDS.items():
         lines.append(f"  {name:<14} {summary}")
     return "\n".join(lines)
+
+
+def _registry() -> ConstructorRegistry:
+    """tyro parsing rules for config field types tyro has no flag for: ``list[list[float]]`` (e.g.
+    ``nearby_views``) takes one comma-separated row per argument, ``--nearby-views 0,45,0 0,-45,0``."""
+    from tyro.constructors import (
+        ConstructorRegistry,
+        PrimitiveConstructorSpec,
+        PrimitiveTypeInfo,
+    )
+
+    registry = ConstructorRegistry()
+
+    @registry.primitive_rule
+    def float_rows(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
+        """The spec of ``list[list[float]]``; None (other rules apply) for every other type."""
+        if info.type != list[list[float]]:
+            return None
+        return PrimitiveConstructorSpec(
+            nargs="*",
+            metavar="X,Y,... [X,Y,... ...]",
+            instance_from_str=lambda args: [[float(x) for x in arg.split(",")] for arg in args],
+            is_instance=lambda value: isinstance(value, list) and all(isinstance(row, list) for row in value),
+            str_from_instance=lambda rows: [",".join(f"{x:g}" for x in row) for row in rows],
+        )
+
+    return registry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog, rest = f"{prog} {rest[0]}", rest[1:]
     module_name, class_name, _ = COMMANDS[name]
     command_class = getattr(importlib.import_module(f"recon.cli.{module_name}"), class_name)
-    command = tyro.cli(command_class, args=rest, prog=prog)
-    try:
+    try:  # parsing builds the command's config dataclasses, whose validation raises ReconError
+        command = tyro.cli(command_class, args=rest, prog=prog, registry=_registry())
         return int(command.run() or 0)
     except ReconError as exc:
         error(str(exc))

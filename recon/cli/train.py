@@ -8,6 +8,8 @@ from typing import Annotated
 
 import tyro
 
+from guidance.training import TrainConfig, train
+
 
 @dataclass
 class TrainCascadeCommand:
@@ -22,38 +24,14 @@ class TrainCascadeCommand:
     or random weights of an architecture ('random-tiny', 'random-full')."""
     output: Annotated[Path, tyro.conf.arg(aliases=("-o",))]
     """Run folder (checkpoints/, final/base, progress.json)."""
-    stage: str = "cascade"
-    """'cascade': Refiner training with its EMA as the Base; 'base': plain Zero123 fine-tuning;
-    'vae': train the VAE alone as an autoencoder and set its scaling factor (from-scratch networks;
-    later stages use --init RUN/final/base and keep it frozen)."""
-    steps: int = 2000
-    """Total optimiser steps."""
-    batch_size: int = 4
-    """Samples per step and GPU."""
-    image_size: int = 0
-    """Model input side; 0 = the model's native size."""
-    lr_unet: float = 1e-4
-    """AdamW learning rate of the UNet."""
-    lr_projection: float = 1e-3
-    """AdamW learning rate of the camera projection."""
-    prompt_steps: int = 10
-    """DDIM steps of the Base's self-prompting."""
-    mixed_precision: str = "auto"
-    """'auto' (bf16 on CUDA), 'no', 'bf16' or 'fp16'."""
-    gradient_checkpointing: bool = False
-    """Recompute UNet activations in the backward pass to save memory."""
-    preload: bool = False
-    """Decode every view into memory once (8-bit) and draw batches there: much faster for small datasets."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints."""
+    training: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
+    """How to train; every field is a flag of its own (--stage, --steps, --batch-size, ...)."""
     max_minutes: float | None = None
     """Stop cleanly (with a checkpoint) after this many minutes; rerun to continue."""
-    seed: int = 0
-    """Seed of data sampling, noise and dropout."""
     device: str = "auto"
     """auto, cpu or cuda (under accelerate launch each process takes its own GPU)."""
     set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """Other TrainConfig fields as key=value (repeatable), e.g. --set ema_decay=0.9999."""
+    """Training fields as key=value (repeatable), applied over the flags, e.g. --set ema_decay=0.9999."""
     resume: bool = True
     """Continue the run in --output when it has one (--no-resume refuses an existing run)."""
     quiet: bool = False
@@ -61,18 +39,11 @@ class TrainCascadeCommand:
 
     def run(self) -> int:
         """Trains (or continues) and returns the exit code."""
-        from guidance.training import TrainConfig, train
-        from recon.config import resolve
+        from recon.config import resolve, to_plain
         from recon.progress import info, set_quiet
 
         set_quiet(self.quiet)
-        flags = {
-            "stage": self.stage, "steps": self.steps, "batch_size": self.batch_size, "image_size": self.image_size,
-            "lr_unet": self.lr_unet, "lr_projection": self.lr_projection, "prompt_steps": self.prompt_steps,
-            "mixed_precision": self.mixed_precision, "gradient_checkpointing": self.gradient_checkpointing,
-            "checkpoint_every": self.checkpoint_every, "seed": self.seed, "preload": self.preload,
-        }
-        cfg = resolve(TrainConfig, flags, overrides=self.set)
+        cfg = resolve(TrainConfig, to_plain(self.training), overrides=self.set)
         result = train(cfg, self.data, self.init, self.output, self.device, self.max_minutes, self.resume)
         if result.metrics:
             info("VAE: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))

@@ -32,7 +32,7 @@ OBJECT_META = "object.json"
 
 @dataclass
 class SynthConfig:
-    """What :func:`synthesize` renders."""
+    """A synthetic dataset: objects, views, cameras, primitives and shading (what :func:`synthesize` renders)."""
 
     objects: int = 100
     """Number of objects."""
@@ -50,8 +50,8 @@ class SynthConfig:
     """Lowest camera elevation in degrees."""
     elevation_max_deg: float = 80.0
     """Highest camera elevation in degrees."""
-    min_primitives: int = 2
-    """Fewest primitives per object."""
+    min_primitives: int | None = None
+    """Fewest primitives per object; None = 2, or max_primitives when that is lower."""
     max_primitives: int = 6
     """Most primitives per object."""
     textured_probability: float = 0.5
@@ -64,9 +64,11 @@ class SynthConfig:
     """'lambert' (ambient + one world-fixed light) or 'albedo' (flat colours)."""
     orbit: bool = False
     """Views evenly spaced in azimuth (360 / views apart, random start) at one random elevation per
-    object, instead of random views: fixed relative poses for evaluation."""
+    object, instead of random views: fixed relative poses for evaluation (eval-nvs)."""
 
     def __post_init__(self) -> None:
+        if self.min_primitives is None:
+            self.min_primitives = min(2, self.max_primitives)
         if self.objects < 1 or self.views < 1 or self.size < 8:
             raise ReconError("data synth: --objects and --views must be >= 1 and --size >= 8")
         if not 1 <= self.min_primitives <= self.max_primitives:
