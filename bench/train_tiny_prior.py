@@ -99,7 +99,7 @@ class RecipeConfig:
     heldout_views: int = 8
     """Views per held-out object (one input, the rest targets)."""
     vae_minutes: float = 1.25
-    """Time for the VAE stage."""
+    """Time for the VAE stage (with --init: the decoder alone, the encoder and latent space kept; 0 = skip)."""
     vae_steps: int = 1_000_000
     """Most VAE steps (time usually ends the stage first)."""
     vae_batch: int = 64
@@ -128,12 +128,19 @@ class RecipeConfig:
     """Linear warm-up steps of every stage."""
     ema_decay: float = 0.995
     """EMA decay of the Base (the shipped weights are the EMA)."""
+    loss_weighting: str = "truncated-snr"
+    """Timestep weighting of the UNet stages' loss: eps or truncated-snr (guidance.training.TrainConfig)."""
     eval_steps: int = 20
     """DDIM steps of the evaluation samplers."""
-    eval_batch: int = 16
+    eval_objects: int = 40
+    """Held-out objects evaluated (at most --heldout-objects)."""
+    eval_batch: int = 256
     """Views per UNet batch in the evaluation."""
+    eval_group: int = 40
+    """Held-out objects whose views are sampled together in the evaluation."""
     eval_reserve_minutes: float = 1.5
-    """Time kept for saving, evaluation, samples and packing after training."""
+    """Time kept for saving, evaluation, samples and packing after training (the weights are packed
+    before the evaluation, so a command killed during it still returns them)."""
     consistency: bool = True
     """Also score multi-view consistency in the evaluation (doubles its cost)."""
     sample_objects: int = 4
@@ -290,8 +297,8 @@ def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
     return TrainConfig(
         stage=stage, steps=max(1, steps), batch_size=batch, image_size=cfg.size, lr_unet=cfg.lr_unet,
         lr_projection=cfg.lr_projection, lr_vae=cfg.lr_vae, kl_weight=cfg.kl_weight, warmup_steps=cfg.warmup_steps,
-        ema_decay=cfg.ema_decay, mixed_precision=cfg.mixed_precision, prompt_steps=cfg.prompt_steps,
-        seed=cfg.seed, preload=True, checkpoint_every=10**9, keep_checkpoints=1,
+        ema_decay=cfg.ema_decay, loss_weighting=cfg.loss_weighting, mixed_precision=cfg.mixed_precision, prompt_steps=cfg.prompt_steps,
+        seed=cfg.seed, preload=True, checkpoint_every=10**9, keep_checkpoints=1, vae_decoder_only=bool(cfg.init),
     )
 
 
@@ -416,11 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         start_weights = Path(cfg.init)
         if (start_weights / "recipe.json").is_file():
             record["previous"] = read_json(start_weights / "recipe.json")
-        log(f"continuing from {cfg.init}; stage vae skipped")
+        log(f"continuing from {cfg.init}" + ("; the VAE decoder alone is trained" if cfg.vae_minutes > 0 else "; stage vae skipped"))
     else:
         record["params"] = random_init(cfg, work / "init")
+        start_weights = work / "init"
+    if cfg.vae_minutes > 0 or not cfg.init:
         t = time.perf_counter()
-        vae = run_stage(cfg, "vae", cfg.vae_steps, cfg.vae_batch, work / "train", work / "init", work / "run-vae", cfg.vae_minutes, log)
+        vae = run_stage(cfg, "vae", cfg.vae_steps, cfg.vae_batch, work / "train", start_weights, work / "run-vae", cfg.vae_minutes, log)
         timings["vae_s"] = time.perf_counter() - t
         record["vae"] = vae.metrics
         log("VAE: " + ", ".join(f"{k} {v:.4g}" for k, v in vae.metrics.items()))
@@ -466,13 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg.device)
     model = load_zero123(shipped, device, torch.float32)
     heldout = MultiViewDataset(work / "heldout", image_size=cfg.size)
-    ecfg = EvalConfig(steps=cfg.eval_steps, batch=cfg.eval_batch, consistency=cfg.consistency, seed=cfg.seed, max_objects=1)
-    probe = time.perf_counter()
-    evaluate(heldout, model, model, ecfg)
-    per_object = time.perf_counter() - probe
-    affordable = int((remaining_s(cfg) - 25.0) / max(per_object, 1e-3))
-    ecfg.max_objects = max(1, min(len(heldout), affordable))
-    log(f"evaluating {ecfg.max_objects}/{len(heldout)} held-out objects ({per_object:.1f} s per object)")
+    record["description"] = description
+    write_json(shipped / "recipe.json", record)
+    names = pack(shipped, out)
+    log(f"wrote {', '.join(names)} (weights before the evaluation)")
+    ecfg = EvalConfig(steps=cfg.eval_steps, batch=cfg.eval_batch, group=cfg.eval_group, consistency=cfg.consistency,
+                      seed=cfg.seed, max_objects=min(cfg.eval_objects, len(heldout)))
+    log(f"evaluating {ecfg.max_objects}/{len(heldout)} held-out objects")
     report = evaluate(heldout, model, model, ecfg)
     timings["eval_s"] = time.perf_counter() - t
     write_report(report, out)
@@ -483,7 +492,6 @@ def main(argv: list[str] | None = None) -> int:
         write_png(out / "samples.png", sample_grid(model, heldout, cfg.sample_objects, ecfg, ecfg.background))
     record["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     record["eval_summary"] = {k: {"psnr": v["psnr"], "ssim": v["ssim"]} for k, v in report["summary"].items()}
-    record["description"] = description
     write_json(shipped / "recipe.json", record)
     names = pack(shipped, out)
     record["files"] = {name: (out / name).stat().st_size for name in names}

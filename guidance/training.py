@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 STAGES = ("cascade", "base", "vae")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+LOSS_WEIGHTINGS = ("eps", "truncated-snr")
 CHECKPOINT_FORMAT = 1
 _CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})\.pt$")
 
@@ -104,6 +105,10 @@ class TrainConfig:
     """EMA decay of the Refiner (capped by (1 + n) / (10 + n) early on)."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on CUDA, off on the CPU), 'no', 'bf16' or 'fp16'."""
+    loss_weighting: str = "eps"
+    """'eps': the plain epsilon-MSE of Zero-1-to-3; 'truncated-snr': epsilon-MSE x max(1, 1/SNR(t)), normalised to
+    mean 1 over the timesteps (Salimans & Ho 2022), which stresses the noisiest timesteps where sampling starts
+    and a model trained from scratch otherwise learns to use its conditioning last."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass (less memory, ~30 % slower)."""
     drop_tokens_p: float = 0.05
@@ -140,6 +145,9 @@ class TrainConfig:
     """Stage vae: weight of the KL term (per latent element) against the per-pixel reconstruction loss."""
     scale_samples: int = 512
     """Stage vae: views encoded to measure the latents' std (scaling_factor = 1 / std)."""
+    vae_decoder_only: bool = False
+    """Stage vae: train only the decoder; the encoder, hence the latent space and scaling_factor, stay as they
+    are, so a UNet already trained on those latents keeps working (e.g. to sharpen a trained prior's colours)."""
     preload: bool = False
     """Decode every view once into memory (8-bit RGBA) and draw batches there; fast for datasets that fit in RAM."""
 
@@ -148,6 +156,8 @@ class TrainConfig:
             raise ReconError(f"stage {self.stage!r}: choose one of {', '.join(STAGES)}")
         if self.mixed_precision not in PRECISIONS:
             raise ReconError(f"mixed_precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ReconError(f"loss_weighting {self.loss_weighting!r}: choose one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.steps < 1 or self.batch_size < 1 or self.prompt_steps < 1 or self.scale_samples < 1:
             raise ReconError("steps, batch_size, prompt_steps and scale_samples must be >= 1")
         for name in ("drop_tokens_p", "drop_latent_p", "drop_both_p", "drop_extra_token_p", "single_token_p"):
@@ -390,6 +400,19 @@ def ema_update(target: Zero123Model, source: Zero123Model, decay: float) -> None
             t.copy_(s)
 
 
+def timestep_weights(scheduler: Any, weighting: str) -> Tensor:
+    """Per-timestep loss weights (num_train_timesteps,) for ``TrainConfig.loss_weighting``.
+
+    'eps': all ones. 'truncated-snr': max(1, 1/SNR(t)) with SNR = alpha_bar / (1 - alpha_bar), divided by
+    its mean so that the loss keeps the epsilon-MSE's scale under uniform timestep sampling.
+    """
+    alpha_bar = scheduler.alphas_cumprod.double()
+    if weighting == "eps":
+        return torch.ones_like(alpha_bar).float()
+    weights = torch.clamp((1.0 - alpha_bar) / alpha_bar, min=1.0)
+    return (weights / weights.mean()).float()
+
+
 def ema_decay_at(step: int, decay: float) -> float:
     """The EMA decay used after optimiser step ``step`` (1-based): min(decay, (1 + step) / (10 + step))."""
     return min(decay, (1.0 + step) / (10.0 + step))
@@ -483,7 +506,8 @@ class Trainer:
         self._set_lr(optimizer)
         with acc.autocast():
             eps = denoiser(noisy, t.to(device), embeds, poses, cond_latent, token_keep.to(device), latent_keep.to(device))
-        loss = F.mse_loss(eps.float(), noise.float())
+        per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+        loss = (per_sample * timestep_weights(model.scheduler, cfg.loss_weighting)[t].to(per_sample.device)).mean()
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if cfg.grad_clip > 0:
@@ -580,7 +604,7 @@ class TrainResult:
     losses: list[float]
     final: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
-    """Stage vae: reconstruction PSNR before/after on a fixed batch, the latents' std and scaling_factor."""
+    """Stage vae: reconstruction PSNR and chroma PSNR before/after on a fixed batch, the latents' std and scaling_factor."""
 
 
 def train(
@@ -684,15 +708,21 @@ class AutoencoderLoss(nn.Module):
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae: nn.Module, images: Tensor, chunk: int = 64) -> float:
-    """PSNR (dB) of ``images`` (N, 3, S, S) in [0, 1] through the VAE (posterior mode, decoded, clamped)."""
-    errors = []
+def reconstruction_scores(vae: nn.Module, images: Tensor, chunk: int = 64) -> dict[str, float]:
+    """PSNR (dB) of ``images`` (N, 3, S, S) in [0, 1] through the VAE (posterior mode, decoded, clamped):
+    ``psnr`` of the RGB values and ``chroma_psnr`` of the colour alone (each pixel minus its channel mean),
+    which a VAE that only reproduces brightness scores badly on."""
+    errors, chroma_errors = [], []
     for part in images.split(chunk):
         x = (part * 2.0 - 1.0).to(vae.dtype)
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        errors.append(((rec.float() + 1.0) / 2.0).clamp(0, 1).sub(part.float()).square().flatten(1).mean(1))
-    mse = torch.cat(errors).mean()
-    return float(-10.0 * torch.log10(mse.clamp_min(1e-10)))
+        rec = ((vae.decode(vae.encode(x).latent_dist.mode()).sample.float() + 1.0) / 2.0).clamp(0, 1)
+        diff = rec - part.float()
+        errors.append(diff.square().flatten(1).mean(1))
+        chroma_errors.append((diff - diff.mean(dim=1, keepdim=True)).square().flatten(1).mean(1))
+    return {
+        name: float(-10.0 * torch.log10(torch.cat(err).mean().clamp_min(1e-10)))
+        for name, err in (("psnr", errors), ("chroma_psnr", chroma_errors))
+    }
 
 
 @torch.no_grad()
@@ -724,7 +754,9 @@ def train_vae(
     posterior samples, plus ``cfg.kl_weight`` x KL per latent element;
     AdamW (``cfg.lr_vae``, warm-up, clip). Ends after ``cfg.steps`` steps or
     ``max_minutes``; either way the VAE's ``scaling_factor`` becomes 1 / std
-    of the latents of ``cfg.scale_samples`` views and the whole model (UNet,
+    of the latents of ``cfg.scale_samples`` views (unless
+    ``cfg.vae_decoder_only``: then only the decoder trains and the encoder and
+    scaling factor are kept) and the whole model (UNet,
     image encoder and projection untouched) is written. No mid-run
     checkpoints: rerunning starts the VAE training over.
     """
@@ -749,10 +781,14 @@ def train_vae(
     dataset = MultiViewDataset(data, image_size=size)
     cache = ViewCache(dataset, acc.device) if cfg.preload else None
     fixed = _random_views(dataset, cache, min(32, cfg.scale_samples), torch.Generator().manual_seed(cfg.seed + 1), cfg.background).to(acc.device)
-    psnr_before = reconstruction_psnr(vae, fixed)
-    vae.requires_grad_(True)
-    vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr_vae, weight_decay=0.0)
+    before = reconstruction_scores(vae, fixed)
+    trained = [vae.decoder, vae.post_quant_conv] if cfg.vae_decoder_only else [vae]
+    vae.requires_grad_(False)
+    for module in trained:
+        module.requires_grad_(True)
+        module.train()
+    parameters = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr_vae, weight_decay=0.0)
     module, optimizer = acc.prepare(AutoencoderLoss(vae), optimizer)
     latent_side = size // model.latent_scale
     losses: list[float] = []
@@ -776,7 +812,7 @@ def train_vae(
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             if cfg.grad_clip > 0:
-                acc.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+                acc.clip_grad_norm_(parameters, cfg.grad_clip)
             optimizer.step()
             step += 1
             value = float(loss.detach())
@@ -791,11 +827,17 @@ def train_vae(
                     on_step(step, value)
     vae.eval().requires_grad_(False)
     std = latent_std(vae, _random_views(dataset, cache, cfg.scale_samples, torch.Generator().manual_seed(cfg.seed + 2), cfg.background).to(acc.device))
-    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-8))
-    metrics = {"psnr_before": psnr_before, "psnr_after": reconstruction_psnr(vae, fixed), "latent_std": std, "scaling_factor": float(vae.config.scaling_factor), "steps": float(step)}
+    if not cfg.vae_decoder_only:
+        vae.register_to_config(scaling_factor=1.0 / max(std, 1e-8))
+    after = reconstruction_scores(vae, fixed)
+    metrics = {
+        "psnr_before": before["psnr"], "psnr_after": after["psnr"], "chroma_psnr_before": before["chroma_psnr"],
+        "chroma_psnr_after": after["chroma_psnr"], "latent_std": std, "scaling_factor": float(vae.config.scaling_factor), "steps": float(step),
+    }
     final = None
     if main:
-        model.description = f"recon train-cascade (stage vae) from {init}: VAE trained {step} steps, UNet untouched"
+        part = "VAE decoder" if cfg.vae_decoder_only else "VAE"
+        model.description = f"recon train-cascade (stage vae) from {init}: {part} trained {step} steps, UNet untouched"
         final = save_diffusers(model, run.root / "final" / "base", overwrite=True)
         run.update_meta(vae_metrics=metrics)
         run.write_progress("train vae", step, cfg.steps, None, "interrupted" if stopped_early else "finished",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from guidance.architectures import architecture, build_components, match_architecture
 from guidance.checkpoints import load_zero123
 from guidance.evaluation import METHODS
-from guidance.training import TrainConfig, ViewCache, latent_std, train
+from guidance.training import TrainConfig, ViewCache, latent_std, reconstruction_scores, train
 from recon.data.multiview import MultiViewDataset, composite
 from recon.data.synth import SynthConfig, synthesize
 
@@ -90,6 +91,34 @@ def test_vae_stage_learns_and_sets_the_scaling_factor(data, tmp_path):
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["vae_metrics"]["steps"] == 12
 
+    # Decoder only: the encoder and the scaling factor (the UNet's latent space) stay, the decoder learns.
+    cfg = TrainConfig(stage="vae", steps=12, batch_size=4, lr_vae=2e-3, warmup_steps=1, scale_samples=8, preload=True, vae_decoder_only=True)
+    decoder = train(cfg, data, str(result.final), tmp_path / "decoder", device="cpu")
+    tuned = load_zero123(decoder.final, "cpu", torch.float32)
+    assert tuned.scaling_factor == pytest.approx(model.scaling_factor, rel=1e-6)
+    changed = {name for name, tensor in model.vae.state_dict().items() if not torch.equal(tensor, tuned.vae.state_dict()[name])}
+    assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)
+
+
+def test_reconstruction_scores_separate_colour_from_brightness():
+    class Grey(torch.nn.Module):
+        """A stand-in VAE whose reconstruction is the image's grey level (colour lost, brightness kept)."""
+
+        dtype = torch.float32
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z.mean(dim=1, keepdim=True).expand_as(z))
+
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    scores = reconstruction_scores(Grey(), images)
+    grey = images.mean(dim=1, keepdim=True)
+    colour = images - grey
+    assert scores["chroma_psnr"] == pytest.approx(float(-10 * torch.log10(colour.square().mean())), rel=1e-4)
+    assert scores["psnr"] == pytest.approx(scores["chroma_psnr"], rel=1e-4)  # all of the error is colour
+
 
 def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     out = tmp_path / "out"
@@ -128,9 +157,9 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     assert set(recipe["pose_use"]) == {"start", "base", "cascade"}
     assert all(v > 0 for scores in recipe["pose_use"].values() for v in scores.values())
 
-    # A second run continues from the first's weights: no VAE stage, the same VAE, provenance kept.
+    # A second run continues from the first's weights (no VAE stage): the same VAE, provenance kept.
     again = tmp_path / "again"
-    command = [*command[:3], str(again), "--work", str(tmp_path / "work2"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2"]
+    command = [*command[:3], str(again), "--work", str(tmp_path / "work2"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2", "--vae-minutes", "0"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     second = json.loads((again / "recipe.json").read_text())

@@ -19,6 +19,7 @@ from guidance.training import (
     make_accelerator,
     sample_batch,
     self_prompt,
+    timestep_weights,
     train,
     trainable_modules,
 )
@@ -157,6 +158,44 @@ def test_bad_config_values_are_refused():
         TrainConfig(stage="refiner")
     with pytest.raises(ReconError, match="drop_tokens_p"):
         TrainConfig(drop_tokens_p=1.5)
+    with pytest.raises(ReconError, match="loss_weighting"):
+        TrainConfig(loss_weighting="snr")
+
+
+def test_truncated_snr_weights_stress_the_noisy_timesteps():
+    from guidance.model import make_scheduler
+
+    scheduler = make_scheduler()
+    assert torch.equal(timestep_weights(scheduler, "eps"), torch.ones(1000))
+    weights = timestep_weights(scheduler, "truncated-snr")
+    alpha_bar = scheduler.alphas_cumprod.double()
+    snr = alpha_bar / (1 - alpha_bar)
+    assert weights.mean().item() == pytest.approx(1.0, rel=1e-5)
+    # Flat where SNR >= 1 (the epsilon loss), then proportional to 1 / SNR (the x0 loss).
+    flat = weights[snr >= 1]
+    assert torch.allclose(flat, flat[0].expand_as(flat))
+    ratio = weights[snr < 1] * snr[snr < 1].float()
+    assert torch.allclose(ratio, flat[0].expand_as(ratio), rtol=1e-4)
+    assert weights[-1] > 100 * weights[0]
+
+
+def test_weighted_loss_is_the_weighted_epsilon_mse(data):
+    cfg = TrainConfig(stage="base", loss_weighting="truncated-snr", warmup_steps=1, **NO_DROP)
+    trainer = _trainer(cfg)
+    batch = sample_batch(MultiViewDataset(data, image_size=64), 3, torch.Generator().manual_seed(0))
+    model = trainer.student
+    # Replay the step's draws: timesteps, then noise, from the same generator.
+    generator = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (3,), generator=generator)
+    noise = torch.randn((3, 4, 8, 8), generator=generator)
+    with torch.no_grad():
+        embeds, poses = cascade_tokens(model, batch, None)
+        target = model.encode(batch.target_images)
+        eps = model.eps(model.scheduler.add_noise(target, noise, t), t, model.context(embeds, poses), model.cond_latent(batch.input_images))
+    per_sample = (eps - noise).pow(2).flatten(1).mean(1)
+    want = (per_sample * timestep_weights(model.scheduler, "truncated-snr")[t]).mean()
+    got = trainer.train_step(batch, torch.Generator().manual_seed(5))
+    assert got == pytest.approx(float(want), rel=1e-4)
 
 
 def test_cli_train_cascade_stage_base(data, tmp_path):
