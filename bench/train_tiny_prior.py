@@ -468,9 +468,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     shipped = work / PRIOR_NAME
-    origin = f"continued from {cfg.init}" if cfg.init else f"{cfg.arch} architecture trained from scratch"
-    description = (f"recon tiny prior: {origin} by bench/train_tiny_prior.py on "
-                   f"{train_count} synthetic objects (base {stages['base']} steps, cascade {stages.get('cascade', 0)} steps)")
+    done = f"{train_count} synthetic objects (base {stages['base']} steps, cascade {stages.get('cascade', 0)} steps)"
+    if cfg.init:
+        description = f"{initial.description}; then continued by bench/train_tiny_prior.py on {done}"
+    else:
+        description = f"recon tiny prior: {cfg.arch} architecture trained from scratch by bench/train_tiny_prior.py on {done}"
     save_shipped(final, shipped, cfg.save_dtype, description)
     device = resolve_device(cfg.device)
     model = load_zero123(shipped, device, torch.float32)

@@ -639,6 +639,8 @@ def train(
     # Every process looks before the main one creates the folder.
     acc.wait_for_everyone()
     run = RunDir.create(run_dir, plain, seed=cfg.seed, device=str(acc.device)) if main and not existed else RunDir(run_dir)
+    if main:
+        run.update_meta(processes=acc.num_processes)
     acc.wait_for_everyone()
     model = load_zero123(init, acc.device, torch.float32, seed=cfg.seed)
     trainer = Trainer(cfg, model, acc)

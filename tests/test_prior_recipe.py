@@ -16,7 +16,13 @@ import torch
 from guidance.architectures import architecture, build_components, match_architecture
 from guidance.checkpoints import load_zero123
 from guidance.evaluation import METHODS
-from guidance.training import TrainConfig, ViewCache, latent_std, reconstruction_scores, train
+from guidance.training import (
+    TrainConfig,
+    ViewCache,
+    latent_std,
+    reconstruction_scores,
+    train,
+)
 from recon.data.multiview import MultiViewDataset, composite
 from recon.data.synth import SynthConfig, synthesize
 

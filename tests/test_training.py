@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,6 +208,26 @@ def test_cli_train_cascade_stage_base(data, tmp_path):
     assert code == 0
     model = load_zero123(tmp_path / "run" / "final" / "base", "cpu", torch.float32)
     assert model.unet.config.in_channels == 8
+
+
+def test_two_processes_train_data_parallel(data, tmp_path):
+    """Data-parallel training (torchrun, DDP over gloo on the CPU): both processes step, the main one writes once."""
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "recon.cli.main",
+        "train-cascade", "--data", str(data), "--init", "random-tiny", "-o", str(run), "--stage", "cascade", "--steps", "2",
+        "--batch-size", "1", "--prompt-steps", "1", "--device", "cpu", "--quiet",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((run / "meta.json").read_text())["processes"] == 2
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [2]
+    state = load_checkpoint_file(run / "checkpoints" / "step_000002.pt")
+    assert state["step"] == 2
+    trained = load_zero123(run / "final" / "base", "cpu", torch.float32)
+    initial = load_zero123("random-tiny", "cpu", torch.float32, seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.unet.parameters(), initial.unet.parameters()))
 
 
 @pytest.mark.gpu
