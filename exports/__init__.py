@@ -7,7 +7,7 @@ it depends on recon's conventions only, never on guidance or systems.
 from exports.bake import bake_texture, dilate, rasterize_uv
 from exports.cleanup import clean_mesh, decimate, remove_small_components
 from exports.config import FORMATS, ExportConfig
-from exports.frame import EXPORT_ROTATION, to_export_frame
+from exports.frame import EXPORT_ROTATIONS, UP_AXES, dominant_up_axis, to_export_frame
 from exports.isosurface import (
     auto_threshold,
     extract_mesh,
@@ -20,8 +20,9 @@ from exports.uv import UVMesh, per_triangle_atlas, unwrap_uv
 from exports.writers import obj_sidecars, write_glb, write_obj, write_ply
 
 __all__ = [
-    "EXPORT_ROTATION",
+    "EXPORT_ROTATIONS",
     "FORMATS",
+    "UP_AXES",
     "ExportConfig",
     "UVMesh",
     "auto_threshold",
@@ -29,6 +30,7 @@ __all__ = [
     "clean_mesh",
     "decimate",
     "dilate",
+    "dominant_up_axis",
     "export_field",
     "extract_mesh",
     "marching_cubes",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exports.frame import UP_AXES
 from recon.errors import ReconError
 
 FORMATS = ("glb", "obj", "ply")
@@ -39,6 +40,10 @@ class ExportConfig:
     """Side of the square turntable frames, in pixels."""
     turntable_fps: int = 24
     """Frames per second of the turntable video."""
+    up_axis: str = "+y"
+    """The scene's up axis in world coordinates: +y (recon's frame: single-image fits) or +z (Blender /
+    NeRF-synthetic captures; rotated so the files are +Y up with the front at +Z, as glTF and Blender's
+    importers expect); fit-views' 'auto' picks it from the cameras' up vectors."""
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -50,5 +55,7 @@ class ExportConfig:
             raise ReconError(f"export.texture_resolution must be at least 16, got {self.texture_resolution}")
         if not 0.0 <= self.min_component_ratio <= 1.0:
             raise ReconError(f"export.min_component_ratio must be in [0, 1], got {self.min_component_ratio}")
+        if self.up_axis not in (*UP_AXES, "auto"):
+            raise ReconError(f"export.up_axis {self.up_axis!r}: choose one of {', '.join(UP_AXES)} (or auto in fit-views)")
         if self.target_faces < 0 or self.texture_padding < 0:
             raise ReconError("export.target_faces and export.texture_padding must be >= 0")

@@ -15,6 +15,7 @@ from exports.config import ExportConfig
 from exports.isosurface import extract_mesh
 from exports.uv import unwrap_uv
 from exports.writers import write_glb, write_obj, write_ply
+from recon.errors import ReconError
 from recon.progress import info
 
 
@@ -42,10 +43,13 @@ def export_field(
     ``density_fn(points (P, 3)) -> (P,)`` and ``albedo_fn(points) -> (P, 3)``
     in [0, 1] take world points on ``device``; ``aabb`` (2, 3) is the box
     searched for the surface. OBJ sidecars (``<stem>.mtl``,
-    ``<stem>_albedo.png``) sit beside the .obj. Returns {format: path}.
+    ``<stem>_albedo.png``) sit beside the .obj; ``cfg.up_axis`` says which
+    world axis is up (:mod:`exports.frame`). Returns {format: path}.
     Progress goes to the console one line per stage.
     """
     cfg = cfg or ExportConfig()
+    if cfg.up_axis == "auto":
+        raise ReconError("export.up_axis=auto is decided by fit-views from its cameras; set +y or +z")
     out_dir = Path(out_dir)
     paths: dict[str, Path] = {}
 
@@ -66,12 +70,12 @@ def export_field(
         texture = bake_texture(uv_mesh, albedo_fn, cfg.texture_resolution, cfg.texture_padding, cfg.chunk_size, device)
         info(f"export: texture bake {cfg.texture_resolution}x{cfg.texture_resolution}: {time.perf_counter() - start:.1f} s")
         if "glb" in cfg.formats:
-            paths["glb"] = write_glb(uv_mesh, texture, out_dir / f"{stem}.glb")
+            paths["glb"] = write_glb(uv_mesh, texture, out_dir / f"{stem}.glb", cfg.up_axis)
         if "obj" in cfg.formats:
-            paths["obj"] = write_obj(uv_mesh, texture, out_dir / f"{stem}.obj")
+            paths["obj"] = write_obj(uv_mesh, texture, out_dir / f"{stem}.obj", cfg.up_axis)
     if "ply" in cfg.formats:
         colours = _vertex_colours(np.asarray(mesh.vertices), albedo_fn, cfg.chunk_size, device)
-        paths["ply"] = write_ply(mesh.vertices, mesh.faces, colours, out_dir / f"{stem}.ply", mesh.vertex_normals)
+        paths["ply"] = write_ply(mesh.vertices, mesh.faces, colours, out_dir / f"{stem}.ply", mesh.vertex_normals, cfg.up_axis)
     for name, path in paths.items():
         info(f"export: wrote {name} {path}")
     return paths

@@ -32,14 +32,15 @@ def _texture_image(texture: np.ndarray) -> Image.Image:
     return Image.fromarray(texture[..., :3], mode="RGB")
 
 
-def write_glb(mesh: UVMesh, texture: np.ndarray, path: str | Path) -> Path:
+def write_glb(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str = "+y") -> Path:
     """Writes a binary glTF with vertex normals, UVs and a PBR material (base-colour texture, metallic 0, roughness 1).
 
     ``texture`` (H, W, 3) uint8 or float in [0, 1], row 0 at v = 1. The node
-    and mesh are named after the file stem. Returns ``path``.
+    and mesh are named after the file stem. ``up_axis``: the scene's up in
+    world coordinates (:func:`exports.frame.to_export_frame`). Returns ``path``.
     """
     path = Path(path)
-    vertices, normals = to_export_frame(mesh.vertices, mesh.normals)
+    vertices, normals = to_export_frame(mesh.vertices, mesh.normals, up_axis)
     material = trimesh.visual.material.PBRMaterial(
         name=f"{path.stem}_material",
         baseColorTexture=_texture_image(texture),
@@ -73,12 +74,12 @@ def _rows(array: np.ndarray, fmt: str) -> str:
     return buffer.getvalue()
 
 
-def write_obj(mesh: UVMesh, texture: np.ndarray, path: str | Path) -> Path:
+def write_obj(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str = "+y") -> Path:
     """Writes ``path`` (.obj with v, vt, vn, f v/vt/vn) plus its .mtl and ``<stem>_albedo.png`` beside it.
 
     The MTL and PNG are referenced by bare file names (relative paths). The
     texture and MTL are written first, so an existing .obj always has them.
-    Returns the .obj path.
+    ``up_axis`` as in :func:`write_glb`. Returns the .obj path.
     """
     path = Path(path)
     mtl_path, png_path, material = obj_sidecars(path)
@@ -92,7 +93,7 @@ def write_obj(mesh: UVMesh, texture: np.ndarray, path: str | Path) -> Path:
         "Ns 0.000000\nd 1.000000\nillum 1\nPr 1.000000\nPm 0.000000\n"
         f"map_Kd {png_path.name}\n",
     )
-    vertices, normals = to_export_frame(mesh.vertices, mesh.normals)
+    vertices, normals = to_export_frame(mesh.vertices, mesh.normals, up_axis)
     index = mesh.faces + 1
     corners = np.repeat(index, 3, axis=1)
     text = (
@@ -107,8 +108,12 @@ def write_obj(mesh: UVMesh, texture: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def write_ply(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, path: str | Path, normals: np.ndarray | None = None) -> Path:
-    """Writes a binary PLY with per-vertex RGBA colours (``colors`` (V, 3) float in [0, 1] or uint8) and normals."""
+def write_ply(
+    vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, path: str | Path, normals: np.ndarray | None = None,
+    up_axis: str = "+y",
+) -> Path:
+    """Writes a binary PLY with per-vertex RGBA colours (``colors`` (V, 3) float in [0, 1] or uint8) and normals;
+    ``up_axis`` as in :func:`write_glb`."""
     path = Path(path)
     colors = np.asarray(colors)
     if colors.dtype != np.uint8:
@@ -117,7 +122,7 @@ def write_ply(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, path:
     tri = trimesh.Trimesh(vertices=vertices, faces=faces, vertex_colors=rgba, process=False)
     if normals is None:
         normals = tri.vertex_normals
-    exported, exported_normals = to_export_frame(tri.vertices, normals)
+    exported, exported_normals = to_export_frame(tri.vertices, normals, up_axis)
     tri = trimesh.Trimesh(vertices=exported, faces=faces, vertex_normals=_unit(exported_normals), vertex_colors=rgba, process=False)
     data = trimesh.exchange.ply.export_ply(tri, encoding="binary", vertex_normal=True)
     write_bytes(path, data)

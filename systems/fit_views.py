@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from exports.config import ExportConfig
+from exports.frame import dominant_up_axis
 from recon.cameras import Cameras, pixel_rays
 from recon.config import to_plain
 from recon.data.transforms_json import (
@@ -105,8 +106,9 @@ class FitViewsConfig:
     """Train over a random background colour per ray (makes empty space transparent)."""
     seed: int = 0
     """Random seed (ray batches, initialisation)."""
-    export: ExportConfig = dataclass_field(default_factory=lambda: ExportConfig(formats=["glb", "obj"]))
-    """Mesh export after training."""
+    export: ExportConfig = dataclass_field(default_factory=lambda: ExportConfig(formats=["glb", "obj"], up_axis="auto"))
+    """Mesh export after training (up_axis auto: +z when the cameras' mean up vector leans more to world +Z
+    than to +Y, as in Blender / NeRF-synthetic captures, else +y)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.rays_per_batch < 1:
@@ -148,12 +150,15 @@ def load_views(transforms: str | Path, cfg: FitViewsConfig) -> ViewData:
 
 
 def resolve_scene(cfg: FitViewsConfig, cameras: Cameras) -> FitViewsConfig:
-    """``cfg`` with an automatic scene centre/scale replaced by values estimated from ``cameras``."""
+    """``cfg`` with an automatic scene centre/scale and export up axis replaced by values estimated from ``cameras``."""
     center, radius = estimate_scene(cameras)
     scene = cfg.scene
     new_center = scene.center if scene.center is not None else [round(float(c), 6) for c in center]
     new_scale = scene.scale if scene.scale > 0 else round(scene_scale(radius, cfg.field.bound, scene.margin), 6)
-    return replace(cfg, scene=replace(scene, center=new_center, scale=new_scale))
+    up_axis = cfg.export.up_axis
+    if up_axis == "auto":
+        up_axis = dominant_up_axis(cameras.c2w[:, :3, 1].cpu().numpy())
+    return replace(cfg, scene=replace(scene, center=new_center, scale=new_scale), export=replace(cfg.export, up_axis=up_axis))
 
 
 def to_field_frame(views: PosedImages, transform: SceneTransform) -> PosedImages:

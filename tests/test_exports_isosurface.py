@@ -5,8 +5,11 @@ import pytest
 import torch
 import trimesh
 
-from exports.frame import EXPORT_ROTATION, to_export_frame
+from exports.config import ExportConfig
+from exports.frame import EXPORT_ROTATIONS, UP_AXES, dominant_up_axis, to_export_frame
 from exports.isosurface import auto_threshold, extract_mesh, sample_density_grid
+from exports.pipeline import export_field
+from recon.cameras import orbit
 from recon.errors import ReconError
 
 BOX = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
@@ -63,16 +66,36 @@ def test_empty_field_raises():
         extract_mesh(sphere(), BOX, resolution=16, threshold=1000.0)
 
 
-def test_export_frame_is_a_proper_rotation_keeping_outward_winding():
-    assert np.linalg.det(EXPORT_ROTATION) == pytest.approx(1.0)
-    assert np.allclose(EXPORT_ROTATION @ EXPORT_ROTATION.T, np.eye(3))
+@pytest.mark.parametrize("up_axis", UP_AXES)
+def test_export_frame_is_a_proper_rotation_keeping_outward_winding(up_axis):
+    rotation = EXPORT_ROTATIONS[up_axis]
+    assert np.linalg.det(rotation) == pytest.approx(1.0)
+    assert np.allclose(rotation @ rotation.T, np.eye(3))
     mesh = trimesh.creation.icosphere(2)
     mesh.vertices += [0.0, 0.0, 0.3]
-    vertices, normals = to_export_frame(mesh.vertices, mesh.vertex_normals)
+    vertices, normals = to_export_frame(mesh.vertices, mesh.vertex_normals, up_axis)
     moved = trimesh.Trimesh(vertices, mesh.faces, process=False)
     assert moved.volume == pytest.approx(mesh.volume)
     assert moved.volume > 0
     centre = vertices.mean(axis=0)
     assert (np.einsum("ij,ij->i", normals, vertices - centre) > 0).all()
-    # glTF front (+Z) and up (+Y) stay where they are.
+
+
+def test_export_frame_puts_the_scene_up_at_file_plus_y():
+    # recon's frame is glTF's: up (+Y) and front (+Z) stay where they are.
     assert np.allclose(to_export_frame(np.array([[0.0, 1.0, 2.0]]))[0], [[0.0, 1.0, 2.0]])
+    # A Blender-style Z-up scene: up (+Z) becomes +Y, its front (-Y, Blender's front view) becomes +Z.
+    up, front = to_export_frame(np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]), up_axis="+z")[0]
+    assert np.allclose(up, [0.0, 1.0, 0.0]) and np.allclose(front, [0.0, 0.0, 1.0])
+
+
+def test_up_axis_follows_the_cameras():
+    cameras = orbit(8, 20.0, 3.0, 40.0, 32)
+    up = cameras.c2w[:, :3, 1].numpy()
+    assert dominant_up_axis(up) == "+y"
+    # The same rig in a Z-up world: world = R^T @ recon (R maps Z-up world to the +Y-up file frame).
+    assert dominant_up_axis(up @ EXPORT_ROTATIONS["+z"]) == "+z"
+    with pytest.raises(ReconError, match="up_axis"):
+        ExportConfig(up_axis="-x")
+    with pytest.raises(ReconError, match="auto"):
+        export_field(lambda p: p.new_ones(len(p)), lambda p: p.new_ones(len(p), 3), BOX, "unused", ExportConfig(up_axis="auto"))

@@ -205,3 +205,23 @@ def test_fit_views_nerfacc_sampler_on_cuda(tmp_path):
     assert json.loads((run.root / "metrics.json").read_text())["psnr"] > 19.0
     checkpoint = load_latest(run)
     assert any(key.startswith("occupancy.") for key in checkpoint.modules["renderer"])
+
+
+def test_export_up_axis_is_taken_from_the_cameras_unless_set():
+    from dataclasses import replace
+
+    from exports.frame import EXPORT_ROTATIONS
+    from recon.cameras import orbit
+    from systems.fit_views import resolve_scene
+
+    y_up = orbit(6, 25.0, 4.0, 40.0, 32)
+    # The same rig in a Blender-style Z-up world (x, y, z) -> (x, -z, y).
+    to_z_up = torch.eye(4)
+    to_z_up[:3, :3] = torch.from_numpy(EXPORT_ROTATIONS["+z"].T).float()
+    z_up = Cameras(to_z_up @ y_up.c2w, y_up.fovy, y_up.height, y_up.width)
+    cfg = FitViewsConfig()
+    assert cfg.export.up_axis == "auto"
+    assert resolve_scene(cfg, y_up).export.up_axis == "+y"
+    assert resolve_scene(cfg, z_up).export.up_axis == "+z"
+    fixed = replace(cfg, export=replace(cfg.export, up_axis="+y"))
+    assert resolve_scene(fixed, z_up).export.up_axis == "+y"
