@@ -415,9 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if cfg.init:
-        from guidance.checkpoints import load_zero123
+    from guidance.checkpoints import load_zero123
 
+    if cfg.init:
         initial = load_zero123(cfg.init, "cpu", torch.float32)
         record["params"] = {name: sum(p.numel() for p in getattr(initial, name).parameters()) for name in ("unet", "vae", "image_encoder", "camera_projection")}
         start_weights = Path(cfg.init)
@@ -461,7 +461,6 @@ def main(argv: list[str] | None = None) -> int:
     record["steps"] = stages
     log.flush()
 
-    from guidance.checkpoints import load_zero123
     from guidance.evaluation import EvalConfig, evaluate, markdown_report, write_report
     from recon.data.multiview import MultiViewDataset
     from recon.runtime import resolve_device
