@@ -24,13 +24,13 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-import torch  # noqa: E402
+import torch
 
-from guidance.checkpoints import load_zero123  # noqa: E402
-from guidance.config import GuidanceConfig  # noqa: E402
-from guidance.interface import DTYPES, Guidance, make_guidance  # noqa: E402
-from recon.fileio import write_json  # noqa: E402
-from recon.preprocess import ReferenceView  # noqa: E402
+from guidance.checkpoints import load_zero123
+from guidance.config import GuidanceConfig
+from guidance.interface import DTYPES, Guidance, make_guidance
+from recon.fileio import write_json
+from recon.preprocess import ReferenceView
 
 
 def _reference(size: int = 256) -> ReferenceView:

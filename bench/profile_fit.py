@@ -19,9 +19,9 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # bench/guidance.py would shadow the guidance package
 
-import torch  # noqa: E402
+import torch
 
-from systems import fit as fit_module  # noqa: E402
+from systems import fit as fit_module
 
 
 def main() -> None:
@@ -42,10 +42,10 @@ def main() -> None:
     original_step = fit_module.Trainer.train_step
     warmup = 5
 
-    def timed_step(self, stage_name, stage, local_step):  # noqa: ANN001
+    def timed_step(self, stage_name, stage, local_step):
         original_sds = self.guidance.sds
 
-        def timed_sds(*a, **k):  # noqa: ANN002, ANN003
+        def timed_sds(*a, **k):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             out = original_sds(*a, **k)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from recon.errors import ReconError
 from recon.schedule import validate_schedule
@@ -24,7 +24,7 @@ class GuidanceConfig:
     model: str = "tiny"
     """Zero123 weights for SDS in mode zero123, the Base-0123 in the cascade modes: a folder, a
     .ckpt/.safetensors file, a hub id, 'tiny' (the shipped prior), 'random-tiny' or 'random-full'."""
-    refiner_model: Optional[str] = None
+    refiner_model: str | None = None
     """Refiner-0123 weights (mode cascade only); None = the same weights as the Base."""
     mode: str = "zero123"
     """'zero123': plain Zero123 SDS; 'cascade': Base self-prompts nearby views, a trained Refiner takes

@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from guidance.cascade import Conditions, ViewSet, bank_poses, cached_views, nearby_poses, refiner_tokens, training_free_eps
+from guidance.cascade import (
+    Conditions,
+    ViewSet,
+    bank_poses,
+    cached_views,
+    nearby_poses,
+    refiner_tokens,
+    training_free_eps,
+)
 from guidance.config import GuidanceConfig
 from guidance.model import Zero123Model
 from guidance.sds import SDSOutput, score_distillation, timestep_range

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from guidance_fixtures import tiny_model
 
 

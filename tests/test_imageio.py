@@ -8,7 +8,12 @@ import pytest
 from PIL import Image, ImageOps
 
 from recon.errors import InputError
-from recon.imageio import apply_exif_orientation, decode_image, list_images, save_rgba_png
+from recon.imageio import (
+    apply_exif_orientation,
+    decode_image,
+    list_images,
+    save_rgba_png,
+)
 
 
 def _pattern(height: int = 48, width: int = 64, channels: int = 3) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The install lists every package on disk and ships the presets, so `pip install .` matches the tree."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

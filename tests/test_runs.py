@@ -15,6 +15,7 @@ from recon.config import to_plain
 from recon.encoding import HashGridConfig
 from recon.errors import InputError, ReconError
 from recon.field import FieldConfig, RadianceField
+from recon.metrics import chamfer_distance, psnr, ssim
 from recon.runs import RunDir, StepReporter
 from systems.checkpoint import (
     SceneTransform,
@@ -23,7 +24,6 @@ from systems.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from recon.metrics import chamfer_distance, psnr, ssim
 
 TINY_FIELD = FieldConfig(
     encoding=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4, backend="torch"), mlp_width=16, mlp_hidden_layers=1

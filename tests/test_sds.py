@@ -10,7 +10,13 @@ from guidance_fixtures import tiny_images, tiny_model
 
 from guidance.config import GuidanceConfig
 from guidance.interface import Guidance
-from guidance.sds import sample_timesteps, score_distillation, sds_gradient, timestep_range, timestep_weight
+from guidance.sds import (
+    sample_timesteps,
+    score_distillation,
+    sds_gradient,
+    timestep_range,
+    timestep_weight,
+)
 from recon.cameras import relative_pose
 from recon.preprocess import ReferenceView
 from recon.schedule import value_at

@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from recon.encoding.hashgrid import HashGridConfig, TorchHashGrid  # noqa: E402
-from recon.encoding.triton_backend import TritonHashGrid  # noqa: E402
+from recon.encoding.hashgrid import HashGridConfig, TorchHashGrid
+from recon.encoding.triton_backend import TritonHashGrid
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

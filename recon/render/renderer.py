@@ -22,7 +22,11 @@ from recon.cameras import Cameras, generate_rays
 from recon.errors import ReconError
 from recon.field import RadianceField
 from recon.render.compositing import accumulate, compositing_weights, over_background
-from recon.render.samplers import OccupancyGridSampler, nerfacc_available, stratified_samples
+from recon.render.samplers import (
+    OccupancyGridSampler,
+    nerfacc_available,
+    stratified_samples,
+)
 
 
 @dataclass
