@@ -133,6 +133,7 @@ def test_view_sampler_respects_ranges_and_seed():
     torch.testing.assert_close(az, azimuth, atol=1e-3, rtol=0)
     again, elevation2, _ = sampler.sample(256, 8, torch.Generator().manual_seed(1))
     torch.testing.assert_close(elevation, elevation2)
+    torch.testing.assert_close(again.c2w, cams.c2w)
 
 
 def test_zero123_relative_pose_on_known_poses():

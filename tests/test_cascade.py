@@ -33,9 +33,9 @@ def make_reference(size: int = 48) -> ReferenceView:
 
 def cascade_config(**overrides) -> GuidanceConfig:
     """Cheap cascade settings: 2 DDIM steps, a 2 x 4 bank at elevations 0 and 30, azimuths every 90 deg."""
-    settings = dict(
-        model="random-tiny", mode="cascade", nearby_steps=2, bank_elevations_deg=[0.0, 30.0], bank_azimuth_step_deg=90.0
-    )
+    settings = {
+        "model": "random-tiny", "mode": "cascade", "nearby_steps": 2, "bank_elevations_deg": [0.0, 30.0], "bank_azimuth_step_deg": 90.0,
+    }
     settings.update(overrides)
     return GuidanceConfig(**settings)
 

@@ -136,7 +136,7 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
         "--prompt-steps", "1", "--warmup-steps", "1", "--eval-steps", "1", "--sample-objects", "1", "--budget-minutes", "4",
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["eval.json", "eval.md", "log.txt", "recipe.json", "samples.png", "tiny-zero123.tar"]
@@ -166,7 +166,7 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     # A second run continues from the first's weights (no VAE stage): the same VAE, provenance kept.
     again = tmp_path / "again"
     command = [*command[:3], str(again), "--work", str(tmp_path / "work2"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2", "--vae-minutes", "0"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     second = json.loads((again / "recipe.json").read_text())
     assert "vae" not in second and second["previous"]["steps"] == recipe["steps"]
