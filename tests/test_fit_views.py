@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from exports.frame import EXPORT_ROTATIONS
 from recon.cameras import Cameras
 from recon.cli.main import main
 from recon.config import resolve
@@ -48,11 +49,18 @@ def _orbit_cameras(count: int, size: int, radius: float = 2.0, fovy_deg: float =
     return Cameras.from_spherical(elevation, azimuth, torch.full((count,), radius), fovy_deg, size)
 
 
-def _scene(tmp_path, count: int = 24, size: int = 48, seed: int = 3):
+def _scene(tmp_path, count: int = 24, size: int = 48, seed: int = 3, z_up: bool = False):
+    """A rendered primitive object as transforms.json; ``z_up`` writes the same views in a Blender-style
+    +Z-up world ((x, y, z) -> (x, -z, y)), as NeRF-synthetic scenes are."""
     obj = random_object(seed)
     cameras = _orbit_cameras(count, size)
     rgba = render_object(obj, cameras, supersample=2)["rgba"]
-    path = write_transforms(tmp_path / "scene" / "transforms.json", rgba, cameras)
+    written = cameras
+    if z_up:
+        to_z_up = torch.eye(4)
+        to_z_up[:3, :3] = torch.from_numpy(EXPORT_ROTATIONS["+z"].T).float()
+        written = Cameras(to_z_up @ cameras.c2w, cameras.fovy, cameras.height, cameras.width)
+    path = write_transforms(tmp_path / "scene" / "transforms.json", rgba, written)
     return obj, cameras, rgba, path
 
 
@@ -193,6 +201,23 @@ def test_fit_views_end_to_end(tmp_path):
     assert sorted(p.name for p in run.previews.iterdir()) == ["step_000400.png"]
 
 
+@pytest.mark.slow
+def test_z_up_capture_exports_upright(tmp_path):
+    """The same views written in a +Z-up world: the exported mesh comes out +Y up, on the true surface."""
+    import trimesh
+
+    from recon.metrics import chamfer_distance
+
+    obj, _, _, path = _scene(tmp_path, z_up=True)
+    truth, _ = obj.sample_surface(5000, seed=1)  # recon's +Y-up frame = the files' frame
+    out = tmp_path / "run"
+    args = ["fit-views", str(path), "-o", str(out), "--device", "cpu", "--steps", "400", "--quiet"]
+    assert main([*args, *_sets(TINY + ["eval_every=0", "checkpoint_every=400", "export.formats=[glb]"])]) == 0
+    assert RunDir.open(out).read_config()["export"]["up_axis"] == "+z"
+    mesh = trimesh.load(out / "exports" / "mesh.glb", force="mesh")
+    assert chamfer_distance(torch.as_tensor(mesh.sample(5000, seed=0)), truth) < 0.06
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_views_nerfacc_sampler_on_cuda(tmp_path):
@@ -210,7 +235,6 @@ def test_fit_views_nerfacc_sampler_on_cuda(tmp_path):
 def test_export_up_axis_is_taken_from_the_cameras_unless_set():
     from dataclasses import replace
 
-    from exports.frame import EXPORT_ROTATIONS
     from recon.cameras import orbit
     from systems.fit_views import resolve_scene
 
