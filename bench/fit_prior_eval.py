@@ -139,11 +139,10 @@ def _bbox(alpha: np.ndarray) -> tuple[float, float, float, float]:
 
 def recentre_crop(alpha: np.ndarray, foreground_ratio: float) -> dict[str, Any]:
     """The square crop recon.preprocess.recentre takes from an (S, S) alpha; ``identity`` when it is a no-op."""
-    from recon.preprocess import foreground_bbox
+    from recon.preprocess import recentre_window
 
-    top, left, bottom, right = foreground_bbox(alpha)
-    side = max(1, round(max(bottom - top, right - left) / foreground_ratio))
-    crop = {"side": side, "top": math.floor((top + bottom - side) / 2), "left": math.floor((left + right - side) / 2)}
+    side, top, left = recentre_window(alpha, foreground_ratio)
+    crop = {"side": side, "top": top, "left": left}
     crop["identity"] = crop == {"side": alpha.shape[0], "top": 0, "left": 0}
     return crop
 

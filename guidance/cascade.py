@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from guidance.sampling import ddim_sample
+from guidance.sampling import ddim_sample, to_8bit_levels
 from recon.cameras import relative_pose, spherical_to_position
 from recon.fileio import atomic_path, read_json, write_json
 
@@ -144,8 +144,8 @@ def generate_views_many(
         torch.randn((n, *latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
         for n, seed in zip(counts, seeds, strict=True)
     ])
-    views = ddim_sample(model, context, latents[owner], noise, steps, guidance_scale, batch).clamp(0.0, 1.0)
-    return list((torch.round(views * 255.0) / 255.0).split(counts))
+    views = ddim_sample(model, context, latents[owner], noise, steps, guidance_scale, batch)
+    return list(to_8bit_levels(views).split(counts))
 
 
 def generate_views(

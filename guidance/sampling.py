@@ -40,6 +40,12 @@ def encode_relative_views(
     ).reshape(-1, 4)
 
 
+def to_8bit_levels(images: Tensor) -> Tensor:
+    """Images clamped to [0, 1] and rounded to multiples of 1/255 (same shape), so that a generated view
+    and the same view read back from its 8-bit PNG are identical."""
+    return torch.round(images.clamp(0.0, 1.0) * 255.0) / 255.0
+
+
 @torch.no_grad()
 def ddim_sample(
     model: Zero123Model,

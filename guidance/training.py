@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from guidance.cascade import Conditions, nearby_poses, refiner_tokens
 from guidance.config import NEARBY_VIEWS
-from guidance.sampling import ddim_sample
+from guidance.sampling import ddim_sample, to_8bit_levels
 from recon.cameras import relative_pose
 from recon.data.multiview import MultiViewDataset, composite
 from recon.errors import InputError, ReconError
@@ -295,8 +295,7 @@ def self_prompt(base: Zero123Model, batch: ViewBatch, cfg: TrainConfig, generato
     latent = base.cond_latent(inputs).repeat_interleave(per, dim=0)
     noise = torch.randn(latent.shape, generator=generator)
     context = base.context(clip, rel.to(device))
-    images = ddim_sample(base, context, latent, noise, cfg.prompt_steps, cfg.prompt_guidance_scale, batch_size=noise.shape[0])
-    images = torch.round(images.clamp(0.0, 1.0) * 255.0) / 255.0
+    images = to_8bit_levels(ddim_sample(base, context, latent, noise, cfg.prompt_steps, cfg.prompt_guidance_scale, batch_size=noise.shape[0]))
     # Prompts live where the batch lives (cascade_tokens concatenates them with the inputs).
     images = images.view(b, per, *images.shape[1:]).to(batch.input_images.device)
     return Prompts(
@@ -464,6 +463,7 @@ class Trainer:
         )
         self.step = 0
         self._prepared = None
+        self.loss_weights = timestep_weights(model.scheduler, cfg.loss_weighting).to(model.device)
 
     @property
     def image_size(self) -> int:
@@ -507,7 +507,7 @@ class Trainer:
         with acc.autocast():
             eps = denoiser(noisy, t.to(device), embeds, poses, cond_latent, token_keep.to(device), latent_keep.to(device))
         per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
-        loss = (per_sample * timestep_weights(model.scheduler, cfg.loss_weighting)[t].to(per_sample.device)).mean()
+        loss = (per_sample * self.loss_weights[t.to(self.loss_weights.device)]).mean()
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if cfg.grad_clip > 0:

@@ -131,6 +131,18 @@ def foreground_bbox(alpha: np.ndarray, threshold: float = 0.5) -> tuple[int, int
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
+def recentre_window(alpha: np.ndarray, foreground_ratio: float) -> tuple[int, int, int]:
+    """The square window :func:`recentre` crops from ``alpha`` (H, W): (side, top, left) in source pixels.
+
+    An integer side x side window centred on the bounding box of ``alpha > 0.5``
+    (the centre is a pixel edge or middle), sized so the box's longer side is
+    ``foreground_ratio`` of it; it may reach outside the image.
+    """
+    top, left, bottom, right = foreground_bbox(alpha)
+    side = max(1, round(max(bottom - top, right - left) / foreground_ratio))
+    return side, math.floor((top + bottom - side) / 2), math.floor((left + right - side) / 2)
+
+
 def recentre(rgb: np.ndarray, alpha: np.ndarray, foreground_ratio: float, size: int) -> Tensor:
     """Square (4, size, size) straight-alpha tensor with the foreground centred and scaled.
 
@@ -140,11 +152,7 @@ def recentre(rgb: np.ndarray, alpha: np.ndarray, foreground_ratio: float, size: 
     Resampling (antialiased bilinear) runs on premultiplied colour, so
     transparent pixels do not darken the edges.
     """
-    top, left, bottom, right = foreground_bbox(alpha)
-    side = max(1, round(max(bottom - top, right - left) / foreground_ratio))
-    # Integer crop of side x side source pixels centred on the box (centre is a pixel edge or middle).
-    crop_top = math.floor((top + bottom - side) / 2)
-    crop_left = math.floor((left + right - side) / 2)
+    side, crop_top, crop_left = recentre_window(alpha, foreground_ratio)
     src_top, src_left = max(crop_top, 0), max(crop_left, 0)
     src_bottom = min(crop_top + side, alpha.shape[0])
     src_right = min(crop_left + side, alpha.shape[1])
