@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-# Run as a script, this folder comes first on sys.path and bench/guidance.py
-# would shadow the ``guidance`` package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 from recon.fileio import read_json, write_json
 
@@ -31,7 +25,7 @@ def run(image: Path, preset: str, device: str, overrides: list[str], model: str,
     """Fits ``image`` once and returns the benchmark record (phases, rates, memory, config summary)."""
     import torch
 
-    from recon.cli.api import build_config, fit
+    from recon.api import build_config, fit
 
     cfg = build_config(preset, overrides, model=model)
     start = time.perf_counter()

@@ -5,7 +5,7 @@
 
 For each of N held-out objects (:func:`recon.data.primitives.random_object`)
 the script renders the input view and K held-out views, fits the input view
-twice through ``recon.cli.api.fit_image`` (the code behind ``recon fit``)
+twice through ``recon.api.fit_image`` (the code behind ``recon fit``)
 and scores both runs:
 
 * ``sds``: the preset as it is, guidance model ``--model`` (default ``tiny``);
@@ -53,16 +53,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-# Run as a script, this folder comes first on sys.path and bench/guidance.py
-# would shadow the ``guidance`` package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import numpy as np
 import torch
@@ -207,7 +201,7 @@ def method_configs(preset: str, overrides: list[str], model: str, steps: int | N
 
     ``steps`` rescales every stage and schedule to that many steps in all (as ``recon fit --steps``).
     """
-    from recon.cli.api import build_config
+    from recon.api import build_config
 
     overrides = [*BENCH_OVERRIDES, *overrides]
     sds = build_config(preset, overrides, model=model, steps=steps)
@@ -218,11 +212,12 @@ def method_configs(preset: str, overrides: list[str], model: str, steps: int | N
 @torch.no_grad()
 def render_run(run_dir: Path, cameras: Cameras, device: torch.device) -> torch.Tensor:
     """RGB (N, H, W, 3) over white of the run's newest checkpoint (field + occupancy grid) at ``cameras``."""
+    from recon.systems.checkpoint import load_field_from_run
+    from recon.systems.fit_views import render_views
+
     from recon.config import from_plain
     from recon.render import RendererConfig, VolumeRenderer
     from recon.runs import RunDir
-    from systems.checkpoint import load_field_from_run
-    from systems.fit_views import render_views
 
     field, checkpoint = load_field_from_run(run_dir, device)
     renderer = VolumeRenderer(field, from_plain(RendererConfig, RunDir.open(run_dir).read_config()["renderer"])).to(device)
@@ -276,7 +271,7 @@ def ground_truth(obj: PrimitiveObject, views: int, eval_size: int, chamfer_point
 
 def evaluate_object(seed: int, configs: dict[str, Any], args: argparse.Namespace, work: Path, device: torch.device, models: Any) -> dict[str, Any]:
     """Renders object ``seed``, fits it with each method, scores both runs; one JSON row."""
-    from recon.cli.api import fit_image
+    from recon.api import fit_image
     from recon.imageio import save_rgba_png
 
     pre = configs["sds"].preprocess
@@ -393,7 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the Markdown tables, writes JSON to --out, returns the record."""
-    from recon.cli.api import Models
+    from recon.api import Models
     from recon.progress import set_quiet
     from recon.runtime import resolve_device
 

@@ -24,6 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from recon.systems.fit_views import (
+    FitViewsConfig,
+    FitViewsTrainer,
+    evaluate,
+    load_views,
+    resolve_scene,
+)
 
 from recon.cameras import Cameras
 from recon.config import resolve
@@ -33,13 +40,6 @@ from recon.fileio import write_json
 from recon.render.samplers import nerfacc_available
 from recon.runs import RunDir
 from recon.runtime import peak_memory_gib, resolve_device, seed_everything
-from systems.fit_views import (
-    FitViewsConfig,
-    FitViewsTrainer,
-    evaluate,
-    load_views,
-    resolve_scene,
-)
 
 
 def synthesise(folder: Path, views: int, size: int, device: torch.device) -> Path:

@@ -15,20 +15,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and the file's
-# name would shadow the ``guidance`` package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import torch
+from recon.guidance.checkpoints import load_zero123
+from recon.guidance.config import GuidanceConfig
+from recon.guidance.interface import DTYPES, Guidance, make_guidance
 
-from guidance.checkpoints import load_zero123
-from guidance.config import GuidanceConfig
-from guidance.interface import DTYPES, Guidance, make_guidance
 from recon.fileio import write_json
 from recon.preprocess import ReferenceView
 

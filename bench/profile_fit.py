@@ -11,17 +11,12 @@ call, then the torch profiler's top operators of a few steps of each stage.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # bench/guidance.py would shadow the guidance package
-
 import torch
-
-from systems import fit as fit_module
+from recon.systems import fit as fit_module
 
 
 def main() -> None:
@@ -35,7 +30,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
-    from recon.cli.api import fit
+    from recon.api import fit
 
     step_ms: dict[str, list[float]] = defaultdict(list)
     sds_ms: dict[str, list[float]] = defaultdict(list)

@@ -45,10 +45,6 @@ from pathlib import Path
 # The budget counts from here, before torch is imported.
 START = time.perf_counter()
 
-# Run as a script, this file's folder comes first on sys.path and bench/guidance.py
-# would shadow the ``guidance`` package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import torch
 
@@ -231,9 +227,9 @@ def synthesize_parallel(synth_cfg, root: Path, workers: int, deadline_s: float, 
 # ------------------------------------------------------------------ model
 def random_init(cfg: RecipeConfig, folder: Path) -> dict[str, int]:
     """Seeded random weights of ``cfg.arch`` sized for ``cfg.size`` px, saved as a diffusers folder; parameter counts."""
-    from guidance.architectures import architecture, build_components
-    from guidance.checkpoints import save_diffusers
-    from guidance.model import Zero123Model
+    from recon.guidance.architectures import architecture, build_components
+    from recon.guidance.checkpoints import save_diffusers
+    from recon.guidance.model import Zero123Model
 
     arch = architecture(cfg.arch)
     factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
@@ -251,8 +247,8 @@ def random_init(cfg: RecipeConfig, folder: Path) -> dict[str, int]:
 
 def with_pose_gain(init: Path, gain: float, folder: Path) -> Path:
     """``init`` re-saved into ``folder`` with the camera projection's pose columns multiplied by ``gain``."""
-    from guidance.architectures import POSE_DIM
-    from guidance.checkpoints import load_zero123, save_diffusers
+    from recon.guidance.architectures import POSE_DIM
+    from recon.guidance.checkpoints import load_zero123, save_diffusers
 
     model = load_zero123(init, "cpu", torch.float32)
     with torch.no_grad():
@@ -265,8 +261,9 @@ def pose_use(weights: Path, heldout: Path, size: int, device: str, count: int = 
     """How much a model uses its tokens: epsilon-MSE on ``count`` held-out (input, target) pairs with the
     true tokens, with the tokens of other pairs (poses shuffled) and with zero tokens. A model that ignores
     the camera scores the same on all three."""
-    from guidance.checkpoints import load_zero123
-    from guidance.training import ViewCache
+    from recon.guidance.checkpoints import load_zero123
+    from recon.systems.cascade_training import ViewCache
+
     from recon.cameras import relative_pose
     from recon.data.multiview import MultiViewDataset
     from recon.runtime import resolve_device
@@ -292,7 +289,7 @@ def pose_use(weights: Path, heldout: Path, size: int, device: str, count: int = 
 
 def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
     """The TrainConfig of one training stage."""
-    from guidance.training import TrainConfig
+    from recon.systems.cascade_training import TrainConfig
 
     return TrainConfig(
         stage=stage, steps=max(1, steps), batch_size=batch, image_size=cfg.size, lr_unet=cfg.lr_unet,
@@ -304,7 +301,7 @@ def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
 
 def run_stage(cfg: RecipeConfig, stage: str, steps: int, batch: int, data: Path, init: Path, run: Path, minutes: float, log: Log):
     """Runs one stage of guidance.training.train within ``minutes``; returns its TrainResult."""
-    from guidance.training import train
+    from recon.systems.cascade_training import train
 
     tcfg = stage_config(cfg, stage, steps, batch)
     state = {"t": time.perf_counter(), "n": 0, "loss": 0.0}
@@ -329,7 +326,7 @@ def run_stage(cfg: RecipeConfig, stage: str, steps: int, batch: int, data: Path,
 # ------------------------------------------------------------------ outputs
 def save_shipped(final: Path, folder: Path, dtype: str, description: str) -> Path:
     """The Base of ``final`` rewritten as the shipped folder in ``dtype`` (fp16 / fp32)."""
-    from guidance.checkpoints import load_zero123, save_diffusers
+    from recon.guidance.checkpoints import load_zero123, save_diffusers
 
     model = load_zero123(final, "cpu", torch.float16 if dtype == "fp16" else torch.float32)
     model.is_random = False
@@ -339,8 +336,9 @@ def save_shipped(final: Path, folder: Path, dtype: str, description: str) -> Pat
 
 def sample_grid(base, dataset, count: int, cfg, background: float) -> torch.Tensor:
     """(3, H, W) grid: per object rows of ground truth, Base views and cascade views; column 0 = the input."""
-    from guidance.cascade import generate_views
-    from guidance.evaluation import cascade_views
+    from recon.guidance.cascade import generate_views
+    from recon.systems.evaluation import cascade_views
+
     from recon.data.multiview import composite
 
     rows = []
@@ -415,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    from guidance.checkpoints import load_zero123
+    from recon.guidance.checkpoints import load_zero123
 
     if cfg.init:
         initial = load_zero123(cfg.init, "cpu", torch.float32)
@@ -461,7 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     record["steps"] = stages
     log.flush()
 
-    from guidance.evaluation import EvalConfig, evaluate, markdown_report, write_report
+    from recon.systems.evaluation import (
+        EvalConfig,
+        evaluate,
+        markdown_report,
+        write_report,
+    )
+
     from recon.data.multiview import MultiViewDataset
     from recon.runtime import resolve_device
 

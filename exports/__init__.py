@@ -4,20 +4,25 @@ Takes plain callables (``density_fn``, ``albedo_fn``) and a bounding box, so
 it depends on recon's conventions only, never on guidance or systems.
 """
 
-from exports.bake import bake_texture, dilate, rasterize_uv
-from exports.cleanup import clean_mesh, decimate, remove_small_components
-from exports.config import FORMATS, ExportConfig
-from exports.frame import EXPORT_ROTATIONS, UP_AXES, dominant_up_axis, to_export_frame
-from exports.isosurface import (
+from recon.exports.bake import bake_texture, dilate, rasterize_uv
+from recon.exports.cleanup import clean_mesh, decimate, remove_small_components
+from recon.exports.config import FORMATS, ExportConfig
+from recon.exports.frame import (
+    EXPORT_ROTATIONS,
+    UP_AXES,
+    dominant_up_axis,
+    to_export_frame,
+)
+from recon.exports.isosurface import (
     auto_threshold,
     extract_mesh,
     marching_cubes,
     sample_density_grid,
 )
-from exports.pipeline import export_field
-from exports.turntable import render_turntable
-from exports.uv import UVMesh, per_triangle_atlas, unwrap_uv
-from exports.writers import obj_sidecars, write_glb, write_obj, write_ply
+from recon.exports.pipeline import export_field
+from recon.exports.turntable import render_turntable
+from recon.exports.uv import UVMesh, per_triangle_atlas, unwrap_uv
+from recon.exports.writers import obj_sidecars, write_glb, write_obj, write_ply
 
 __all__ = [
     "EXPORT_ROTATIONS",

@@ -13,9 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from recon.exports.uv import UVMesh
 from scipy.ndimage import convolve
-
-from exports.uv import UVMesh
 
 AlbedoFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from exports.frame import UP_AXES
+from recon.exports.frame import UP_AXES
+
 from recon.errors import ReconError
 
 FORMATS = ("glb", "obj", "ply")
+
+
+def parse_formats(text: str) -> list[str]:
+    """``"glb,obj"`` -> ``["glb", "obj"]``; :class:`ReconError` for an unknown or empty list."""
+    formats = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if not formats or unknown:
+        raise ReconError(f"--format {text!r}: choose one or more of {', '.join(FORMATS)}, comma-separated")
+    return list(dict.fromkeys(formats))
 
 
 @dataclass

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from recon.exports.bake import bake_texture
+from recon.exports.cleanup import clean_mesh
+from recon.exports.config import ExportConfig
+from recon.exports.isosurface import extract_mesh
+from recon.exports.uv import unwrap_uv
+from recon.exports.writers import write_glb, write_obj, write_ply
 
-from exports.bake import bake_texture
-from exports.cleanup import clean_mesh
-from exports.config import ExportConfig
-from exports.isosurface import extract_mesh
-from exports.uv import unwrap_uv
-from exports.writers import write_glb, write_obj, write_ply
 from recon.errors import ReconError
 from recon.progress import info
 

@@ -14,7 +14,6 @@ OBJ and trimesh; texel row = (1 - v) * height.
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,9 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-CRASH_ENV = "RECON_TEST_XATLAS_CRASH"
-"""Test hook: "always" makes every unwrap child abort, "first" only the first attempt."""
 
 
 @dataclass
@@ -46,10 +42,7 @@ class UVMesh:
 
 def _child_main(argv: list[str]) -> int:
     """Child entry point: ``uv.py IN.npz OUT.npz ATTEMPT``; writes vmapping, indices, uv."""
-    src, dst, attempt = argv[0], argv[1], int(argv[2])
-    crash = os.environ.get(CRASH_ENV, "")
-    if crash == "always" or (crash == "first" and attempt == 0):
-        os.abort()
+    src, dst = argv[0], argv[1]
     import xatlas
 
     data = np.load(src)
@@ -70,12 +63,17 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
+def child_command(src: Path, dst: Path, attempt: int) -> list[str]:
+    """The command line of one xatlas child run (attempt 0, 1, ...): this file run as a script."""
+    return [sys.executable, str(Path(__file__).resolve()), str(src), str(dst), str(attempt)]
+
+
 def _run_xatlas(vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int, timeout_s: float, attempt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
     """(vmapping, faces, uv) from a child xatlas run, or a string saying why it failed."""
     with tempfile.TemporaryDirectory(prefix="recon-xatlas-") as folder:
         src, dst = Path(folder) / "in.npz", Path(folder) / "out.npz"
         np.savez(src, vertices=vertices, faces=faces, resolution=resolution, padding=padding)
-        command = [sys.executable, str(Path(__file__).resolve()), str(src), str(dst), str(attempt)]
+        command = child_command(src, dst, attempt)
         try:
             result = subprocess.run(command, capture_output=True, timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
@@ -124,8 +122,8 @@ def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s:
     regularity that trips xatlas. Then: :func:`per_triangle_atlas` with a warning.
     """
     import trimesh
+    from recon.exports.cleanup import decimate
 
-    from exports.cleanup import decimate
     from recon.progress import warn
 
     candidates = [("xatlas", mesh)]

@@ -4,8 +4,8 @@ Only torch-level modules are imported here; diffusers and transformers load
 when a model is built or read.
 """
 
-from guidance.checkpoints import load_zero123, random_model, save_diffusers
-from guidance.model import Zero123Model
-from guidance.sampling import encode_relative_views, sample_views
+from recon.guidance.checkpoints import load_zero123, random_model, save_diffusers
+from recon.guidance.model import Zero123Model
+from recon.guidance.sampling import encode_relative_views, sample_views
 
 __all__ = ["Zero123Model", "encode_relative_views", "load_zero123", "random_model", "sample_views", "save_diffusers"]

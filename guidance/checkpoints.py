@@ -30,10 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from recon.guidance.architectures import (
+    architecture,
+    build_components,
+    match_architecture,
+)
+from recon.guidance.model import (
+    PoseEncoding,
+    Zero123Model,
+    default_dtype,
+    make_scheduler,
+)
 from torch import Tensor, nn
 
-from guidance.architectures import architecture, build_components, match_architecture
-from guidance.model import PoseEncoding, Zero123Model, default_dtype, make_scheduler
 from recon.errors import InputError, WeightsNotFoundError
 
 RANDOM_SPECS = ("random-tiny", "random-full")
@@ -105,10 +114,10 @@ def random_model(arch: str = "tiny", seed: int = 0, pose_encoding: PoseEncoding 
 
 def shipped_prior_path() -> Path:
     """Where the shipped ``tiny`` prior lives inside the installed package."""
-    import recon
+    from recon import assets
 
     # the package folder itself: importlib.resources cannot list an editable install's package
-    return Path(recon.__file__).resolve().parent / "assets" / "tiny-zero123"
+    return Path(assets.__file__).resolve().parent / "tiny-zero123"
 
 
 def save_diffusers(

@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from guidance.cascade import (
+from recon.guidance.cascade import (
     Conditions,
     ViewSet,
     bank_poses,
@@ -20,9 +18,11 @@ from guidance.cascade import (
     refiner_tokens,
     training_free_eps,
 )
-from guidance.config import GuidanceConfig
-from guidance.model import Zero123Model
-from guidance.sds import SDSOutput, score_distillation, timestep_range
+from recon.guidance.config import GuidanceConfig
+from recon.guidance.model import Zero123Model
+from recon.guidance.sds import SDSOutput, score_distillation, timestep_range
+from torch import Tensor
+
 from recon.cameras import relative_pose
 from recon.schedule import value_at
 
@@ -235,7 +235,7 @@ class Guidance:
 def load_models(cfg: GuidanceConfig, device: torch.device | str) -> tuple[Zero123Model, Zero123Model | None]:
     """Loads the Base (``cfg.model``) and, in mode cascade, the Refiner (the same object when
     ``refiner_model`` is None or equal). Load once and pass to :func:`make_guidance` for a batch."""
-    from guidance.checkpoints import load_zero123
+    from recon.guidance.checkpoints import load_zero123
 
     dtype = DTYPES[cfg.dtype]
     base = load_zero123(cfg.model, device, dtype)
@@ -257,7 +257,7 @@ def make_guidance(
         base, loaded_refiner = load_models(cfg, device)
         refiner = loaded_refiner if refiner is None else refiner
     elif cfg.mode == "cascade" and refiner is None and cfg.refiner_model not in (None, cfg.model):
-        from guidance.checkpoints import load_zero123
+        from recon.guidance.checkpoints import load_zero123
 
         refiner = load_zero123(cfg.refiner_model, device, DTYPES[cfg.dtype])
     if cfg.model == "tiny":

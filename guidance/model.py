@@ -212,7 +212,7 @@ class Zero123Model(nn.Module):
     # -------------------------------------------------------------- denoising
     def use_cuda_graphs(self, enabled: bool = True) -> None:
         """Replays CUDA graphs for gradient-free UNet calls on CUDA (see guidance/cuda_graphs.py)."""
-        from guidance.cuda_graphs import unet_runner
+        from recon.guidance.cuda_graphs import unet_runner
 
         self._graphed_unet = unet_runner(self.unet, enabled)
 

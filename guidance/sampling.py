@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from recon.guidance.model import Zero123Model
 from torch import Tensor
 
-from guidance.model import Zero123Model
 from recon.cameras import relative_pose
 
 

@@ -15,7 +15,7 @@ __all__ = ["Models", "build_config", "export", "fit", "fit_image"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from recon.cli import api
+        from recon import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'recon' has no attribute {name!r}")

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from recon.exports.config import ExportConfig
+from recon.guidance.config import GuidanceConfig
+from recon.systems import losses
+from recon.systems.checkpoint import load_latest, save_checkpoint
 from torch import Tensor
 
-from exports.config import ExportConfig
-from guidance.config import GuidanceConfig
 from recon.cameras import Cameras, ViewSampler, generate_rays
 from recon.config import resolve
 from recon.errors import ReconError, TrainingDivergedError
@@ -32,14 +33,10 @@ from recon.field import FieldConfig, RadianceField
 from recon.render import RendererConfig, VolumeRenderer
 from recon.runs import RunDir, StepReporter
 from recon.schedule import validate_schedule, value_at
-from systems import losses
-from systems.checkpoint import load_latest, save_checkpoint
 
 LOSS_NAMES = ("sds", "rgb", "mask", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
 
 # Test hooks (read once per step; never set in normal use): simulate a crash or a NaN loss.
-INTERRUPT_ENV = "RECON_TEST_INTERRUPT_AFTER_STEP"
-NAN_ENV = "RECON_TEST_NAN_AT_STEP"
 
 
 @dataclass
@@ -273,12 +270,6 @@ def oom_message(stage: str, cfg: StageConfig, local_step: int) -> str:
     )
 
 
-class _Injected:
-    """Per-process memory of the NaN test hook, so an injected NaN fires once."""
-
-    fired: ClassVar[set[int]] = set()
-
-
 class Trainer:
     """Optimises a radiance field for one reference view with a guidance; writes checkpoints, previews, progress.
 
@@ -430,9 +421,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         try:
             loss, terms = self.losses(stage, local_step)
-            if os.environ.get(NAN_ENV) == str(self.step) and self.step not in _Injected.fired:
-                _Injected.fired.add(self.step)
-                loss = loss * float("nan")
             if not torch.isfinite(loss):
                 return float("nan")
             loss.backward()
@@ -515,8 +503,6 @@ class Trainer:
                     if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                         self.save(name)
                     reporter.update(self.step - begin, status=f"loss {loss:.4g}")
-                    if os.environ.get(INTERRUPT_ENV) == str(self.step):
-                        raise KeyboardInterrupt(f"test hook {INTERRUPT_ENV} after step {self.step}")
             begin = end
         broken = [name for name, p in self.field.named_parameters() if not torch.isfinite(p).all()]
         if broken:

@@ -23,10 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from recon.exports.config import ExportConfig
+from recon.exports.frame import dominant_up_axis
+from recon.systems.checkpoint import (
+    Checkpoint,
+    SceneTransform,
+    load_latest,
+    save_checkpoint,
+)
 from torch import Tensor
 
-from exports.config import ExportConfig
-from exports.frame import dominant_up_axis
 from recon.cameras import Cameras, pixel_rays
 from recon.config import to_plain
 from recon.data.transforms_json import (
@@ -45,7 +51,6 @@ from recon.progress import PhaseTimer, info
 from recon.render import RendererConfig, VolumeRenderer
 from recon.runs import RunDir, StepReporter
 from recon.runtime import peak_memory_gib, reset_peak_memory
-from systems.checkpoint import Checkpoint, SceneTransform, load_latest, save_checkpoint
 
 STAGE = "fit-views"
 

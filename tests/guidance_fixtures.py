@@ -1,6 +1,6 @@
 """Helpers that build tiny random Zero-1-to-3 models and write them in the real on-disk layouts.
 
-Import from tests: ``from tests.guidance_fixtures import tiny_model, tiny_images, ...``
+Import from tests: ``from guidance_fixtures import tiny_model, tiny_images, ...``
 (or ``from guidance_fixtures import ...`` with tests/ on the path).
 
 * :func:`tiny_model` - a seeded random "tiny" Zero123Model, fp32 on the CPU (~0.9 M parameters).
@@ -17,10 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from recon.guidance.checkpoints import ema_key, load_zero123, save_diffusers
+from recon.guidance.model import Zero123Model
 from torch import Tensor
-
-from guidance.checkpoints import ema_key, load_zero123, save_diffusers
-from guidance.model import Zero123Model
 
 TINY_SIZE = 64  # image side the tiny VAE is built for (latent 8x8)
 

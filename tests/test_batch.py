@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from recon.systems.batch import ImageResult, run_batch, run_names
 from test_fit import TINY, make_rgba, shared_models  # noqa: F401 - shared_models is a fixture
 
 from recon.cli.main import main
-from systems.batch import ImageResult, run_batch, run_names
 
 
 def batch_args(folder: Path, out: Path, *extra: str) -> list[str]:
@@ -91,7 +91,7 @@ def test_batch_over_a_folder_with_bad_files(tmp_path, shared_models, capsys):  #
 
 
 def test_fit_given_several_images_runs_them_as_a_batch(tmp_path, shared_models):  # noqa: F811
-    from recon.cli.api import fit
+    from recon.api import fit
 
     one, two = make_rgba(tmp_path / "one.png"), make_rgba(tmp_path / "two.png", size=40)
     overrides = [*TINY, "turntable=false", "preview_every=0", "stages.coarse.steps=1", "stages.fine.steps=1"]

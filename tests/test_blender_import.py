@@ -9,9 +9,8 @@ import shutil
 import subprocess
 
 import pytest
+from recon.exports import ExportConfig, export_field
 from test_exports_writers import BOX, asymmetric_density, front_red_back_blue
-
-from exports import ExportConfig, export_field
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("blender") is None, reason="blender not on PATH")]
 

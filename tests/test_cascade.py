@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from guidance_fixtures import tiny_images, tiny_model
-
-from guidance.cascade import (
+from recon.guidance.cascade import (
     Conditions,
     angular_distance_deg,
     bank_poses,
@@ -19,8 +18,9 @@ from guidance.cascade import (
     refiner_tokens,
     training_free_eps,
 )
-from guidance.config import GuidanceConfig
-from guidance.interface import Guidance
+from recon.guidance.config import GuidanceConfig
+from recon.guidance.interface import Guidance
+
 from recon.preprocess import ReferenceView
 
 S45 = math.sqrt(0.5)
@@ -253,17 +253,17 @@ def test_training_free_guidance_runs(model):
 
 
 def test_make_guidance_loads_once_and_shares_the_refiner(monkeypatch):
-    import guidance.checkpoints
-    from guidance.interface import load_models, make_guidance
+    import recon.guidance.checkpoints
+    from recon.guidance.interface import load_models, make_guidance
 
     loaded = []
-    original = guidance.checkpoints.load_zero123
+    original = recon.guidance.checkpoints.load_zero123
 
     def counting(spec, *args, **kwargs):
         loaded.append(spec)
         return original(spec, *args, **kwargs)
 
-    monkeypatch.setattr(guidance.checkpoints, "load_zero123", counting)
+    monkeypatch.setattr(recon.guidance.checkpoints, "load_zero123", counting)
     base, refiner = load_models(cascade_config(), "cpu")
     assert loaded == ["random-tiny"] and refiner is base
     assert base.dtype == torch.float32  # dtype auto on the CPU

@@ -77,7 +77,8 @@ def test_data_synth_min_primitives_follows_max_primitives(monkeypatch, tmp_path,
 
 
 def test_train_cascade_flags_fill_the_train_config(monkeypatch, tmp_path):
-    from guidance.training import TrainConfig
+    from recon.systems.cascade_training import TrainConfig
+
     from recon.cli.train import TrainCascadeCommand
 
     command = _parsed(monkeypatch, TrainCascadeCommand, [

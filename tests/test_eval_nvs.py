@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-
-from guidance.cascade import generate_views, generate_views_many
-from guidance.checkpoints import load_zero123
-from guidance.evaluation import (
+from guidance_fixtures import tiny_images, tiny_model
+from recon.guidance.cascade import generate_views, generate_views_many
+from recon.guidance.checkpoints import load_zero123
+from recon.systems.evaluation import (
     EvalConfig,
     cascade_views,
     cascade_views_many,
@@ -18,10 +18,10 @@ from guidance.evaluation import (
     image_scores,
     markdown_report,
 )
+
 from recon.cli.main import main
 from recon.data.multiview import MultiViewDataset, composite
 from recon.data.synth import SynthConfig, synthesize
-from tests.guidance_fixtures import tiny_images, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,12 @@ import sys
 import numpy as np
 import pytest
 import trimesh
-
-from exports.cleanup import basic_cleanup, clean_mesh, decimate, remove_small_components
+from recon.exports.cleanup import (
+    basic_cleanup,
+    clean_mesh,
+    decimate,
+    remove_small_components,
+)
 
 
 def body_with_floaters():

@@ -4,11 +4,16 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from recon.exports.config import ExportConfig
+from recon.exports.frame import (
+    EXPORT_ROTATIONS,
+    UP_AXES,
+    dominant_up_axis,
+    to_export_frame,
+)
+from recon.exports.isosurface import auto_threshold, extract_mesh, sample_density_grid
+from recon.exports.pipeline import export_field
 
-from exports.config import ExportConfig
-from exports.frame import EXPORT_ROTATIONS, UP_AXES, dominant_up_axis, to_export_frame
-from exports.isosurface import auto_threshold, extract_mesh, sample_density_grid
-from exports.pipeline import export_field
 from recon.cameras import orbit
 from recon.errors import ReconError
 

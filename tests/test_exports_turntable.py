@@ -3,9 +3,8 @@
 import imageio.v3 as iio
 import numpy as np
 import pytest
-
-from exports import turntable
-from exports.turntable import render_turntable
+from recon.exports import turntable
+from recon.exports.turntable import render_turntable
 
 
 def fake_render(cameras):

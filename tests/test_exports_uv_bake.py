@@ -1,13 +1,15 @@
 """UV unwrap in a subprocess (and its crash fallbacks), UV rasterisation, texture bake."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 import trimesh
 from PIL import Image
-
-from exports.bake import bake_texture, dilate, rasterize_uv
-from exports.uv import CRASH_ENV, unwrap_uv
+from recon.exports import uv
+from recon.exports.bake import bake_texture, dilate, rasterize_uv
+from recon.exports.uv import unwrap_uv
 
 
 def front_red_back_blue(points):
@@ -34,7 +36,10 @@ def test_xatlas_unwrap():
 
 @pytest.mark.parametrize(("mode", "method"), [("always", "per-triangle"), ("first", "xatlas-retry")])
 def test_unwrap_survives_crashing_child(monkeypatch, mode, method):
-    monkeypatch.setenv(CRASH_ENV, mode)
+    """A child that aborts (as xatlas does on some meshes): every attempt ("always") or only the first."""
+    working = uv.child_command
+    abort = [sys.executable, "-c", "import os; os.abort()"]
+    monkeypatch.setattr(uv, "child_command", lambda src, dst, attempt: abort if mode == "always" or attempt == 0 else working(src, dst, attempt))
     mesh = trimesh.creation.icosphere(2)
     result = unwrap_uv(mesh, texture_resolution=128, padding=2)
     assert result.method == method

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-
-from exports import (
+from recon.exports import (
     ExportConfig,
     bake_texture,
     clean_mesh,
@@ -19,6 +18,7 @@ from exports import (
     write_obj,
     write_ply,
 )
+
 from recon.errors import ReconError
 
 BOX = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])

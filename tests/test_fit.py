@@ -16,12 +16,12 @@ import torch
 import trimesh
 import yaml
 from PIL import Image
+from recon.systems import losses
+from recon.systems.fit import Trainer, resolve_config, scale_steps
 
 from recon.cli.main import main
 from recon.config import preset_names, presets_folder, read_preset, to_plain
 from recon.progress import PhaseTimer
-from systems import losses
-from systems.fit import NAN_ENV, resolve_config, scale_steps
 
 TINY = [
     "field.encoding.n_levels=4",
@@ -75,7 +75,7 @@ def make_rgb(path: Path, size: int = 64) -> Path:
 @pytest.fixture(scope="module")
 def shared_models():
     """Loads each guidance model once for the module (recon.fit loads per call otherwise)."""
-    from guidance import checkpoints
+    from recon.guidance import checkpoints
 
     loaded: dict = {}
     original = checkpoints.load_zero123
@@ -169,7 +169,7 @@ def test_surface_points_are_depth_along_rays_over_opacity():
 
 # ------------------------------------------------------------------ configs
 def test_presets_have_descriptions_and_resolve():
-    from recon.cli.api import build_config
+    from recon.api import build_config
 
     assert {"default", "fast", "cpu"} <= set(preset_names())
     for name in ("default", "fast", "cpu"):
@@ -187,7 +187,7 @@ def test_presets_have_descriptions_and_resolve():
 
 
 def test_flags_override_set_and_set_overrides_preset():
-    from recon.cli.api import build_config
+    from recon.api import build_config
     from recon.errors import ReconError
 
     cfg = build_config("cpu", ["stages.fine.steps=7", "seed=3", "guidance.model=x"], model="random-tiny", seed=5, formats="glb,obj")
@@ -200,7 +200,7 @@ def test_flags_override_set_and_set_overrides_preset():
 
 
 def test_scale_steps_scales_stages_and_schedules():
-    from recon.cli.api import build_config
+    from recon.api import build_config
 
     cfg = build_config("default")  # 200 + 400 steps, coarse levels [0, 8, 16, 150], guidance ramps end at 200
     scaled = scale_steps(cfg, 300)
@@ -212,7 +212,7 @@ def test_scale_steps_scales_stages_and_schedules():
 
 
 def test_size_schedules_from_the_command_line_are_validated():
-    from recon.cli.api import build_config
+    from recon.api import build_config
     from recon.errors import ReconError
 
     cfg = build_config("cpu", ["stages.fine.resolution={0: 16, 30: 32}", "stages.fine.batch_size=[0, 4, 1, 60]"])
@@ -270,7 +270,7 @@ def test_fit_end_to_end_writes_meshes_and_run_files(tmp_path, shared_models, cap
 
 
 def test_rgb_input_goes_through_background_removal(tmp_path):
-    from recon.cli.api import _create_run, build_config
+    from recon.api import _create_run, build_config
 
     image = make_rgb(tmp_path / "photo.jpg".replace(".jpg", ".png"))
     cfg = build_config("cpu", TINY, model="random-tiny")
@@ -285,7 +285,7 @@ def test_rgb_input_goes_through_background_removal(tmp_path):
 
 
 def test_missing_weights_without_model_gives_the_message(tmp_path, capsys, monkeypatch):
-    from guidance import checkpoints
+    from recon.guidance import checkpoints
 
     # an installation without the shipped prior (the default --model tiny)
     monkeypatch.setattr(checkpoints, "shipped_prior_path", lambda: tmp_path / "no-prior")
@@ -298,10 +298,25 @@ def test_missing_weights_without_model_gives_the_message(tmp_path, capsys, monke
     assert not (out / "disc").exists()  # nothing half-made
 
 
+def nan_loss_once_at(monkeypatch, step: int) -> None:
+    """Makes the trainer's loss NaN at global ``step``, once (as a divergence would)."""
+    original = Trainer.losses
+    fired = []
+
+    def losses(self, stage, local_step):
+        loss, terms = original(self, stage, local_step)
+        if self.step == step and not fired:
+            fired.append(step)
+            loss = loss * float("nan")
+        return loss, terms
+
+    monkeypatch.setattr(Trainer, "losses", losses)
+
+
 def test_nan_loss_stops_with_a_message_and_exports_nothing(tmp_path, shared_models, capsys, monkeypatch):
     image = make_rgba(tmp_path / "disc.png")
     out = tmp_path / "outputs"
-    monkeypatch.setenv(NAN_ENV, "2")
+    nan_loss_once_at(monkeypatch, 2)
     code = main(fit_args(image, out, "--set", "nan_policy=stop"))
     err = " ".join(capsys.readouterr().err.split())
     assert code == 4 and "NaN" in err and "step 2" in err and "without exporting" in err
@@ -311,10 +326,10 @@ def test_nan_loss_stops_with_a_message_and_exports_nothing(tmp_path, shared_mode
 
 
 def test_nan_loss_rolls_back_to_the_last_checkpoint_and_finishes(tmp_path, shared_models, monkeypatch):
-    from recon.cli.api import fit
+    from recon.api import fit
 
     image = make_rgba(tmp_path / "disc.png")
-    monkeypatch.setenv(NAN_ENV, "3")
+    nan_loss_once_at(monkeypatch, 3)
     overrides = [*TINY, "turntable=false", "preview_every=0"]
     results = fit(image, tmp_path / "out", "cpu", overrides, model="random-tiny", formats="ply", device="cpu", quiet=True)
     assert results[0].status == "finished" and "ply" in results[0].exports
@@ -324,8 +339,9 @@ def test_nan_loss_rolls_back_to_the_last_checkpoint_and_finishes(tmp_path, share
 
 
 def test_public_api_fits_images_one_at_a_time_with_shared_models(tmp_path, monkeypatch):
+    from recon.guidance import interface
+
     import recon
-    from guidance import interface
     from recon.runtime import resolve_device
 
     built = []
@@ -347,17 +363,18 @@ class FakeGuidance:
         self.calls = []
 
     def sds(self, images, elevation_deg, azimuth_deg, radius, step):
-        from guidance.sds import SDSOutput
+        from recon.guidance.sds import SDSOutput
 
         self.calls.append((tuple(images.shape), step))
         return SDSOutput(loss=((images - 0.5) ** 2).mean(), diagnostics={})
 
 
 def make_trainer(tmp_path, *overrides):
-    from recon.cli.api import build_config
+    from recon.systems.fit import Trainer
+
+    from recon.api import build_config
     from recon.preprocess import ReferenceView
     from recon.runs import RunDir
-    from systems.fit import Trainer
 
     cfg = build_config("cpu", [*TINY, *overrides])
     y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")

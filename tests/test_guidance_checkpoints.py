@@ -4,18 +4,23 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from guidance import checkpoints
-from guidance.checkpoints import ema_key, load_zero123, read_state_dict, save_diffusers
-from recon.errors import InputError, WeightsNotFoundError
-from tests.guidance_fixtures import (
+from guidance_fixtures import (
     ldm_state_dict,
     save_ldm_checkpoint,
     save_tiny_diffusers,
     tiny_images,
     tiny_model,
 )
+from recon.guidance import checkpoints
+from recon.guidance.checkpoints import (
+    ema_key,
+    load_zero123,
+    read_state_dict,
+    save_diffusers,
+)
+from safetensors.torch import load_file
+
+from recon.errors import InputError, WeightsNotFoundError
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from guidance_fixtures import tiny_images, tiny_model
+from recon.guidance.architectures import build_components
+from recon.guidance.model import Zero123Model
+from recon.guidance.sampling import encode_relative_views
 
-from guidance.architectures import build_components
-from guidance.model import Zero123Model
-from guidance.sampling import encode_relative_views
 from recon.cameras import relative_pose
-from tests.guidance_fixtures import tiny_images, tiny_model
 
 OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -220,7 +220,7 @@ def test_constructor_rejects_mismatched_parts():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_gpu(dtype):
-    from guidance.checkpoints import load_zero123
+    from recon.guidance.checkpoints import load_zero123
 
     ref = tiny_model(seed=0)
     gpu = load_zero123("random-tiny", "cuda", dtype)

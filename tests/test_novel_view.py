@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from guidance_fixtures import tiny_images, tiny_model
 from PIL import Image
+from recon.guidance.sampling import encode_relative_views, sample_views
 
-from guidance.sampling import encode_relative_views, sample_views
 from recon.cli.main import main
 from recon.cli.novel_view import make_grid, output_paths, pair_poses
 from recon.errors import ReconError
-from tests.guidance_fixtures import tiny_images, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from guidance.architectures import architecture, build_components, match_architecture
-from guidance.checkpoints import load_zero123
-from guidance.evaluation import METHODS
-from guidance.training import (
+from recon.guidance.architectures import (
+    architecture,
+    build_components,
+    match_architecture,
+)
+from recon.guidance.checkpoints import load_zero123
+from recon.systems.cascade_training import (
     TrainConfig,
     ViewCache,
     latent_std,
     reconstruction_scores,
     train,
 )
+from recon.systems.evaluation import METHODS
+
 from recon.data.multiview import MultiViewDataset, composite
 from recon.data.synth import SynthConfig, synthesize
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import torch
+from recon.systems.checkpoint import list_checkpoints, load_latest
+from recon.systems.fit import Trainer
 from test_fit import fit_args, make_rgba, shared_models  # noqa: F401 - shared_models is a fixture
 
 from recon.cli.main import main
 from recon.runs import RunDir
-from systems.checkpoint import list_checkpoints, load_latest
-from systems.fit import INTERRUPT_ENV
 
 FAST = ["--format", "ply", "--set", "turntable=false", "--set", "preview_every=0"]
 
@@ -24,7 +24,14 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tmp_path, sha
     image = make_rgba(tmp_path / "disc.png")
     assert main(fit_args(image, tmp_path / "straight", *FAST)) == 0
 
-    monkeypatch.setenv(INTERRUPT_ENV, "5")  # checkpoints at 2, 3 (end of coarse) and 4: step 5 is redone
+    original = Trainer.train_step
+
+    def interrupted_after_step_5(self, *args):
+        if self.step == 5:  # checkpoints at 2, 3 (end of coarse) and 4: step 5 is redone
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_after_step_5)
     assert main(fit_args(image, tmp_path / "killed", *FAST)) == 130
     run = tmp_path / "killed" / "disc"
     assert json.loads((run / "progress.json").read_text())["status"] == "interrupted"
@@ -33,7 +40,7 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tmp_path, sha
     capsys.readouterr()
 
     # without --resume an unfinished run is an error, not silently redone
-    monkeypatch.delenv(INTERRUPT_ENV)
+    monkeypatch.setattr(Trainer, "train_step", original)
     assert main(fit_args(image, tmp_path / "killed", *FAST)) == 2
     assert "--resume" in capsys.readouterr().err
 

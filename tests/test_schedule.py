@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from recon.guidance.config import GuidanceConfig
 
-from guidance.config import GuidanceConfig
 from recon.config import resolve
 from recon.errors import ReconError
 from recon.schedule import validate_schedule, value_at

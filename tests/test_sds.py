@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 from guidance_fixtures import tiny_images, tiny_model
-
-from guidance.config import GuidanceConfig
-from guidance.interface import Guidance
-from guidance.sds import (
+from recon.guidance.config import GuidanceConfig
+from recon.guidance.interface import Guidance
+from recon.guidance.sds import (
     sample_timesteps,
     score_distillation,
     sds_gradient,
     timestep_range,
     timestep_weight,
 )
+
 from recon.cameras import relative_pose
 from recon.preprocess import ReferenceView
 from recon.schedule import value_at
@@ -225,7 +225,7 @@ def test_bench_script_runs_on_tiny_weights(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_cuda_gradient_reaches_pixels():
-    from guidance.checkpoints import load_zero123
+    from recon.guidance.checkpoints import load_zero123
 
     model = load_zero123("random-tiny", "cuda", torch.float16)
     g = Guidance(GuidanceConfig(model="random-tiny", mode="cascade", nearby_steps=2, bank_elevations_deg=[0.0]), model)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from guidance.checkpoints import load_zero123
-from guidance.training import (
+from recon.guidance.checkpoints import load_zero123
+from recon.systems.cascade_training import (
     TrainConfig,
     Trainer,
     cascade_tokens,
@@ -27,6 +26,7 @@ from guidance.training import (
     train,
     trainable_modules,
 )
+
 from recon.cli.main import main
 from recon.data.multiview import MultiViewDataset
 from recon.data.synth import SynthConfig, synthesize
@@ -167,7 +167,7 @@ def test_bad_config_values_are_refused():
 
 
 def test_truncated_snr_weights_stress_the_noisy_timesteps():
-    from guidance.model import make_scheduler
+    from recon.guidance.model import make_scheduler
 
     scheduler = make_scheduler()
     assert torch.equal(timestep_weights(scheduler, "eps"), torch.ones(1000))

@@ -48,17 +48,17 @@ class EvalNVSCommand:
 
     def run(self) -> int:
         """Evaluates and writes the report; returns the exit code."""
-        from guidance.checkpoints import load_zero123
-        from guidance.evaluation import (
+        from recon.data.multiview import MultiViewDataset
+        from recon.guidance.checkpoints import load_zero123
+        from recon.guidance.sampling import native_size
+        from recon.progress import info, progress_bar, set_quiet
+        from recon.runtime import resolve_device
+        from recon.systems.evaluation import (
             EvalConfig,
             evaluate,
             markdown_report,
             write_report,
         )
-        from guidance.sampling import native_size
-        from recon.data.multiview import MultiViewDataset
-        from recon.progress import info, progress_bar, set_quiet
-        from recon.runtime import resolve_device
 
         set_quiet(self.quiet)
         device = resolve_device(self.device)

@@ -1,4 +1,4 @@
-"""``recon fit IMAGES...`` and ``recon batch DIR``: images to Blender-ready meshes (see recon.cli.api)."""
+"""``recon fit IMAGES...`` and ``recon batch DIR``: images to Blender-ready meshes (see recon.api)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class _FitOptions:
     """Total optimisation steps; every stage and schedule is scaled to match (default: the preset's)."""
 
     def _fit(self, images: list[Path], batch: bool | None) -> int:
-        from recon.cli.api import fit
+        from recon.api import fit
 
         results = fit(
             images,

@@ -58,7 +58,7 @@ class FitViewsCommand:
         from recon.config import read_preset, resolve, to_plain
         from recon.progress import PhaseTimer, info, set_quiet
         from recon.runtime import resolve_device, seed_everything
-        from systems.fit_views import (
+        from recon.systems.fit_views import (
             FitViewsConfig,
             FitViewsTrainer,
             load_views,
@@ -93,7 +93,7 @@ class FitViewsCommand:
         trainer = FitViewsTrainer(run, cfg, views, device)
         result = trainer.fit()
         if self.export:
-            from recon.cli.export import export_run
+            from recon.systems.run_export import export_run
 
             timer = PhaseTimer()
             with timer.phase("export"):

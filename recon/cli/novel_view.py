@@ -106,8 +106,12 @@ class NovelViewCommand:
 
     def run(self) -> int:
         """Loads the model and the photo, samples every requested view and writes the PNGs."""
-        from guidance.checkpoints import load_zero123
-        from guidance.sampling import encode_relative_views, native_size, sample_views
+        from recon.guidance.checkpoints import load_zero123
+        from recon.guidance.sampling import (
+            encode_relative_views,
+            native_size,
+            sample_views,
+        )
         from recon.preprocess import load_reference
         from recon.progress import info, progress_bar, warn
         from recon.runtime import resolve_device, seed_everything

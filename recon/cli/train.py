@@ -8,7 +8,7 @@ from typing import Annotated
 
 import tyro
 
-from guidance.training import TrainConfig, train
+from recon.systems.cascade_training import TrainConfig, train
 
 
 @dataclass

@@ -31,8 +31,8 @@ from recon.config import to_plain
 from recon.errors import ReconError
 from recon.progress import PhaseTimer
 from recon.runs import RunDir
-from systems.batch import ImageResult, print_summary, run_batch, save_summary
-from systems.fit import FitConfig, Trainer, resolve_config, scale_steps
+from recon.systems.batch import ImageResult, print_summary, run_batch, save_summary
+from recon.systems.fit import FitConfig, Trainer, resolve_config, scale_steps
 
 SMOKE_TEST_NOTE = "SMOKE_TEST_RANDOM_WEIGHTS.txt"
 
@@ -58,7 +58,7 @@ def build_config(
     if model is not None:
         flags["guidance"] = {"model": model}
     if formats is not None:
-        from recon.cli.export import parse_formats
+        from recon.exports.config import parse_formats
 
         flags["export"] = {"formats": parse_formats(formats if isinstance(formats, str) else ",".join(formats))}
     if seed is not None:
@@ -106,7 +106,7 @@ class Models:
         """The Guidance of ``cfg.guidance``, loaded (timed under ``timer``'s "load models") on first use."""
         key = repr(to_plain(cfg.guidance))
         if key not in self._cache:
-            from guidance.interface import make_guidance
+            from recon.guidance.interface import make_guidance
 
             with timer.phase("load models"):
                 self._cache[key] = make_guidance(cfg.guidance, self.device)
@@ -166,9 +166,9 @@ def _create_run(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device
 
 def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device, timer: Any) -> dict[str, Path]:
     """Mesh files and the turntable video of a trained run."""
-    from exports.turntable import render_turntable
     from recon import fileio
-    from recon.cli.export import export_run
+    from recon.exports.turntable import render_turntable
+    from recon.systems.run_export import export_run
 
     with timer.phase("export"):
         paths = dict(export_run(run, cfg.export, device))
@@ -287,7 +287,7 @@ def fit(
         return fit_image(image, run_dir, cfg, dev, models, resume=resume, overwrite=overwrite)
 
     if not batch:
-        from systems.batch import is_finished, run_names
+        from recon.systems.batch import is_finished, run_names
 
         run_dir = output / run_names(image_list)[0]
         result = ImageResult(image=image_list[0], run_dir=run_dir)
@@ -325,10 +325,10 @@ def export(
     """
     from dataclasses import replace
 
-    from exports.config import ExportConfig
-    from recon.cli.export import export_run, parse_formats
     from recon.config import from_plain
+    from recon.exports.config import ExportConfig, parse_formats
     from recon.runtime import resolve_device
+    from recon.systems.run_export import export_run
 
     run = RunDir.open(run_dir)
     saved = run.read_config().get("export")

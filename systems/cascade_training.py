@@ -57,18 +57,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from recon.guidance.cascade import Conditions, nearby_poses, refiner_tokens
+from recon.guidance.config import NEARBY_VIEWS
+from recon.guidance.sampling import ddim_sample, to_8bit_levels
 from torch import Tensor, nn
 
-from guidance.cascade import Conditions, nearby_poses, refiner_tokens
-from guidance.config import NEARBY_VIEWS
-from guidance.sampling import ddim_sample, to_8bit_levels
 from recon.cameras import relative_pose
 from recon.data.multiview import MultiViewDataset, composite
 from recon.errors import InputError, ReconError
 from recon.fileio import atomic_path
 
 if TYPE_CHECKING:
-    from guidance.model import Zero123Model
+    from recon.guidance.model import Zero123Model
 
 STAGES = ("cascade", "base", "vae")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -419,7 +419,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 def base_copy(model: Zero123Model) -> Zero123Model:
     """A second Zero123Model with its own UNet and projection but sharing the frozen VAE, CLIP and scheduler."""
-    from guidance.model import Zero123Model
+    from recon.guidance.model import Zero123Model
 
     base = Zero123Model(
         copy.deepcopy(model.unet), model.vae, model.image_encoder, copy.deepcopy(model.camera_projection),
@@ -575,7 +575,7 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
 
 def export_base(trainer: Trainer, folder: Path, init: str) -> Path:
     """Writes the Base (the EMA weights) as a diffusers folder that ``load_zero123`` reads."""
-    from guidance.checkpoints import save_diffusers
+    from recon.guidance.checkpoints import save_diffusers
 
     base = trainer.base
     base.is_random = False
@@ -623,7 +623,8 @@ def train(
     """
     if cfg.stage == "vae":
         return train_vae(cfg, data, init, run_dir, device, max_minutes, resume, on_step)
-    from guidance.checkpoints import load_zero123
+    from recon.guidance.checkpoints import load_zero123
+
     from recon.config import to_plain
     from recon.progress import info
     from recon.runs import RunDir, StepReporter
@@ -762,7 +763,8 @@ def train_vae(
     image encoder and projection untouched) is written. No mid-run
     checkpoints: rerunning starts the VAE training over.
     """
-    from guidance.checkpoints import load_zero123, save_diffusers
+    from recon.guidance.checkpoints import load_zero123, save_diffusers
+
     from recon.config import to_plain
     from recon.runs import RunDir, StepReporter
 

@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
-
-from guidance.cascade import (
+from recon.guidance.cascade import (
     Conditions,
     angular_distance_deg,
     generate_views_many,
@@ -37,14 +35,16 @@ from guidance.cascade import (
     nearby_poses,
     refiner_tokens,
 )
-from guidance.config import NEARBY_VIEWS
-from guidance.sampling import ddim_sample
+from recon.guidance.config import NEARBY_VIEWS
+from recon.guidance.sampling import ddim_sample
+from torch import Tensor
+
 from recon.data.multiview import MultiViewDataset, ObjectViews, composite
 from recon.fileio import write_json, write_text
 from recon.metrics import psnr_per_image, ssim_per_image
 
 if TYPE_CHECKING:
-    from guidance.model import Zero123Model
+    from recon.guidance.model import Zero123Model
 
 METHODS = ("base", "cascade", "copy-input", "mean-image")
 AZIMUTH_BINS = ((0.0, 45.0), (45.0, 90.0), (90.0, 135.0), (135.0, 180.01))
