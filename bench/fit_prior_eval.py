@@ -66,6 +66,7 @@ from recon.data.primitives import PrimitiveObject, random_object, render_object
 from recon.data.synth import object_seed
 from recon.errors import ReconError
 from recon.fileio import read_json, write_json
+from recon.imageio import composite
 
 HELDOUT_DATASET_SEED = 2
 """Dataset seed of the evaluated objects (the prior's recipe trained on 0 and evaluated on 1)."""
@@ -191,11 +192,6 @@ def place_object(obj: PrimitiveObject, size: int, foreground_ratio: float, radiu
     }
 
 
-def over_white(rgba: torch.Tensor) -> torch.Tensor:
-    """Straight-alpha (..., 4) -> colour over white (..., 3)."""
-    return rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
-
-
 def method_configs(preset: str, overrides: list[str], model: str, steps: int | None = None) -> dict[str, Any]:
     """{"sds": FitConfig, "no-sds": FitConfig}: the second is the first with every stage's SDS weight at 0.
 
@@ -212,12 +208,11 @@ def method_configs(preset: str, overrides: list[str], model: str, steps: int | N
 @torch.no_grad()
 def render_run(run_dir: Path, cameras: Cameras, device: torch.device) -> torch.Tensor:
     """RGB (N, H, W, 3) over white of the run's newest checkpoint (field + occupancy grid) at ``cameras``."""
-    from recon.systems.checkpoint import load_field_from_run
-    from recon.systems.fit_views import render_views
-
     from recon.config import from_plain
     from recon.render import RendererConfig, VolumeRenderer
     from recon.runs import RunDir
+    from recon.systems.checkpoint import load_field_from_run
+    from recon.systems.fit_views import render_views
 
     field, checkpoint = load_field_from_run(run_dir, device)
     renderer = VolumeRenderer(field, from_plain(RendererConfig, RunDir.open(run_dir).read_config()["renderer"])).to(device)
@@ -262,9 +257,9 @@ def ground_truth(obj: PrimitiveObject, views: int, eval_size: int, chamfer_point
     return {
         "cameras": cameras,
         "poses": poses,
-        "views": over_white(render_object(obj, cameras, supersample=SUPERSAMPLE)["rgba"]),
+        "views": composite(render_object(obj, cameras, supersample=SUPERSAMPLE)["rgba"], 1.0, dim=-1),
         "reference_camera": reference_camera_,
-        "reference": over_white(render_object(obj, reference_camera_, supersample=SUPERSAMPLE)["rgba"]),
+        "reference": composite(render_object(obj, reference_camera_, supersample=SUPERSAMPLE)["rgba"], 1.0, dim=-1),
         "points": obj.sample_surface(chamfer_points, seed=1)[0].numpy(),
     }
 

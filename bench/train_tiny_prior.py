@@ -261,12 +261,11 @@ def pose_use(weights: Path, heldout: Path, size: int, device: str, count: int = 
     """How much a model uses its tokens: epsilon-MSE on ``count`` held-out (input, target) pairs with the
     true tokens, with the tokens of other pairs (poses shuffled) and with zero tokens. A model that ignores
     the camera scores the same on all three."""
-    from recon.guidance.checkpoints import load_zero123
-    from recon.systems.cascade_training import ViewCache
-
     from recon.cameras import relative_pose
     from recon.data.multiview import MultiViewDataset
+    from recon.guidance.checkpoints import load_zero123
     from recon.runtime import resolve_device
+    from recon.systems.cascade_training import ViewCache
 
     model = load_zero123(weights, resolve_device(device), torch.float32)
     generator = torch.Generator().manual_seed(seed)
@@ -337,9 +336,8 @@ def save_shipped(final: Path, folder: Path, dtype: str, description: str) -> Pat
 def sample_grid(base, dataset, count: int, cfg, background: float) -> torch.Tensor:
     """(3, H, W) grid: per object rows of ground truth, Base views and cascade views; column 0 = the input."""
     from recon.guidance.cascade import generate_views
+    from recon.imageio import composite
     from recon.systems.evaluation import cascade_views
-
-    from recon.data.multiview import composite
 
     rows = []
     for index in range(min(count, len(dataset))):
@@ -459,15 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     record["steps"] = stages
     log.flush()
 
+    from recon.data.multiview import MultiViewDataset
+    from recon.runtime import resolve_device
     from recon.systems.evaluation import (
         EvalConfig,
         evaluate,
         markdown_report,
         write_report,
     )
-
-    from recon.data.multiview import MultiViewDataset
-    from recon.runtime import resolve_device
 
     t = time.perf_counter()
     shipped = work / PRIOR_NAME

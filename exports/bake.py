@@ -1,9 +1,10 @@
-"""Bake the field's albedo into a UV texture, without OpenGL.
+"""Bake colour into a UV texture, without OpenGL.
 
 Every triangle is rasterised in UV space (texel centres inside the
 triangle, numpy), the barycentric coordinates of each covered texel give
-its world position on the mesh, and ``albedo_fn`` is evaluated there in
-chunks. Empty texels next to charts are then filled by dilation so bilinear
+its world position and normal on the mesh, and a colour function is
+evaluated there: by projection of the field's renders
+(:func:`exports.project.surface_colours`) or by point lookup of the albedo. Empty texels next to charts are then filled by dilation so bilinear
 filtering and mip-mapping do not pull in the background along seams.
 """
 
@@ -13,8 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from recon.exports.uv import UVMesh
 from scipy.ndimage import convolve
+
+from recon.exports.uv import UVMesh
 
 AlbedoFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,7 +89,47 @@ def dilate(image: np.ndarray, mask: np.ndarray, pixels: int) -> tuple[np.ndarray
     return image, mask
 
 
-@torch.no_grad()
+ColourFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def bake_colours(mesh: UVMesh, colour_fn: ColourFn, resolution: int = 1024, padding: int = 4) -> tuple[np.ndarray, float]:
+    """The texture (H, W, 3) uint8 of ``mesh`` (H = W = ``resolution``, row 0 at v = 1) and the atlas
+    utilisation (fraction of texels covered by a triangle).
+
+    ``colour_fn(points (P, 3), normals (P, 3)) -> (P, 3)`` in [0, 1] gives the
+    colour at the world positions of the covered texel centres (normals are the
+    interpolated vertex normals, unit). Charts are dilated by ``padding``
+    texels; texels still empty after that take the mean colour, so nothing
+    black bleeds in at low mip levels.
+    """
+    face_index, barycentric = rasterize_uv(mesh.uv, mesh.faces, resolution)
+    mask = face_index >= 0
+    image = np.zeros((resolution, resolution, 3), dtype=np.float64)
+    if mask.any():
+        corners = mesh.faces[face_index[mask]]
+        points = np.einsum("pk,pkc->pc", barycentric[mask], mesh.vertices[corners])
+        normals = np.einsum("pk,pkc->pc", barycentric[mask], mesh.normals[corners])
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True).clip(1e-12)
+        image[mask] = np.nan_to_num(colour_fn(points, normals), nan=0.0).clip(0.0, 1.0)
+        image, filled = dilate(image, mask, padding)
+        image[~filled] = image[filled].mean(axis=0)
+    return np.round(image * 255.0).astype(np.uint8), float(mask.mean())
+
+
+def point_lookup(albedo_fn: AlbedoFn, chunk_size: int = 262_144, device: torch.device | str = "cpu") -> ColourFn:
+    """A :data:`ColourFn` that evaluates ``albedo_fn`` at the points themselves, in chunks."""
+
+    @torch.no_grad()
+    def colours(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+        out = np.empty((len(points), 3), dtype=np.float64)
+        for start in range(0, len(points), chunk_size):
+            chunk = torch.as_tensor(points[start : start + chunk_size], dtype=torch.float32, device=device)
+            out[start : start + chunk_size] = albedo_fn(chunk).reshape(-1, 3).float().cpu().numpy()
+        return out
+
+    return colours
+
+
 def bake_texture(
     mesh: UVMesh,
     albedo_fn: AlbedoFn,
@@ -96,23 +138,6 @@ def bake_texture(
     chunk_size: int = 262_144,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """The albedo texture (H, W, 3) uint8 of ``mesh`` (H = W = ``resolution``, row 0 at v = 1).
-
-    ``albedo_fn(points (P, 3) world, on ``device``) -> (P, 3)`` in [0, 1].
-    Charts are dilated by ``padding`` texels; texels still empty after that
-    take the mean colour, so nothing black bleeds in at low mip levels.
-    """
-    face_index, barycentric = rasterize_uv(mesh.uv, mesh.faces, resolution)
-    mask = face_index >= 0
-    image = np.zeros((resolution, resolution, 3), dtype=np.float64)
-    if mask.any():
-        corners = mesh.vertices[mesh.faces[face_index[mask]]]
-        points = np.einsum("pk,pkc->pc", barycentric[mask], corners)
-        colours = np.empty((len(points), 3), dtype=np.float64)
-        for start in range(0, len(points), chunk_size):
-            chunk = torch.as_tensor(points[start : start + chunk_size], dtype=torch.float32, device=device)
-            colours[start : start + chunk_size] = albedo_fn(chunk).reshape(-1, 3).float().cpu().numpy()
-        image[mask] = np.nan_to_num(colours, nan=0.0).clip(0.0, 1.0)
-        image, mask = dilate(image, mask, padding)
-        image[~mask] = image[mask].mean(axis=0)
-    return np.round(image * 255.0).astype(np.uint8)
+    """The albedo texture (H, W, 3) uint8 of ``mesh`` by point lookup: ``albedo_fn(points (P, 3) world, on
+    ``device``) -> (P, 3)`` in [0, 1] at each texel's position on the mesh (see :func:`bake_colours`)."""
+    return bake_colours(mesh, point_lookup(albedo_fn, chunk_size, device), resolution, padding)[0]

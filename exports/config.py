@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from recon.exports.frame import UP_AXES
+from typing import Literal
 
 from recon.errors import ReconError
+from recon.exports.frame import UP_AXES
 
 FORMATS = ("glb", "obj", "ply")
 
@@ -28,16 +28,40 @@ class ExportConfig:
     """Files to write: any of glb (textured, embedded), obj (+ .mtl + .png beside it), ply (vertex colours)."""
     mc_resolution: int = 256
     """Marching-cubes grid points per axis over the field's bounding box."""
+    density_stride: int = 4
+    """Evaluate the field on every n-th grid point first and at full resolution only near the surface
+    (1 = every point; exports.isosurface.sample_density_near_surface)."""
+    fill_interior: bool = True
+    """Fill what empty space from outside cannot reach before marching cubes: one outer shell, no nested ones."""
+    hole_voxels: int = 1
+    """With fill_interior: holes in the shell up to about 2 x this many grid steps wide are closed."""
     threshold: float | None = None
     """Density level of the surface; None picks it from the density distribution (see exports.isosurface.auto_threshold)."""
     min_component_ratio: float = 0.05
     """Connected pieces with fewer faces than this fraction of the largest piece are removed as floaters (0 keeps all)."""
+    smooth_iterations: int = 10
+    """Taubin smoothing passes on the marching-cubes mesh before decimation (0 = none)."""
     target_faces: int = 50_000
     """Decimate to at most this many faces before UV unwrapping (0 = no decimation); bounds xatlas time."""
     texture_resolution: int = 1024
     """Side of the square base-colour texture, in pixels."""
     texture_padding: int = 4
     """Gutter between UV charts and seam dilation of the baked texture, in pixels."""
+    chart_max_cost: float = 4.0
+    """xatlas chart growth cost limit (xatlas' default 2); higher gives fewer, larger UV charts."""
+    bake: Literal["project", "point"] = "project"
+    """Texture colour: project (the field rendered from bake_views views onto the surface, visibility- and
+    angle-weighted) or point (albedo looked up at each texel's point on the mesh)."""
+    bake_views: int = 32
+    """Viewpoints around the object used by the projection bake."""
+    bake_views_per_texel: int = 3
+    """The projection bake renders each texel from this many of its best-facing visible views."""
+    bake_samples: int = 16
+    """Samples per short ray of the projection bake."""
+    bake_band: float = 0.02
+    """Half-length of the projection bake's rays about the mesh, as a fraction of the box diagonal."""
+    bake_view_resolution: int = 512
+    """Side of the depth maps that decide visibility in the projection bake, in pixels."""
     chunk_size: int = 262_144
     """Points per call of the density/albedo functions (bounds memory)."""
     uv_timeout_s: float = 600.0
@@ -67,5 +91,9 @@ class ExportConfig:
             raise ReconError(f"export.min_component_ratio must be in [0, 1], got {self.min_component_ratio}")
         if self.up_axis not in (*UP_AXES, "auto"):
             raise ReconError(f"export.up_axis {self.up_axis!r}: choose one of {', '.join(UP_AXES)} (or auto in fit-views)")
-        if self.target_faces < 0 or self.texture_padding < 0:
-            raise ReconError("export.target_faces and export.texture_padding must be >= 0")
+        if self.bake not in ("project", "point"):
+            raise ReconError(f"export.bake {self.bake!r}: choose project or point")
+        if min(self.density_stride, self.bake_views, self.bake_views_per_texel, self.bake_samples, self.bake_view_resolution) < 1:
+            raise ReconError("export.density_stride and export.bake_views / views_per_texel / samples / view_resolution must be >= 1")
+        if self.target_faces < 0 or self.texture_padding < 0 or self.smooth_iterations < 0 or self.hole_voxels < 0:
+            raise ReconError("export.target_faces, texture_padding, smooth_iterations and hole_voxels must be >= 0")

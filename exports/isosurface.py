@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import trimesh
+from scipy.ndimage import binary_dilation
 
 from recon.errors import ReconError
 from recon.progress import warn
@@ -26,6 +27,20 @@ def as_aabb(aabb: torch.Tensor | np.ndarray | list) -> np.ndarray:
     if box.shape != (2, 3) or not np.all(box[1] > box[0]):
         raise ReconError(f"aabb must be (2, 3) [min, max] with max > min, got {box.tolist()}")
     return box
+
+
+def _sample_axes(density_fn: DensityFn, axes: list[torch.Tensor], chunk_size: int, device: torch.device | str) -> np.ndarray:
+    """Density on the tensor-product grid of per-axis coordinates ``axes`` (3 x (n_a,)), (n_x, n_y, n_z) float32."""
+    grid = np.empty(len(axes[0]) * len(axes[1]) * len(axes[2]), dtype=np.float32)
+    # One x-slab chunk at a time keeps memory at chunk_size points.
+    yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
+    slabs = max(1, chunk_size // yz.shape[0])
+    for start in range(0, len(axes[0]), slabs):
+        xs = axes[0][start : start + slabs]
+        points = torch.cat([xs.repeat_interleave(yz.shape[0])[:, None], yz.repeat(len(xs), 1)], dim=1)
+        values = density_fn(points.to(device)).reshape(-1).float().cpu().numpy()
+        grid[start * yz.shape[0] : (start + len(xs)) * yz.shape[0]] = values
+    return grid.reshape(len(axes[0]), len(axes[1]), len(axes[2]))
 
 
 @torch.no_grad()
@@ -43,16 +58,7 @@ def sample_density_grid(
     """
     box = as_aabb(aabb)
     axes = [torch.linspace(float(box[0, a]), float(box[1, a]), resolution, dtype=torch.float32) for a in range(3)]
-    grid = np.empty(resolution**3, dtype=np.float32)
-    # One x-slab chunk at a time keeps memory at chunk_size points.
-    yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
-    slabs = max(1, chunk_size // yz.shape[0])
-    for start in range(0, resolution, slabs):
-        xs = axes[0][start : start + slabs]
-        points = torch.cat([xs.repeat_interleave(yz.shape[0])[:, None], yz.repeat(len(xs), 1)], dim=1)
-        values = density_fn(points.to(device)).reshape(-1).float().cpu().numpy()
-        grid[start * yz.shape[0] : (start + len(xs)) * yz.shape[0]] = values
-    grid = grid.reshape(resolution, resolution, resolution)
+    grid = _sample_axes(density_fn, axes, chunk_size, device)
     bad = ~np.isfinite(grid)
     if bad.any():
         warn(f"{int(bad.sum())} non-finite density values replaced by 0 before marching cubes")
@@ -113,6 +119,86 @@ def marching_cubes(grid: np.ndarray, aabb: torch.Tensor | np.ndarray, threshold:
     vertices = box[0] + (vertices - 1.0) * spacing
     vertices = np.clip(vertices, box[0], box[1])
     return trimesh.Trimesh(vertices=vertices, faces=faces.astype(np.int64), process=False)
+
+
+def _grid_points(axes: list[torch.Tensor], index: np.ndarray) -> torch.Tensor:
+    """World points (P, 3) of grid indices ``index`` (P, 3) on per-axis coordinates ``axes``."""
+    idx = torch.as_tensor(index)
+    return torch.stack([axes[a][idx[:, a]] for a in range(3)], dim=1)
+
+
+def _interpolate_axis(values: np.ndarray, coarse: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Linear interpolation of ``values`` along ``axis`` from grid indices ``coarse`` to 0..size-1."""
+    fine = np.arange(size, dtype=np.float64)
+    upper = np.clip(np.searchsorted(coarse, fine, side="right"), 1, len(coarse) - 1)
+    lower = upper - 1
+    t = ((fine - coarse[lower]) / (coarse[upper] - coarse[lower])).astype(np.float32)
+    shape = [1, 1, 1]
+    shape[axis] = size
+    t = t.reshape(shape)
+    return np.take(values, lower, axis=axis) * (1.0 - t) + np.take(values, upper, axis=axis) * t
+
+
+@torch.no_grad()
+def sample_density_near_surface(
+    density_fn: DensityFn,
+    aabb: torch.Tensor | np.ndarray,
+    resolution: int,
+    threshold: float | None = None,
+    stride: int = 4,
+    chunk_size: int = 262_144,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, float, float]:
+    """The (R, R, R) density grid of :func:`sample_density_grid`, evaluated exactly only near the surface.
+
+    The field is first sampled on every ``stride``-th grid point; the surface
+    level is chosen there (:func:`auto_threshold`) unless ``threshold`` is
+    given. Coarse cells that may hold the surface (some corner at least a
+    quarter of the level and some corner below it), grown by one cell, are
+    then evaluated at full resolution; the rest of the grid is interpolated
+    trilinearly from the coarse samples (well inside or well outside, where
+    no surface is lost). ``stride`` 1 evaluates every point. Returns the grid,
+    the level and the fraction of grid points evaluated.
+    """
+    box = as_aabb(aabb)
+    if stride <= 1 or resolution <= 2 * stride:
+        grid = sample_density_grid(density_fn, box, resolution, chunk_size, device)
+        spacing = (box[1] - box[0]) / (resolution - 1)
+        level = auto_threshold(grid, spacing) if threshold is None else float(threshold)
+        return grid, level, 1.0
+    coarse = np.unique(np.append(np.arange(0, resolution, stride), resolution - 1))
+    axes = [torch.linspace(float(box[0, a]), float(box[1, a]), resolution, dtype=torch.float32) for a in range(3)]
+    small = _sample_axes(density_fn, [axes[a][torch.as_tensor(coarse)] for a in range(3)], chunk_size, device)
+    small = np.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
+    # The coarse grid is uniform but for a shorter last step; its mean step is close enough for the level.
+    level = auto_threshold(small, (box[1] - box[0]) / (len(coarse) - 1)) if threshold is None else float(threshold)
+    grid = small
+    for axis in range(3):
+        grid = _interpolate_axis(grid, coarse, resolution, axis)
+    grid = np.ascontiguousarray(grid, dtype=np.float32)
+    # Coarse cells (between consecutive coarse points) that may hold the surface.
+    corners = [small[i : len(coarse) - 1 + i, j : len(coarse) - 1 + j, k : len(coarse) - 1 + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    high, low = np.max(corners, axis=0), np.min(corners, axis=0)
+    near = binary_dilation((high >= 0.25 * level) & (low < level), iterations=1)
+    # Fine points inside (or on the border of) a chosen cell: a border point belongs to the cells on both sides.
+    fine = np.arange(resolution)
+    upper = np.clip(np.searchsorted(coarse, fine, side="right") - 1, 0, len(coarse) - 2)
+    lower = np.clip(np.searchsorted(coarse, fine, side="left") - 1, 0, len(coarse) - 2)
+    wanted = np.zeros((resolution,) * 3, dtype=bool)
+    for a in (lower, upper):
+        for b in (lower, upper):
+            for c in (lower, upper):
+                wanted |= near[np.ix_(a, b, c)]
+    index = np.argwhere(wanted)
+    for start in range(0, len(index), chunk_size):
+        block = index[start : start + chunk_size]
+        values = density_fn(_grid_points(axes, block).to(device)).reshape(-1).float().cpu().numpy()
+        grid[block[:, 0], block[:, 1], block[:, 2]] = values
+    bad = ~np.isfinite(grid)
+    if bad.any():
+        warn(f"{int(bad.sum())} non-finite density values replaced by 0 before marching cubes")
+        grid[bad] = 0.0
+    return grid, level, (len(coarse) ** 3 + len(index)) / resolution**3
 
 
 def extract_mesh(

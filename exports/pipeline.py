@@ -1,81 +1,133 @@
-"""The whole export: density field -> cleaned mesh -> UV atlas -> baked texture -> files."""
+"""The whole export: density field -> solid grid -> closed, smoothed, decimated mesh -> UV atlas -> baked texture -> files."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from recon.exports.bake import bake_texture
-from recon.exports.cleanup import clean_mesh
-from recon.exports.config import ExportConfig
-from recon.exports.isosurface import extract_mesh
-from recon.exports.uv import unwrap_uv
-from recon.exports.writers import write_glb, write_obj, write_ply
 
 from recon.errors import ReconError
+from recon.exports.bake import bake_colours, point_lookup
+from recon.exports.cleanup import clean_mesh, mesh_report
+from recon.exports.config import ExportConfig
+from recon.exports.isosurface import as_aabb, marching_cubes, sample_density_near_surface
+from recon.exports.project import ProjectionSettings, Projector, sphere_viewpoints, surface_colours
+from recon.exports.solidify import solidify
+from recon.exports.uv import count_charts, unwrap_uv
+from recon.exports.writers import write_glb, write_obj, write_ply
 from recon.progress import info
 
-
-@torch.no_grad()
-def _vertex_colours(vertices: np.ndarray, albedo_fn: Callable[[torch.Tensor], torch.Tensor], chunk_size: int, device: torch.device | str) -> np.ndarray:
-    """Albedo (V, 3) in [0, 1] at mesh vertices, evaluated in chunks."""
-    colours = np.empty((len(vertices), 3), dtype=np.float64)
-    for start in range(0, len(vertices), chunk_size):
-        chunk = torch.as_tensor(vertices[start : start + chunk_size], dtype=torch.float32, device=device)
-        colours[start : start + chunk_size] = albedo_fn(chunk).reshape(-1, 3).float().cpu().numpy()
-    return np.nan_to_num(colours, nan=0.0).clip(0.0, 1.0)
+FieldFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def export_field(
-    density_fn: Callable[[torch.Tensor], torch.Tensor],
-    albedo_fn: Callable[[torch.Tensor], torch.Tensor],
+@dataclass
+class ExportResult:
+    """Files written ({format: path}), facts about the mesh and atlas for meta.json, and seconds per stage."""
+
+    paths: dict[str, Path]
+    report: dict = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class _Stages:
+    """Times the export's stages and prints one line per stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def done(self, name: str, message: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._start, 3)
+        info(f"export: {message}, {now - self._start:.1f} s")
+        self._start = now
+
+
+def export_mesh(
+    density_fn: FieldFn,
+    albedo_fn: FieldFn,
     aabb: torch.Tensor | np.ndarray,
     out_dir: str | Path,
     cfg: ExportConfig | None = None,
     stem: str = "mesh",
     device: torch.device | str = "cpu",
-) -> dict[str, Path]:
+    view_origins: np.ndarray | None = None,
+) -> ExportResult:
     """Exports a radiance field as mesh files ``out_dir/<stem>.<format>`` for each format in ``cfg.formats``.
 
     ``density_fn(points (P, 3)) -> (P,)`` and ``albedo_fn(points) -> (P, 3)``
     in [0, 1] take world points on ``device``; ``aabb`` (2, 3) is the box
-    searched for the surface. OBJ sidecars (``<stem>.mtl``,
-    ``<stem>_albedo.png``) sit beside the .obj; ``cfg.up_axis`` says which
-    world axis is up (:mod:`exports.frame`). Returns {format: path}.
+    searched for the surface. ``view_origins`` (K, 3): camera centres for the
+    projection bake (default ``cfg.bake_views`` points on a sphere around the
+    box). Every format gets the same mesh and colours. OBJ sidecars
+    (``<stem>.mtl``, ``<stem>_albedo.png``) sit beside the .obj;
+    ``cfg.up_axis`` says which world axis is up (:mod:`exports.frame`).
     Progress goes to the console one line per stage.
     """
     cfg = cfg or ExportConfig()
     if cfg.up_axis == "auto":
         raise ReconError("export.up_axis=auto is decided by fit-views from its cameras; set +y or +z")
+    box = as_aabb(aabb)
     out_dir = Path(out_dir)
-    paths: dict[str, Path] = {}
-
-    start = time.perf_counter()
-    raw, level = extract_mesh(density_fn, aabb, cfg.mc_resolution, cfg.threshold, cfg.chunk_size, device)
+    stages = _Stages()
+    grid, level, evaluated = sample_density_near_surface(
+        density_fn, box, cfg.mc_resolution, cfg.threshold, cfg.density_stride, cfg.chunk_size, device
+    )
     chosen = "automatic" if cfg.threshold is None else "set"
-    info(f"export: marching cubes {cfg.mc_resolution}^3 at density {level:.4g} ({chosen}): {len(raw.faces)} faces, {time.perf_counter() - start:.1f} s")
+    stages.done("density", f"density grid {cfg.mc_resolution}^3 ({100 * evaluated:.0f}% evaluated), level {level:.4g} ({chosen})")
+    filled = 0
+    if cfg.fill_interior:
+        grid, filled = solidify(grid, level, cfg.hole_voxels)
+    raw = marching_cubes(grid, box, level)
+    stages.done("marching_cubes", f"marching cubes: {len(raw.faces)} faces ({filled} interior grid points filled)")
+    mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations)
+    report = mesh_report(mesh)
+    stages.done("cleanup", f"cleanup: {report['faces']} faces, watertight {report['is_watertight']}, Euler characteristic {report['euler_characteristic']}")
 
-    start = time.perf_counter()
-    mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces)
-    info(f"export: cleanup: {len(mesh.faces)} faces, {len(mesh.vertices)} vertices, {time.perf_counter() - start:.1f} s")
+    if cfg.bake == "project":
+        origins = sphere_viewpoints(box, cfg.bake_views) if view_origins is None else np.asarray(view_origins, dtype=np.float64)
+        settings = ProjectionSettings(cfg.bake_views_per_texel, cfg.bake_samples, cfg.bake_view_resolution, cfg.bake_band)
+        projector = Projector(np.asarray(mesh.vertices), np.asarray(mesh.faces), box, origins, settings, device)
+        stages.done("visibility", f"visibility: {len(origins)} depth maps of {cfg.bake_view_resolution}x{cfg.bake_view_resolution}")
 
+        def colour_fn(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+            return surface_colours(points, normals, projector, density_fn, albedo_fn, cfg.chunk_size)[0]
+    else:
+        colour_fn = point_lookup(albedo_fn, cfg.chunk_size, device)
+
+    paths: dict[str, Path] = {}
     if "glb" in cfg.formats or "obj" in cfg.formats:
-        start = time.perf_counter()
-        uv_mesh = unwrap_uv(mesh, cfg.texture_resolution, cfg.texture_padding, cfg.uv_timeout_s)
-        info(f"export: UV atlas ({uv_mesh.method}): {len(uv_mesh.vertices)} vertices, {time.perf_counter() - start:.1f} s")
-        start = time.perf_counter()
-        texture = bake_texture(uv_mesh, albedo_fn, cfg.texture_resolution, cfg.texture_padding, cfg.chunk_size, device)
-        info(f"export: texture bake {cfg.texture_resolution}x{cfg.texture_resolution}: {time.perf_counter() - start:.1f} s")
+        uv_mesh = unwrap_uv(mesh, cfg.texture_resolution, cfg.texture_padding, cfg.uv_timeout_s, cfg.chart_max_cost)
+        report.update(uv_method=uv_mesh.method, charts=count_charts(uv_mesh))
+        stages.done("uv", f"UV atlas ({uv_mesh.method}): {report['charts']} charts, {len(uv_mesh.vertices)} vertices")
+        texture, utilisation = bake_colours(uv_mesh, colour_fn, cfg.texture_resolution, cfg.texture_padding)
+        report["atlas_utilisation"] = round(utilisation, 4)
+        stages.done("bake", f"texture bake ({cfg.bake}) {cfg.texture_resolution}x{cfg.texture_resolution}: {100 * utilisation:.0f}% of texels used")
         if "glb" in cfg.formats:
             paths["glb"] = write_glb(uv_mesh, texture, out_dir / f"{stem}.glb", cfg.up_axis)
         if "obj" in cfg.formats:
             paths["obj"] = write_obj(uv_mesh, texture, out_dir / f"{stem}.obj", cfg.up_axis)
     if "ply" in cfg.formats:
-        colours = _vertex_colours(np.asarray(mesh.vertices), albedo_fn, cfg.chunk_size, device)
-        paths["ply"] = write_ply(mesh.vertices, mesh.faces, colours, out_dir / f"{stem}.ply", mesh.vertex_normals, cfg.up_axis)
-    for name, path in paths.items():
-        info(f"export: wrote {name} {path}")
-    return paths
+        vertices, normals = np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals)
+        paths["ply"] = write_ply(vertices, mesh.faces, colour_fn(vertices, normals), out_dir / f"{stem}.ply", normals, cfg.up_axis)
+    stages.done("write", f"wrote {', '.join(str(p) for p in paths.values())}")
+    report["level"] = float(level)
+    return ExportResult(paths, report, stages.seconds)
+
+
+def export_field(
+    density_fn: FieldFn,
+    albedo_fn: FieldFn,
+    aabb: torch.Tensor | np.ndarray,
+    out_dir: str | Path,
+    cfg: ExportConfig | None = None,
+    stem: str = "mesh",
+    device: torch.device | str = "cpu",
+    view_origins: np.ndarray | None = None,
+) -> dict[str, Path]:
+    """:func:`export_mesh`, returning only the files written ({format: path})."""
+    return export_mesh(density_fn, albedo_fn, aabb, out_dir, cfg, stem, device, view_origins).paths

@@ -55,7 +55,11 @@ def _child_main(argv: list[str]) -> int:
         pack.resolution = resolution
         pack.padding = int(data["padding"])
         pack.bilinear = True
-        atlas.generate(xatlas.ChartOptions(), pack)
+        charts = xatlas.ChartOptions()
+        # A higher cost limit grows charts further before a new one starts: few, large, paintable islands.
+        charts.max_cost = float(data["max_cost"])
+        pack.rotate_charts = True
+        atlas.generate(charts, pack)
         if atlas.atlas_count == 1:
             break
     vmapping, faces, uv = atlas[0]
@@ -68,11 +72,13 @@ def child_command(src: Path, dst: Path, attempt: int) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), str(src), str(dst), str(attempt)]
 
 
-def _run_xatlas(vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int, timeout_s: float, attempt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+def _run_xatlas(
+    vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int, timeout_s: float, attempt: int, max_cost: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
     """(vmapping, faces, uv) from a child xatlas run, or a string saying why it failed."""
     with tempfile.TemporaryDirectory(prefix="recon-xatlas-") as folder:
         src, dst = Path(folder) / "in.npz", Path(folder) / "out.npz"
-        np.savez(src, vertices=vertices, faces=faces, resolution=resolution, padding=padding)
+        np.savez(src, vertices=vertices, faces=faces, resolution=resolution, padding=padding, max_cost=max_cost)
         command = child_command(src, dst, attempt)
         try:
             result = subprocess.run(command, capture_output=True, timeout=timeout_s, check=False)
@@ -114,16 +120,19 @@ def per_triangle_atlas(vertices: np.ndarray, faces: np.ndarray, normals: np.ndar
     )
 
 
-def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s: float = 600.0) -> UVMesh:
+def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s: float = 600.0, max_cost: float = 4.0) -> UVMesh:
     """UV-unwraps a ``trimesh.Trimesh`` with xatlas in a subprocess; never crashes the caller.
+
+    ``max_cost``: xatlas' chart growth cost limit (its default is 2; higher
+    gives fewer, larger charts with a little more stretch).
 
     Attempt 1: xatlas on the mesh. Attempt 2 (after a crash/timeout): xatlas
     on the mesh decimated to 90 % of its faces, which breaks the exact
     regularity that trips xatlas. Then: :func:`per_triangle_atlas` with a warning.
     """
     import trimesh
-    from recon.exports.cleanup import decimate
 
+    from recon.exports.cleanup import decimate
     from recon.progress import warn
 
     candidates = [("xatlas", mesh)]
@@ -131,7 +140,7 @@ def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s:
         method, current = candidates[attempt]
         vertices = np.asarray(current.vertices, dtype=np.float64)
         faces = np.asarray(current.faces, dtype=np.int64)
-        result = _run_xatlas(vertices, faces, texture_resolution, padding, timeout_s, attempt)
+        result = _run_xatlas(vertices, faces, texture_resolution, padding, timeout_s, attempt, max_cost)
         if not isinstance(result, str):
             vmapping, new_faces, uv = result
             normals = np.asarray(current.vertex_normals, dtype=np.float64)
@@ -148,6 +157,21 @@ def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s:
         texture_resolution,
         padding,
     )
+
+
+def count_charts(mesh: UVMesh) -> int:
+    """Number of UV islands: groups of faces connected through shared (UV-split) vertices."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(mesh.faces) == 0:
+        return 0
+    corners = mesh.faces
+    rows = np.concatenate([corners[:, 0], corners[:, 1]])
+    cols = np.concatenate([corners[:, 1], corners[:, 2]])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(mesh.vertices),) * 2)
+    _, labels = connected_components(graph, directed=False)
+    return len(np.unique(labels[corners[:, 0]]))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import trimesh
 from PIL import Image
+
 from recon.exports.frame import to_export_frame
 from recon.exports.uv import UVMesh
-
 from recon.fileio import atomic_path, write_bytes, write_text
 
 

@@ -7,14 +7,19 @@
 * a diffusers folder (``model_index.json``) whose camera projection folder is
   ``cc_projection`` (kxic/zero123-xl-diffusers) or ``clip_camera_projection``
   (bennyguo/ashawkey zero123-xl-diffusers, ashawkey/stable-zero123-diffusers);
-* an original latent-diffusion checkpoint (``.ckpt`` read with
-  ``torch.load(weights_only=True)``, or ``.safetensors``): ``model.diffusion_model.*``
-  (EMA copy ``model_ema.*`` preferred), ``first_stage_model.*``,
-  ``cond_stage_model.*`` (OpenAI CLIP vision tower), ``cc_projection.*``;
-* a Hugging Face hub id (``owner/name``): the local HF cache first, the hub
-  when online.
+* an original latent-diffusion checkpoint (``.ckpt``, ``.safetensors``):
+  ``model.diffusion_model.*`` (EMA copy ``model_ema.*`` preferred),
+  ``first_stage_model.*``, ``cond_stage_model.*`` (OpenAI CLIP vision tower),
+  ``cc_projection.*``;
+* a Hugging Face hub id (``owner/name``): the local HF cache first, else a
+  download (progress bar, resumable) when online.
 
-Nothing is ever unpickled beyond tensors and plain containers.
+Nothing is ever unpickled beyond tensors and plain containers: torch files go
+through ``torch.load(weights_only=True)`` and, when that refuses a Lightning
+checkpoint's extra objects, through :mod:`recon.guidance.lightning`'s
+restricted unpickler. safetensors weights are memory-mapped and placed on the
+target device in the target dtype tensor by tensor, into modules built on the
+meta device (no random initialisation, no fp32 copy of the whole model).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from recon.guidance.architectures import (
     match_architecture,
 )
 from recon.guidance.model import (
+    POSE_ENCODINGS,
     PoseEncoding,
     Zero123Model,
     default_dtype,
@@ -58,7 +64,10 @@ WEIGHT_FILES = (
     "diffusion_pytorch_model.bin",
     "pytorch_model.bin",
 )
+SAFETENSORS_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A name that says Stable-Zero123: stable-zero123, stable_zero123, StableZero123, stable-zero-1-2-3 ...
+STABLE_NAME = re.compile(r"stable[\W_]*zero[\W_]*1[\W_]*2[\W_]*3", re.IGNORECASE)
 HOW_TO_PROVIDE = (
     "download weights yourself, e.g. `huggingface-cli download ashawkey/zero123-xl-diffusers "
     "--local-dir models/zero123-xl` (or an original zero123-xl.ckpt), then pass --model PATH; "
@@ -78,21 +87,31 @@ def load_zero123(
     """Resolves ``spec`` (see module docs) and returns the model on ``device`` in eval mode, frozen.
 
     ``dtype`` defaults to fp16 on CUDA and fp32 on the CPU. ``pose_encoding``
-    defaults to what the folder records, else "stable-zero123" when the name
-    says "stable", else "zero123". ``image_encoder``: a diffusers folder (or
-    its ``image_encoder`` sub-folder) to take the CLIP tower from when the
-    checkpoint lacks one. ``seed`` only affects ``random-*`` specs.
+    None = decided by :func:`decide_pose_encoding` (our metadata file, the
+    configs, the folder's or file's own name); the choice and its reason are
+    logged. ``image_encoder``: a diffusers folder (or its ``image_encoder``
+    sub-folder) to take the CLIP tower from when the checkpoint lacks one.
+    ``seed`` only affects ``random-*`` specs.
     """
+    from recon.progress import info
+
     spec_str = str(spec)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    with _quiet_libraries():
-        if spec_str in RANDOM_SPECS:
+    if spec_str in RANDOM_SPECS:
+        with _quiet_libraries():
             model = random_model(spec_str.removeprefix("random-"), seed=seed, pose_encoding=pose_encoding or "zero123")
-        else:
-            model = _load_weights(spec_str, pose_encoding, image_encoder, dtype)
+        reason = "set by the caller" if pose_encoding else "random weights"
+    else:
+        path, origin, name = _locate(spec_str)  # a hub download happens here, with its progress bar
+        with _quiet_libraries():
+            if path.is_dir():
+                model, reason = _load_diffusers_folder(path, pose_encoding, image_encoder, origin, dtype, device, name)
+            else:
+                model, reason = _load_checkpoint_file(path, pose_encoding, image_encoder, dtype, device)
     model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
+    info(f"guidance weights: {model.description}; pose encoding {model.pose_encoding} ({reason})")
     return model
 
 
@@ -120,18 +139,51 @@ def shipped_prior_path() -> Path:
     return Path(assets.__file__).resolve().parent / "tiny-zero123"
 
 
+def decide_pose_encoding(
+    name: str,
+    requested: PoseEncoding | None = None,
+    meta: Mapping[str, Any] | None = None,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[PoseEncoding, str]:
+    """Which pose encoding weights take, and why (a phrase for the log).
+
+    In order: ``requested`` (the user's setting); ``meta["pose_encoding"]``
+    (our ``recon_zero123.json``); a ``_name_or_path`` in ``configs``
+    ({file name: parsed JSON}) that names Stable-Zero123; ``name`` (the
+    folder's or file's OWN name, or the hub repo's name, never a parent
+    directory) naming Stable-Zero123; else "zero123".
+    """
+    if requested is not None:
+        if requested not in POSE_ENCODINGS:
+            raise InputError(f"pose encoding {requested!r}: choose one of {', '.join(POSE_ENCODINGS)}")
+        return requested, "set by guidance.pose_encoding / --pose-encoding"
+    recorded = (meta or {}).get("pose_encoding")
+    if recorded in POSE_ENCODINGS:
+        return recorded, f"recorded in {RECON_META}"
+    for where, config in (configs or {}).items():
+        value = config.get("_name_or_path")
+        if isinstance(value, str) and STABLE_NAME.search(value):
+            return "stable-zero123", f"{where} names {value!r}"
+    if STABLE_NAME.search(name):
+        return "stable-zero123", f"the name {name!r} says Stable-Zero123"
+    return "zero123", f"neither {RECON_META}, the configs nor the name {name!r} say Stable-Zero123"
+
+
 def save_diffusers(
     model: Zero123Model,
     folder: str | os.PathLike[str],
     projection_folder: str = "cc_projection",
     safe_serialization: bool = True,
     overwrite: bool = False,
+    extra_meta: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes ``model`` as a diffusers folder that :func:`load_zero123` (and the published pipelines) read.
 
     ``projection_folder``: "cc_projection" (CCProjection, key ``projection.*``)
     or "clip_camera_projection" (CLIPCameraProjection, key ``proj.*``). The
-    folder is written beside its final name and renamed into place at the end.
+    folder is written beside its final name and renamed into place at the end;
+    ``overwrite`` replaces only a folder that recon wrote (it holds
+    ``recon_zero123.json``). ``extra_meta`` is added to that file.
     """
     from transformers import CLIPImageProcessor
 
@@ -140,8 +192,13 @@ def save_diffusers(
     if not model.has_decoder:
         raise ValueError("cannot save a model whose VAE decoder was dropped")
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise InputError(f"{folder}: folder exists and is not empty (pass overwrite=True)")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder")
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise InputError(f"{folder}: folder exists and is not empty (pass overwrite=True / --overwrite)")
+        if not (folder / RECON_META).is_file():
+            raise InputError(f"{folder}: refusing to overwrite a non-empty folder that recon did not write (no {RECON_META})")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     try:
@@ -169,6 +226,7 @@ def save_diffusers(
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             meta = {"pose_encoding": model.pose_encoding, "is_random": model.is_random, "description": model.description}
+            meta.update(extra_meta or {})
             (tmp / RECON_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)
@@ -200,14 +258,17 @@ def _quiet_libraries() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def _load_weights(
-    spec: str, pose_encoding: PoseEncoding | None, image_encoder: str | os.PathLike[str] | None, dtype: torch.dtype
-) -> Zero123Model:
+def _locate(spec: str) -> tuple[Path, str, str]:
+    """``spec`` -> (local folder or file, origin for messages, the name that speaks for the weights).
+
+    Raises WeightsNotFoundError listing every place looked at, InputError for
+    a folder or file that is not Zero-1-to-3 weights.
+    """
     looked: list[str] = []
     if spec == SHIPPED_SPEC:
         path = shipped_prior_path()
         if (path / "model_index.json").is_file():
-            return _load_diffusers_folder(path, pose_encoding, image_encoder, "shipped tiny prior", dtype)
+            return path, "shipped tiny prior", path.name
         raise WeightsNotFoundError(
             f"the shipped 'tiny' prior is not in this installation (looked in {path}); "
             f"use --model PATH for real Zero-1-to-3 weights ({HOW_TO_PROVIDE}), or --model random-tiny for a smoke test"
@@ -215,7 +276,7 @@ def _load_weights(
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "model_index.json").is_file():
-            return _load_diffusers_folder(path, pose_encoding, image_encoder, str(path), dtype)
+            return path, str(path), path.resolve().name
         raise InputError(
             f"{path}: folder has no model_index.json; expected a diffusers Zero-1-to-3 folder "
             f"(unet/, vae/, image_encoder/, cc_projection/ or clip_camera_projection/) or pass a .ckpt/.safetensors file"
@@ -223,12 +284,12 @@ def _load_weights(
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise InputError(f"{path}: not a checkpoint (expected {', '.join(CHECKPOINT_SUFFIXES)} or a diffusers folder)")
-        return load_ldm_checkpoint(path, pose_encoding=pose_encoding, image_encoder=image_encoder, dtype=dtype)
+        return path, str(path), path.name
     looked.append(f"local path {path.resolve()} (does not exist)")
     if HUB_ID.match(spec):
         folder = _hub_snapshot(spec, looked)
         if folder is not None:
-            return _load_diffusers_folder(folder, pose_encoding, image_encoder, f"hub {spec} ({folder})", dtype)
+            return folder, f"hub {spec} ({folder})", spec.split("/")[1]
     else:
         looked.append(f"Hugging Face hub: not tried ({spec!r} is not an owner/name id)")
     raise WeightsNotFoundError(f"Zero-1-to-3 weights {spec!r} not found; looked in: " + "; ".join(looked) + f". To fix: {HOW_TO_PROVIDE}")
@@ -248,63 +309,146 @@ def _hf_offline() -> bool:
 
 
 def _hub_snapshot(repo_id: str, looked: list[str]) -> Path | None:
-    """The local folder of ``repo_id`` from the HF cache, or downloaded when online; ``None`` if neither."""
-    from huggingface_hub import snapshot_download
+    """The local folder of ``repo_id`` from the HF cache, or downloaded when online; ``None`` if neither.
+
+    The download shows huggingface_hub's progress bars (unless the user turned
+    them off with HF_HUB_DISABLE_PROGRESS_BARS) and resumes partial files left
+    in the cache by an interrupted run.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from recon.progress import info
 
     cache = _hf_cache_dir()
     patterns = ["*.json", "*.txt", "*.safetensors", "*.bin"]
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True, allow_patterns=patterns))
+        return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache, local_files_only=True, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises several unrelated types here
         looked.append(f"Hugging Face cache {cache} ({type(exc).__name__})")
     if _hf_offline():
         looked.append("Hugging Face hub (skipped: HF_HUB_OFFLINE is set)")
         return None
+    info(f"downloading {repo_id} from the Hugging Face hub into {cache} (an interrupted download resumes when rerun)")
+    if not constants.HF_HUB_DISABLE_PROGRESS_BARS:
+        huggingface_hub.utils.enable_progress_bars()
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=patterns))
+        return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - network, auth and missing-repo errors all mean "not available"
         looked.append(f"Hugging Face hub {repo_id} ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
         return None
 
 
-def _guess_pose_encoding(name: str) -> PoseEncoding:
-    return "stable-zero123" if "stable" in name.lower() else "zero123"
+def _load_checkpoint_file(
+    path: Path, pose_encoding: PoseEncoding | None, image_encoder: str | os.PathLike[str] | None, dtype: torch.dtype, device: torch.device
+) -> tuple[Zero123Model, str]:
+    encoding, reason = decide_pose_encoding(path.name, pose_encoding)
+    model = load_ldm_checkpoint(path, encoding, image_encoder, dtype, device)
+    return model, reason
 
 
 # ------------------------------------------------------------ diffusers folders
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
 def _load_diffusers_folder(
     folder: Path,
     pose_encoding: PoseEncoding | None,
     image_encoder: str | os.PathLike[str] | None,
     origin: str,
     dtype: torch.dtype = torch.float32,
-) -> Zero123Model:
+    device: torch.device | str = "cpu",
+    name: str | None = None,
+) -> tuple[Zero123Model, str]:
+    """The model of a diffusers folder and the reason for its pose encoding; ``name`` = what the weights are called
+    (default: the folder's own name)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    device = torch.device(device)
+    index = _read_json(folder / "model_index.json")
     for part in ("unet", "vae"):
         if not (folder / part / "config.json").is_file():
             raise InputError(f"{folder}: diffusers folder has no {part}/config.json")
     names = [n for n in PROJECTION_FOLDERS if n in index or (folder / n).is_dir()]
     if not names:
         raise InputError(f"{folder}: no camera projection folder (expected one of {', '.join(PROJECTION_FOLDERS)})")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
-    encoder = _load_image_encoder(folder, image_encoder, dtype)
+    meta = _read_json(folder / RECON_META) if (folder / RECON_META).is_file() else {}
+    configs = {"model_index.json": index, "unet/config.json": _read_json(folder / "unet" / "config.json")}
+    encoding, reason = decide_pose_encoding(name or folder.resolve().name, pose_encoding, meta, configs)
+    unet = load_component(folder / "unet", UNet2DConditionModel, device, dtype)
+    vae = load_component(folder / "vae", AutoencoderKL, device, dtype)
+    encoder = _load_image_encoder(folder, image_encoder, dtype, device)
     projection = load_projection(folder / names[0])
-    meta: dict[str, Any] = {}
-    if (folder / RECON_META).is_file():
-        meta = json.loads((folder / RECON_META).read_text(encoding="utf-8"))
-    encoding = pose_encoding or meta.get("pose_encoding") or _guess_pose_encoding(str(folder))
     is_random = bool(meta.get("is_random", False))
     description = f"diffusers folder {origin} ({names[0]})"
     if is_random:
         description = f"RANDOM WEIGHTS saved in {description}"
-    return Zero123Model(unet, vae, encoder, projection, make_scheduler(), encoding, is_random, description)
+    return Zero123Model(unet, vae, encoder, projection, make_scheduler(), encoding, is_random, description), reason
 
 
-def _load_image_encoder(folder: Path | None, override: str | os.PathLike[str] | None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import CLIPVisionModelWithProjection
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a component folder (one file, or the shards of an index); [] if none."""
+    for name in SAFETENSORS_INDEXES:
+        if (folder / name).is_file():
+            weight_map = _read_json(folder / name).get("weight_map", {})
+            return [folder / shard for shard in sorted(set(weight_map.values()))]
+    return [folder / name for name in WEIGHT_FILES if name.endswith(".safetensors") and (folder / name).is_file()][:1]
+
+
+def read_safetensors(files: list[Path], device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Every tensor of ``files`` (memory-mapped), placed on ``device`` in ``dtype`` one tensor at a time."""
+    from safetensors import SafetensorError, safe_open
+
+    device = torch.device(device)
+    where = "cpu" if device.type == "cpu" else str(device if device.index is not None else torch.device(device.type, 0))
+    state: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device=where) as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    tensor = handle.get_tensor(key)
+                    state[key] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{file}: not a readable safetensors file ({exc})") from exc
+    return state
+
+
+def load_component(folder: Path, cls: Any, device: torch.device | str, dtype: torch.dtype, build: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """A diffusers / transformers model of class ``cls`` from its sub-folder, on ``device`` in ``dtype``.
+
+    safetensors weights: the module is built on the meta device from
+    ``config.json`` (or by ``build``) and its parameters are the loaded tensors
+    themselves (memory-mapped, cast tensor by tensor). ``.bin`` weights, or
+    key names of an older library version, go through ``cls.from_pretrained``
+    (``weights_only`` loading) and are moved afterwards.
+    """
+    files = _safetensors_files(folder)
+    if files:
+        with torch.device("meta"):
+            module = build() if build is not None else cls.from_config(cls.load_config(folder))
+        try:
+            _assign(module, read_safetensors(files, device, dtype), folder, cls.__name__, dtype, device)
+            return module
+        except _LayoutMismatch:
+            pass
+    kwargs = {"dtype": dtype} if cls.__module__.startswith("transformers") else {"torch_dtype": dtype}
+    return cls.from_pretrained(folder, **kwargs).to(device)
+
+
+def _load_image_encoder(
+    folder: Path | None,
+    override: str | os.PathLike[str] | None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     candidates = []
     if override is not None:
@@ -314,7 +458,8 @@ def _load_image_encoder(folder: Path | None, override: str | os.PathLike[str] | 
         candidates.append(folder / "image_encoder")
     for candidate in candidates:
         if (candidate / "config.json").is_file():
-            return CLIPVisionModelWithProjection.from_pretrained(candidate, dtype=dtype)
+            config = CLIPVisionConfig.from_pretrained(candidate)
+            return load_component(candidate, CLIPVisionModelWithProjection, device, dtype, lambda c=config: CLIPVisionModelWithProjection(c))
     where = ", ".join(str(c) for c in candidates) or "nowhere"
     raise WeightsNotFoundError(
         f"no CLIP image encoder found (looked in {where}); pass image_encoder= / --image-encoder a diffusers "
@@ -367,39 +512,50 @@ def _save_projection(linear: nn.Linear, folder: Path, layout: str, safe_serializ
 
 # ------------------------------------------------------------ state dict files
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Tensors of a .safetensors file, or of a torch file read with ``weights_only=True``.
+    """Tensors of a .safetensors file, or of a torch file, on the CPU (memory-mapped where the format allows).
 
-    A torch file holding anything but tensors and plain containers is refused
-    (InputError), never unpickled. A top-level "state_dict" entry is unwrapped.
+    Torch files are read with ``torch.load(weights_only=True)``; a zip-format
+    file it refuses (a Lightning checkpoint holding callbacks, hyper-parameter
+    or optimiser objects) is read with :func:`recon.guidance.lightning.read_torch_zip`,
+    which builds only tensors and plain containers: nothing in the file runs.
+    A top-level "state_dict" entry is unwrapped.
     """
+    import pickle
+    import zipfile
+
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
-    import pickle
-
+        return read_safetensors([path])
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):
+            raise InputError(
+                f"{path}: refused to load: a legacy (non-zip) torch file holding Python objects beyond tensors; "
+                f"re-save its state_dict with torch.save or convert it to .safetensors"
+            ) from None
+        obj = _read_restricted(path)
     except RuntimeError as exc:
         # Legacy (non-zip) torch files cannot be memory-mapped.
         if "mmap" not in str(exc):
             raise InputError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from exc
         obj = _torch_load_plain(path)
-    except pickle.UnpicklingError as exc:
-        raise InputError(
-            f"{path}: refused to load: the file contains Python objects beyond tensors "
-            f"(only weights_only=True loading is allowed; convert it to .safetensors)"
-        ) from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise InputError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def _read_restricted(path: Path) -> Any:
+    """:func:`read_torch_zip`, logging which objects were left unbuilt."""
+    from recon.guidance.lightning import read_torch_zip
+    from recon.progress import info
+
+    obj, replaced = read_torch_zip(path)
+    names = ", ".join(sorted(replaced)[:4]) + (" ..." if len(replaced) > 4 else "")
+    info(f"{path}: holds Python objects beyond tensors ({names}); read with the restricted unpickler, which left them unbuilt")
+    return obj
 
 
 def _torch_load_plain(path: Path) -> Any:
@@ -430,12 +586,16 @@ def load_ldm_checkpoint(
     pose_encoding: PoseEncoding | None = None,
     image_encoder: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> Zero123Model:
-    """A Zero123Model (weights in ``dtype``, on the CPU) from an original latent-diffusion checkpoint (.ckpt or .safetensors).
+    """A Zero123Model (weights on ``device`` in ``dtype``) from an original latent-diffusion checkpoint (.ckpt or .safetensors).
 
-    The UNet and VAE go through diffusers' single-file converters; the
-    OpenAI CLIP vision tower is converted here (or taken from ``image_encoder``).
-    The EMA UNet weights are used when the checkpoint has a complete EMA copy.
+    The file is memory-mapped; only the tensors used are read, each cast and
+    placed on ``device`` into modules built on the meta device. The UNet and
+    VAE go through diffusers' single-file converters; the OpenAI CLIP vision
+    tower is converted here (or taken from ``image_encoder``). The EMA UNet
+    weights are used when the checkpoint has a complete EMA copy.
+    ``pose_encoding`` None = decided from the file's name.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -444,6 +604,7 @@ def load_ldm_checkpoint(
     )
 
     path = Path(path)
+    device = torch.device(device)
     state = read_state_dict(path)
     unet_keys = [k for k in state if k.startswith(LDM_UNET)]
     conv_in = state.get(LDM_UNET + "input_blocks.0.0.weight")
@@ -454,7 +615,7 @@ def load_ldm_checkpoint(
     clip_prefix = next((p for p in LDM_CLIP_PREFIXES if p + "conv1.weight" in state), None)
     encoder = None
     if image_encoder is not None:
-        encoder = _load_image_encoder(None, image_encoder, dtype)
+        encoder = _load_image_encoder(None, image_encoder, dtype, device)
     elif clip_prefix is None:
         raise WeightsNotFoundError(
             f"{path}: has no CLIP vision tower (cond_stage_model.*); pass --image-encoder a diffusers Zero-1-to-3 folder"
@@ -468,20 +629,25 @@ def load_ldm_checkpoint(
     ema_missing = [k for k in unet_keys if ema_key(k) not in state]
     use_ema = len(ema_missing) == 0
     unet_state = {k: (state[ema_key(k)] if use_ema else state[k]) for k in unet_keys}
-    unet_sd = convert_ldm_unet_checkpoint(unet_state, dict(arch["unet"]))
-    vae_sd = convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_VAE)}, dict(arch["vae"]))
+
+    def assign(module: nn.Module, converted: dict[str, Tensor], what: str) -> None:
+        try:
+            _assign(module, converted, path, what, dtype, device)
+        except _LayoutMismatch as exc:
+            raise InputError(str(exc)) from None
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**arch["unet"])
         vae = AutoencoderKL(**arch["vae"])
-    _assign(unet, unet_sd, path, "UNet (model.diffusion_model.*)", dtype)
-    _assign(vae, vae_sd, path, "VAE (first_stage_model.*)", dtype)
+    assign(unet, convert_ldm_unet_checkpoint(unet_state, dict(arch["unet"])), "UNet (model.diffusion_model.*)")
+    del unet_state
+    assign(vae, convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_VAE)}, dict(arch["vae"])), "VAE (first_stage_model.*)")
     if encoder is None:
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         with torch.device("meta"):
             encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**arch["image_encoder"]))
-        _assign(encoder, convert_openai_clip_vision(state, clip_prefix), path, f"CLIP vision tower ({clip_prefix}*)", dtype)
+        assign(encoder, convert_openai_clip_vision(state, clip_prefix), f"CLIP vision tower ({clip_prefix}*)")
 
     if LDM_PROJECTION + "weight" not in state:
         raise InputError(f"{path}: no camera projection (cc_projection.weight)")
@@ -492,28 +658,40 @@ def load_ldm_checkpoint(
         if bias is not None:
             projection.bias.copy_(bias)
     source = "EMA weights" if use_ema else ("non-EMA weights: EMA copy incomplete" if any(k.startswith("model_ema.") for k in state) else "no EMA copy")
-    encoding = pose_encoding or _guess_pose_encoding(path.name)
+    encoding = pose_encoding or decide_pose_encoding(path.name)[0]
     return Zero123Model(unet, vae, encoder, projection, make_scheduler(), encoding, False, f"latent-diffusion checkpoint {path} ({source})")
 
 
-def _assign(module: nn.Module, state: dict[str, Tensor], path: Path, what: str, dtype: torch.dtype) -> None:
-    """Loads ``state`` into a meta-device ``module`` (no copy), exactly: every key present, no extra ones."""
+class _LayoutMismatch(Exception):
+    """A state dict whose keys or shapes do not match the module (message names file and key)."""
+
+
+def _assign(
+    module: nn.Module, state: dict[str, Tensor], path: Path, what: str, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> None:
+    """Loads ``state`` into a meta-device ``module`` exactly (every key present, no extra ones, same shapes),
+    each tensor cast to ``dtype`` and moved to ``device`` (no copy when it is there already)."""
+    device = torch.device(device)
     expected = module.state_dict()
+    # Older transformers saved the non-persistent position_ids buffer: not a weight.
+    state = {k: v for k, v in state.items() if not (k.endswith("position_ids") and k not in expected)}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        raise InputError(f"{path}: {what} does not match the network: missing {missing[:3]}, unexpected {extra[:3]} ...")
+        raise _LayoutMismatch(f"{path}: {what} does not match the network: missing {missing[:3]}, unexpected {extra[:3]} ...")
     for key, value in expected.items():
         if tuple(state[key].shape) != tuple(value.shape):
-            raise InputError(f"{path}: {what} key {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
-    module.load_state_dict({k: v.to(dtype).contiguous() for k, v in state.items()}, assign=True)
+            raise _LayoutMismatch(f"{path}: {what} key {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
+    for key in list(state):
+        state[key] = state[key].to(device=device, dtype=dtype).contiguous()
+    module.load_state_dict(state, assign=True)
     # Buffers that are not in the state dict (non-persistent) stay on meta: rebuild them.
     for name, buffer in list(module.named_buffers()):
         if buffer.is_meta:
             owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
             leaf = name.rpartition(".")[2]
             if leaf == "position_ids":
-                owner.register_buffer(leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
+                owner.register_buffer(leaf, torch.arange(buffer.shape[-1], device=device).expand(buffer.shape), persistent=False)
             else:
                 raise InputError(f"{path}: cannot initialise buffer {name} of the {what}")
 

@@ -12,6 +12,13 @@ MODES = ("zero123", "cascade", "cascade-training-free")
 WEIGHTINGS = ("sds", "uniform")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 COARSE_TARGETS = ("bank", "none")
+POSE_ENCODING_CHOICES = ("auto", "zero123", "stable-zero123")
+TIMESTEP_RECIPES = ("auto", "config")
+# SDS timestep ranges (start, end values of the min / max ramps) of each pose encoding's weights, after threestudio:
+# Zero123 [0, 0.4, 0.2, 200] / [0, 0.85, 0.5, 200]; Stable-Zero123 [50, 0.7, 0.3, 200] / [50, 0.98, 0.8, 200].
+RECIPE_RANGES = {"zero123": ((0.4, 0.2), (0.85, 0.5)), "stable-zero123": ((0.7, 0.3), (0.98, 0.8))}
+# Stable-Zero123's ramps start a quarter of the way to their end step (50 of 200).
+STABLE_RAMP_START = 0.25
 # The paper's self-prompted views, [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input camera:
 # +45 / -45 deg azimuth and 30 deg above. Training, SDS and evaluation must agree on them.
 NEARBY_VIEWS = ((0.0, 45.0, 0.0), (0.0, -45.0, 0.0), (-30.0, 0.0, 0.0))
@@ -26,6 +33,9 @@ class GuidanceConfig:
     .ckpt/.safetensors file, a hub id, 'tiny' (the shipped prior), 'random-tiny' or 'random-full'."""
     refiner_model: str | None = None
     """Refiner-0123 weights (mode cascade only); None = the same weights as the Base."""
+    pose_encoding: str = "auto"
+    """4th pose element the weights were trained with: 'auto' (from the weights' recon_zero123.json, config or own
+    file/folder name), 'zero123' (radius change) or 'stable-zero123' (the input view's absolute polar angle)."""
     mode: str = "zero123"
     """'zero123': plain Zero123 SDS; 'cascade': Base self-prompts nearby views, a trained Refiner takes
     them as extra tokens; 'cascade-training-free': nearby views blended by pose proximity, one Zero123."""
@@ -35,6 +45,10 @@ class GuidanceConfig:
     """Lower end of the SDS timestep range as a fraction of the 1000 training steps (a schedule)."""
     max_step_percent: Any = field(default_factory=lambda: [0, 0.85, 0.5, 200])
     """Upper end of the SDS timestep range as a fraction of the 1000 training steps (a schedule)."""
+    timestep_recipe: str = "auto"
+    """'auto': with Stable-Zero123 weights, a timestep range still at Zero123's recipe (ramps 0.4 -> 0.2 and
+    0.85 -> 0.5, the presets' values) becomes Stable-Zero123's (0.7 -> 0.3 and 0.98 -> 0.8, ramps starting a
+    quarter of the way to the same end step); 'config': min/max_step_percent exactly as given."""
     weighting: str = "sds"
     """Per-timestep weight w(t): 'sds' = 1 - alpha_bar_t, 'uniform' = 1."""
     grad_clip: Any = None
@@ -77,6 +91,8 @@ class GuidanceConfig:
             ("weighting", self.weighting, WEIGHTINGS),
             ("dtype", self.dtype, DTYPES),
             ("coarse_target", self.coarse_target, COARSE_TARGETS),
+            ("pose_encoding", self.pose_encoding, POSE_ENCODING_CHOICES),
+            ("timestep_recipe", self.timestep_recipe, TIMESTEP_RECIPES),
         ):
             if value not in allowed:
                 raise ReconError(f"guidance.{name}={value!r}: choose one of {', '.join(allowed)}")
@@ -95,3 +111,34 @@ class GuidanceConfig:
             raise ReconError("guidance.cfg_chunk must be >= 0, generation_batch and nearby_steps >= 1")
         if self.training_free_temperature_deg <= 0 or self.bank_azimuth_step_deg <= 0:
             raise ReconError("guidance.training_free_temperature_deg and bank_azimuth_step_deg must be > 0")
+
+
+def _is_ramp(schedule: Any, values: tuple[float, float]) -> bool:
+    return (
+        isinstance(schedule, (list, tuple))
+        and len(schedule) == 4
+        and all(abs(float(a) - b) < 1e-9 for a, b in zip(schedule[1:3], values, strict=True))
+    )
+
+
+def timestep_schedules(cfg: GuidanceConfig, pose_encoding: str) -> tuple[Any, Any, str]:
+    """The (min_step_percent, max_step_percent) schedules SDS uses with weights of ``pose_encoding``, and why.
+
+    See :attr:`GuidanceConfig.timestep_recipe`. With the defaults and
+    Stable-Zero123 weights: [50, 0.7, 0.3, 200] / [50, 0.98, 0.8, 200].
+    """
+    low, high = cfg.min_step_percent, cfg.max_step_percent
+    if cfg.timestep_recipe == "config":
+        return low, high, "as configured (guidance.timestep_recipe=config)"
+    zero_low, zero_high = RECIPE_RANGES["zero123"]
+    if pose_encoding != "stable-zero123":
+        return low, high, "as configured"
+    if not (_is_ramp(low, zero_low) and _is_ramp(high, zero_high)):
+        return low, high, "as configured (set away from Zero123's recipe, so kept with Stable-Zero123 weights)"
+    stable_low, stable_high = RECIPE_RANGES["stable-zero123"]
+
+    def stable(ramp: Any, values: tuple[float, float]) -> list[float]:
+        start, end = float(ramp[0]), float(ramp[3])
+        return [round(start + STABLE_RAMP_START * (end - start)), values[0], values[1], round(end)]
+
+    return stable(low, stable_low), stable(high, stable_high), "Stable-Zero123's recipe, chosen for its weights"

@@ -18,7 +18,7 @@ from recon.guidance.cascade import (
     refiner_tokens,
     training_free_eps,
 )
-from recon.guidance.config import GuidanceConfig
+from recon.guidance.config import GuidanceConfig, timestep_schedules
 from recon.guidance.model import Zero123Model
 from recon.guidance.sds import SDSOutput, score_distillation, timestep_range
 from torch import Tensor
@@ -54,6 +54,7 @@ class Guidance:
         self.base = base
         self.refiner = (base if refiner is None else refiner) if cfg.mode == "cascade" else None
         self.model = self.refiner if self.refiner is not None else base
+        self.min_step_percent, self.max_step_percent, self.timestep_reason = timestep_schedules(cfg, self.model.pose_encoding)
         for model in {id(m): m for m in (base, self.refiner) if m is not None}.values():
             model.use_cuda_graphs(cfg.cuda_graphs)
         self.nearby_views: ViewSet | None = None
@@ -171,7 +172,7 @@ class Guidance:
         target = tuple(_as_batch(v, batch) for v in (elevation_deg, azimuth_deg, radius))
         scale = value_at(cfg.guidance_scale, step)
         min_step, max_step = timestep_range(
-            model.scheduler.config.num_train_timesteps, value_at(cfg.min_step_percent, step), value_at(cfg.max_step_percent, step)
+            model.scheduler.config.num_train_timesteps, value_at(self.min_step_percent, step), value_at(self.max_step_percent, step)
         )
         clip = None if cfg.grad_clip is None else value_at(cfg.grad_clip, step)
         latents = self.encode(images)
@@ -238,11 +239,12 @@ def load_models(cfg: GuidanceConfig, device: torch.device | str) -> tuple[Zero12
     from recon.guidance.checkpoints import load_zero123
 
     dtype = DTYPES[cfg.dtype]
-    base = load_zero123(cfg.model, device, dtype)
+    encoding = None if cfg.pose_encoding == "auto" else cfg.pose_encoding
+    base = load_zero123(cfg.model, device, dtype, pose_encoding=encoding)
     refiner = None
     if cfg.mode == "cascade":
         same = cfg.refiner_model is None or cfg.refiner_model == cfg.model
-        refiner = base if same else load_zero123(cfg.refiner_model, device, dtype)
+        refiner = base if same else load_zero123(cfg.refiner_model, device, dtype, pose_encoding=encoding)
     return base, refiner
 
 
@@ -259,7 +261,7 @@ def make_guidance(
     elif cfg.mode == "cascade" and refiner is None and cfg.refiner_model not in (None, cfg.model):
         from recon.guidance.checkpoints import load_zero123
 
-        refiner = load_zero123(cfg.refiner_model, device, DTYPES[cfg.dtype])
+        refiner = load_zero123(cfg.refiner_model, device, DTYPES[cfg.dtype], pose_encoding=None if cfg.pose_encoding == "auto" else cfg.pose_encoding)
     if cfg.model == "tiny":
         from recon.progress import info
 
@@ -271,4 +273,11 @@ def make_guidance(
         from recon.progress import warn
 
         warn(f"guidance uses random weights ({cfg.model}): the result will be noise, not a reconstruction")
-    return Guidance(cfg, base, refiner)
+    guidance = Guidance(cfg, base, refiner)
+    from recon.progress import info
+
+    info(
+        f"guidance: SDS timestep range min {guidance.min_step_percent}, max {guidance.max_step_percent} "
+        f"({guidance.timestep_reason})"
+    )
+    return guidance

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from transformers import CLIPVisionModelWithProjection
 
 PoseEncoding = Literal["zero123", "stable-zero123"]
+POSE_ENCODINGS: tuple[PoseEncoding, ...] = ("zero123", "stable-zero123")
 
 # OpenAI CLIP normalisation (the reference pipeline's constants).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -81,7 +82,7 @@ class Zero123Model(nn.Module):
                 f"camera projection is {camera_projection.in_features}->{camera_projection.out_features}; "
                 f"expected {embed_dim + 4}->{unet.config.cross_attention_dim}"
             )
-        if pose_encoding not in ("zero123", "stable-zero123"):
+        if pose_encoding not in POSE_ENCODINGS:
             raise ValueError(f"unknown pose encoding {pose_encoding!r}")
         self.unet = unet
         self.vae = vae

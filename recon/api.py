@@ -47,10 +47,12 @@ def build_config(
     foreground_ratio: float | None = None,
     remove_bg: bool | None = None,
     steps: int | None = None,
+    elevation: float | None = None,
 ) -> FitConfig:
     """Defaults <- preset <- ``--set key.path=value`` overrides <- explicit flags, as a :class:`FitConfig`.
 
-    ``steps`` rescales every stage (and every schedule) to that many steps in all.
+    ``steps`` rescales every stage (and every schedule) to that many steps in all; ``elevation`` is the input
+    photo's camera elevation in degrees (``cameras.reference_elevation_deg``).
     """
     from recon.config import read_preset
 
@@ -67,6 +69,8 @@ def build_config(
         flags.setdefault("preprocess", {})["foreground_ratio"] = foreground_ratio
     if remove_bg is not None:
         flags.setdefault("preprocess", {})["remove_bg"] = remove_bg
+    if elevation is not None:
+        flags["cameras"] = {"reference_elevation_deg": float(elevation)}
     cfg = resolve_config(read_preset(preset), overrides=tuple(overrides))
     if flags:  # explicit flags win over --set
         cfg = resolve_config(to_plain(cfg), flags)
@@ -75,8 +79,9 @@ def build_config(
     return cfg
 
 
-def load_reference_png(path: Path) -> Any:
-    """The run's ``input_rgba.png`` as the :class:`ReferenceView` the trainer fits (recon.cameras defaults)."""
+def load_reference_png(path: Path, elevation_deg: float = 0.0) -> Any:
+    """The run's ``input_rgba.png`` as the :class:`ReferenceView` the trainer fits, seen from ``elevation_deg``
+    (other camera values: recon.cameras defaults)."""
     import numpy as np
 
     from recon.imageio import decode_image
@@ -85,7 +90,8 @@ def load_reference_png(path: Path) -> Any:
     pixels = decode_image(path)
     if pixels.shape[2] == 3:
         pixels = np.concatenate([pixels, np.ones_like(pixels[..., :1])], axis=2)
-    return ReferenceView(rgba=torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float(), source=path)
+    rgba = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()
+    return ReferenceView(rgba=rgba, source=path, elevation_deg=float(elevation_deg))
 
 
 class Models:
@@ -136,14 +142,22 @@ def _existing_run(run_dir: Path, cfg: FitConfig, resume: bool, overwrite: bool) 
     return cfg, False
 
 
+def cutout(image: str | os.PathLike[str], cfg: FitConfig) -> Any:
+    """The reference view that :func:`fit_image` fits for ``image`` under ``cfg``: background removed,
+    recentred to ``cfg.preprocess.foreground_ratio``, (4, S, S) RGBA in a :class:`recon.preprocess.ReferenceView`
+    (saved as the run's ``input_rgba.png``). Raises :class:`InputError` with the CLI's one-line message for bad input."""
+    from recon.preprocess import load_reference
+
+    return load_reference(Path(image), cfg.preprocess.foreground_ratio, cfg.preprocess.remove_bg, cfg.preprocess.size)
+
+
 def _create_run(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, timer: Any) -> RunDir:
     """Preprocesses ``image`` and makes the run folder with the input files, config.yaml, meta.json, progress.json."""
     from recon import fileio
-    from recon.preprocess import load_reference
     from recon.progress import warn
 
     with timer.phase("preprocess"):
-        reference = load_reference(image, cfg.preprocess.foreground_ratio, cfg.preprocess.remove_bg, cfg.preprocess.size)
+        reference = cutout(image, cfg)
     random_weights = cfg.guidance.model.startswith("random-")
     run = RunDir.create(
         run_dir,
@@ -209,7 +223,7 @@ def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, 
     guidance = models.get(cfg, timer)  # before the run folder exists: missing weights leave nothing behind
     run = RunDir.open(run_dir) if resuming else _create_run(image, run_dir, cfg, device, timer)
     try:
-        reference = load_reference_png(run.root / "input_rgba.png")
+        reference = load_reference_png(run.root / "input_rgba.png", cfg.cameras.reference_elevation_deg)
         seed_everything(cfg.seed)
         with timer.phase("prepare guidance"):
             guidance.prepare(reference, run.root / "guidance")
@@ -258,6 +272,7 @@ def fit(
     remove_bg: bool | None = None,
     steps: int | None = None,
     batch: bool | None = None,
+    elevation: float | None = None,
 ) -> list[ImageResult]:
     """Reconstructs each image (a file, several, or a folder) into ``output/<stem>/``; mirrors ``recon fit``.
 
@@ -277,7 +292,7 @@ def fit(
         batch = len(image_list) != 1 or any(Path(p).is_dir() for p in paths)
     cfg = build_config(
         preset, overrides, model=model, formats=formats, seed=seed, foreground_ratio=foreground_ratio,
-        remove_bg=remove_bg, steps=steps,
+        remove_bg=remove_bg, steps=steps, elevation=elevation,
     )
     dev = resolve_device(device)
     models = Models(dev)
@@ -307,6 +322,10 @@ def fit(
     results = run_batch(image_list, output, one, overwrite=overwrite)
     save_summary(output, results)
     print_summary(results)
+    from recon.progress import info
+    from recon.systems.report import write_report
+
+    info(f"report: {write_report(output)}")
     return results
 
 

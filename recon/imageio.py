@@ -15,7 +15,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 
 from recon.errors import InputError
 from recon.fileio import atomic_path
@@ -209,3 +212,42 @@ def list_images(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         else:
             raise InputError(f"{path}: no such file or folder")
     return sorted(found, key=_natural_key)
+
+
+def premultiply(rgba: Tensor) -> Tensor:
+    """Straight-alpha RGBA (..., 4, H, W) -> premultiplied (colour times alpha)."""
+    return torch.cat([rgba[..., :3, :, :] * rgba[..., 3:, :, :], rgba[..., 3:, :, :]], dim=-3)
+
+
+def unpremultiply(premultiplied: Tensor) -> Tensor:
+    """Premultiplied RGBA (..., 4, H, W) -> straight alpha in [0, 1]; colour is 0 where alpha is ~0."""
+    alpha = premultiplied[..., 3:, :, :].clamp(0.0, 1.0)
+    rgb = torch.where(alpha > 1e-6, premultiplied[..., :3, :, :] / alpha.clamp_min(1e-6), torch.zeros_like(premultiplied[..., :3, :, :]))
+    return torch.cat([rgb.clamp(0.0, 1.0), alpha], dim=-3)
+
+
+def resize_premultiplied(premultiplied: Tensor, size: int) -> Tensor:
+    """Premultiplied RGBA (N, 4, H, W) -> (N, 4, size, size), antialiased bilinear (transparent pixels never darken edges)."""
+    return F.interpolate(premultiplied, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_rgba(rgba: Tensor, size: int) -> Tensor:
+    """Straight-alpha RGBA (4, H, W) or (N, 4, H, W) -> the same at (size, size), resampled on premultiplied colour."""
+    batch = rgba if rgba.dim() == 4 else rgba[None]
+    out = unpremultiply(resize_premultiplied(premultiply(batch), size))
+    return out if rgba.dim() == 4 else out[0]
+
+
+def composite(rgba: Tensor, background: Tensor | float | tuple[float, float, float] = 1.0, dim: int = -3) -> Tensor:
+    """Straight-alpha RGBA over a background -> RGB; the one alpha-compositing rule of the code base.
+
+    ``dim`` is the channel axis: -3 for (..., 4, H, W), -1 for (..., 4).
+    ``background``: a grey level, an RGB triple, or a tensor that broadcasts
+    against the RGB result (e.g. per-pixel backgrounds).
+    """
+    rgb, alpha = rgba.split([3, 1], dim=dim)
+    bg = torch.as_tensor(background, dtype=rgba.dtype, device=rgba.device)
+    if bg.dim() <= 1:
+        bg = bg.reshape((-1,) + (1,) * (-dim - 1))
+    return rgb * alpha + bg * (1.0 - alpha)
+

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from recon.errors import InputError, ReconError
-from recon.imageio import decode_image, save_rgba_png
+from recon.imageio import composite, decode_image, resize_premultiplied, save_rgba_png, unpremultiply
 
 MIN_FOREGROUND = 0.001
 """Smallest accepted foreground, as a fraction of the image's pixels."""
@@ -60,10 +59,7 @@ class ReferenceView:
 
     def rgb_over(self, color: tuple[float, float, float] | float = (1.0, 1.0, 1.0)) -> Tensor:
         """(3, S, S) colour composited over a solid background ``color`` (RGB in [0, 1])."""
-        background = torch.as_tensor(color, dtype=self.rgba.dtype, device=self.rgba.device)
-        background = background.reshape(-1, 1, 1).expand(3, 1, 1)
-        alpha = self.mask
-        return self.rgba[:3] * alpha + background * (1.0 - alpha)
+        return composite(self.rgba, color)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Atomically writes the RGBA image as an 8-bit PNG (the run folder's input_rgba.png)."""
@@ -162,8 +158,5 @@ def recentre(rgb: np.ndarray, alpha: np.ndarray, foreground_ratio: float, size: 
     crop[src_top - crop_top : src_bottom - crop_top, src_left - crop_left : src_right - crop_left] = window
     tensor = torch.from_numpy(crop).permute(2, 0, 1)[None]
     if side != size:
-        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    tensor = tensor[0].clamp(0.0, 1.0)
-    out_alpha = tensor[3:4]
-    out_rgb = torch.where(out_alpha > 1e-6, tensor[:3] / out_alpha.clamp_min(1e-6), torch.zeros_like(tensor[:3]))
-    return torch.cat([out_rgb.clamp(0.0, 1.0), out_alpha], dim=0).contiguous()
+        tensor = resize_premultiplied(tensor, size)
+    return unpremultiply(tensor.clamp(0.0, 1.0))[0].contiguous()

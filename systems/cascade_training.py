@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,15 +56,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from recon.guidance.cascade import Conditions, nearby_poses, refiner_tokens
-from recon.guidance.config import NEARBY_VIEWS
-from recon.guidance.sampling import ddim_sample, to_8bit_levels
 from torch import Tensor, nn
 
 from recon.cameras import relative_pose
-from recon.data.multiview import MultiViewDataset, composite
+from recon.data.multiview import MultiViewDataset
 from recon.errors import InputError, ReconError
-from recon.fileio import atomic_path
+from recon.guidance.cascade import Conditions, nearby_poses, refiner_tokens
+from recon.guidance.config import NEARBY_VIEWS
+from recon.guidance.sampling import ddim_sample, to_8bit_levels
+from recon.imageio import composite
+from recon.systems.checkpoint import (
+    list_checkpoints,
+    read_checkpoint_file,
+    write_checkpoint_file,
+)
 
 if TYPE_CHECKING:
     from recon.guidance.model import Zero123Model
@@ -74,7 +78,6 @@ STAGES = ("cascade", "base", "vae")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LOSS_WEIGHTINGS = ("eps", "truncated-snr")
 CHECKPOINT_FORMAT = 1
-_CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})\.pt$")
 
 
 @dataclass
@@ -547,32 +550,6 @@ class Trainer:
         set_rng_state(state["rng"])
 
 
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """Finished checkpoints ``step_XXXXXX.pt`` in ``folder`` as (step, path), oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_file()]
-    return sorted(found)
-
-
-def save_checkpoint(trainer: Trainer, folder: Path, keep: int) -> Path:
-    """Atomically writes the trainer's state as ``step_XXXXXX.pt`` and deletes all but the newest ``keep``."""
-    path = folder / f"step_{trainer.step:06d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(trainer.state(), tmp)
-    for _, old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """Reads a training checkpoint with ``weights_only=True``; :class:`InputError` if unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable training checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
-
-
 def export_base(trainer: Trainer, folder: Path, init: str) -> Path:
     """Writes the Base (the EMA weights) as a diffusers folder that ``load_zero123`` reads."""
     from recon.guidance.checkpoints import save_diffusers
@@ -623,9 +600,8 @@ def train(
     """
     if cfg.stage == "vae":
         return train_vae(cfg, data, init, run_dir, device, max_minutes, resume, on_step)
-    from recon.guidance.checkpoints import load_zero123
-
     from recon.config import to_plain
+    from recon.guidance.checkpoints import load_zero123
     from recon.progress import info
     from recon.runs import RunDir, StepReporter
 
@@ -649,7 +625,7 @@ def train(
     cache = ViewCache(dataset, acc.device) if cfg.preload else None
     found = list_checkpoints(run.checkpoints)
     if found:
-        trainer.load_state(load_checkpoint_file(found[-1][1]), found[-1][1])
+        trainer.load_state(read_checkpoint_file(found[-1][1]), found[-1][1])
         if main:
             info(f"resumed {run_dir} at step {trainer.step}")
     trainer.prepare()
@@ -677,10 +653,10 @@ def train(
                 if on_step is not None:
                     on_step(trainer.step, loss)
             if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps and main:
-                save_checkpoint(trainer, run.checkpoints, cfg.keep_checkpoints)
+                write_checkpoint_file(run.checkpoints, trainer.step, trainer.state(), cfg.keep_checkpoints)
     final = None
     if main:
-        save_checkpoint(trainer, run.checkpoints, cfg.keep_checkpoints)
+        write_checkpoint_file(run.checkpoints, trainer.step, trainer.state(), cfg.keep_checkpoints)
         if not stopped_early or export_on_stop:
             final = export_base(trainer, run.root / "final" / "base", init)
         run.write_progress(f"train {cfg.stage}", trainer.step, cfg.steps, None, "interrupted" if stopped_early else "finished",
@@ -763,9 +739,8 @@ def train_vae(
     image encoder and projection untouched) is written. No mid-run
     checkpoints: rerunning starts the VAE training over.
     """
-    from recon.guidance.checkpoints import load_zero123, save_diffusers
-
     from recon.config import to_plain
+    from recon.guidance.checkpoints import load_zero123, save_diffusers
     from recon.runs import RunDir, StepReporter
 
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Checkpoints of a run: model and optimiser state, RNG state, step and stage.
 
-A checkpoint is ``RUN/checkpoints/step_XXXXXX.pt``, written with ``torch.save``
+One module for the checkpoints of every trainer (the fit trainers and the
+cascade trainer). A checkpoint is ``RUN/checkpoints/step_XXXXXX.pt``, written with ``torch.save``
 to a temporary name and renamed, so a crash during a save leaves the previous
 checkpoint intact and nothing under a finished-looking name. It holds only
 tensors and plain values and is read back with ``torch.load(weights_only=True)``::
@@ -41,16 +42,38 @@ def checkpoint_path(run: RunDir, step: int) -> Path:
     return run.checkpoints / f"step_{step:06d}.pt"
 
 
-def list_checkpoints(run: RunDir) -> list[tuple[int, Path]]:
-    """Finished checkpoints of ``run`` as (step, path), oldest first (temporary files are ignored)."""
-    if not run.checkpoints.is_dir():
+def list_checkpoints(where: RunDir | Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints of a run (or in a folder) as (step, path), oldest first (temporary files are ignored)."""
+    folder = where.checkpoints if isinstance(where, RunDir) else Path(where)
+    if not folder.is_dir():
         return []
     found = []
-    for path in run.checkpoints.iterdir():
+    for path in folder.iterdir():
         match = _NAME.match(path.name)
         if match and path.is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def write_checkpoint_file(folder: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+    """Atomically writes ``payload`` as ``folder/step_XXXXXX.pt`` and deletes all but the newest ``keep`` (0 keeps all)."""
+    path = Path(folder) / f"step_{step:06d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    if keep > 0:
+        for _, old in list_checkpoints(folder)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint_file(path: Path, map_location: str | torch.device | None = "cpu") -> Any:
+    """Reads a checkpoint file with ``weights_only=True``; :class:`InputError` naming it if it is unreadable or unsafe."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: unreadable checkpoint (holds objects other than tensors and plain values; refused)") from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
 
 
 def _state(item: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -81,13 +104,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "extra": dict(extra or {}),
     }
-    path = checkpoint_path(run, step)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    if keep > 0:
-        for _, old in list_checkpoints(run)[:-keep]:
-            old.unlink(missing_ok=True)
-    return path
+    return write_checkpoint_file(run.checkpoints, step, payload, keep)
 
 
 @dataclass
@@ -128,12 +145,7 @@ class Checkpoint:
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> Checkpoint:
     """Reads one checkpoint file with ``weights_only=True``; :class:`InputError` if it is unreadable."""
     path = Path(path)
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise InputError(f"{path}: unreadable checkpoint (holds objects other than tensors and plain values; refused)") from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    data = read_checkpoint_file(path, map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(f"{path}: not a recon checkpoint (format {data.get('format') if isinstance(data, dict) else '?'})")
     return Checkpoint(

@@ -27,6 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
+
+from recon.data.multiview import MultiViewDataset, ObjectViews
+from recon.fileio import write_json, write_text
 from recon.guidance.cascade import (
     Conditions,
     angular_distance_deg,
@@ -37,10 +41,7 @@ from recon.guidance.cascade import (
 )
 from recon.guidance.config import NEARBY_VIEWS
 from recon.guidance.sampling import ddim_sample
-from torch import Tensor
-
-from recon.data.multiview import MultiViewDataset, ObjectViews, composite
-from recon.fileio import write_json, write_text
+from recon.imageio import composite
 from recon.metrics import psnr_per_image, ssim_per_image
 
 if TYPE_CHECKING:

@@ -19,20 +19,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from recon.exports.config import ExportConfig
-from recon.guidance.config import GuidanceConfig
-from recon.systems import losses
-from recon.systems.checkpoint import load_latest, save_checkpoint
 from torch import Tensor
 
 from recon.cameras import Cameras, ViewSampler, generate_rays
 from recon.config import resolve
 from recon.errors import ReconError, TrainingDivergedError
+from recon.exports.config import ExportConfig
 from recon.field import FieldConfig, RadianceField
+from recon.guidance.config import GuidanceConfig
+from recon.imageio import composite, resize_rgba
 from recon.render import RendererConfig, VolumeRenderer
 from recon.runs import RunDir, StepReporter
 from recon.schedule import validate_schedule, value_at
+from recon.systems import losses
+from recon.systems.checkpoint import load_latest, save_checkpoint
 
 LOSS_NAMES = ("sds", "rgb", "mask", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
 
@@ -138,7 +138,11 @@ class PreprocessConfig:
 
 @dataclass
 class CameraConfig:
-    """Random views for score distillation (recon.cameras.ViewSampler)."""
+    """The input photo's camera and the random views for score distillation (recon.cameras.ViewSampler)."""
+
+    reference_elevation_deg: float = 0.0
+    """Elevation of the input photo's camera, degrees (`recon fit --elevation`): where the reference view is
+    rendered from and the conditioning camera of both pose encodings and of the cascade's nearby views."""
 
     elevation_range: list[float] = dataclasses.field(default_factory=lambda: [-10.0, 80.0])
     """Elevation range of random views, degrees."""
@@ -349,15 +353,9 @@ class Trainer:
         if resolution not in self._targets:
             rgba = self.reference.rgba[None].float()
             if rgba.shape[-1] != resolution:
-                # premultiplied resize keeps edge colours; antialias for downsampling
-                premult = torch.cat([rgba[:, :3] * rgba[:, 3:], rgba[:, 3:]], dim=1)
-                premult = F.interpolate(premult, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-                alpha = premult[:, 3:].clamp(0.0, 1.0)
-                rgb = premult[:, :3] / alpha.clamp_min(1e-6)
-                rgba = torch.cat([rgb.clamp(0.0, 1.0), alpha], dim=1)
+                rgba = resize_rgba(rgba, resolution)
             alpha = rgba[:, 3:]
-            background = self.background.cpu().view(1, 3, 1, 1)
-            rgb = rgba[:, :3] * alpha + background * (1.0 - alpha)
+            rgb = composite(rgba, self.background.cpu())
             self._targets[resolution] = (rgb.permute(0, 2, 3, 1).to(self.device), alpha.permute(0, 2, 3, 1).to(self.device))
         return self._targets[resolution]
 

@@ -23,14 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recon.exports.config import ExportConfig
-from recon.exports.frame import dominant_up_axis
-from recon.systems.checkpoint import (
-    Checkpoint,
-    SceneTransform,
-    load_latest,
-    save_checkpoint,
-)
 from torch import Tensor
 
 from recon.cameras import Cameras, pixel_rays
@@ -43,14 +35,22 @@ from recon.data.transforms_json import (
     transforms_file,
 )
 from recon.errors import InputError, TrainingDivergedError
+from recon.exports.config import ExportConfig
+from recon.exports.frame import dominant_up_axis
 from recon.field import FieldConfig, RadianceField
 from recon.fileio import write_json
-from recon.imageio import save_rgba_png
+from recon.imageio import composite, save_rgba_png
 from recon.metrics import psnr, ssim
 from recon.progress import PhaseTimer, info
 from recon.render import RendererConfig, VolumeRenderer
 from recon.runs import RunDir, StepReporter
 from recon.runtime import peak_memory_gib, reset_peak_memory
+from recon.systems.checkpoint import (
+    Checkpoint,
+    SceneTransform,
+    load_latest,
+    save_checkpoint,
+)
 
 STAGE = "fit-views"
 
@@ -174,12 +174,6 @@ def to_field_frame(views: PosedImages, transform: SceneTransform) -> PosedImages
     return PosedImages(views.images, cameras, views.paths)
 
 
-def composite(rgba: Tensor, background: Tensor) -> Tensor:
-    """Straight-alpha RGBA (..., 4) over ``background`` (3,) or (..., 3) -> RGB (..., 3)."""
-    alpha = rgba[..., 3:]
-    return rgba[..., :3] * alpha + background * (1.0 - alpha)
-
-
 def make_optimizer(field_module: RadianceField, cfg: FitViewsConfig) -> torch.optim.Adam:
     """Adam with two groups: ``encoding`` (hash table, lr_encoding) and ``mlp`` (everything else, lr_mlp)."""
     encoding = list(field_module.encoding.parameters())
@@ -222,7 +216,7 @@ def evaluate(renderer: VolumeRenderer, views: PosedImages, background: Tensor) -
     """Held-out PSNR/SSIM of the renders against the images over ``background``; also returns (renders, targets)."""
     device = background.device
     renders = render_views(renderer, views.cameras.to(device), background).clamp(0, 1)
-    targets = composite(views.images.to(device), background)
+    targets = composite(views.images.to(device), background, dim=-1)
     metrics = {"psnr": psnr(renders, targets), "ssim": ssim(renders, targets), "views": len(views)}
     return metrics, renders, targets
 
@@ -301,7 +295,7 @@ class FitViewsTrainer:
             background = torch.rand(len(index), 3, device=self.device)
         else:
             background = self.background.expand(len(index), 3)
-        target = composite(self.pixels[index], background)
+        target = composite(self.pixels[index], background, dim=-1)
         _set_lr(self.optimizer, step, self.cfg)
         out = self.renderer.render_rays(origins, directions, background)
         loss = torch.nn.functional.mse_loss(out["rgb"], target)

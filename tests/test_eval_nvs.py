@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 from guidance_fixtures import tiny_images, tiny_model
+
+from recon.cli.main import main
+from recon.data.multiview import MultiViewDataset
+from recon.data.synth import SynthConfig, synthesize
 from recon.guidance.cascade import generate_views, generate_views_many
 from recon.guidance.checkpoints import load_zero123
+from recon.imageio import composite
 from recon.systems.evaluation import (
     EvalConfig,
     cascade_views,
@@ -18,10 +23,6 @@ from recon.systems.evaluation import (
     image_scores,
     markdown_report,
 )
-
-from recon.cli.main import main
-from recon.data.multiview import MultiViewDataset, composite
-from recon.data.synth import SynthConfig, synthesize
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,16 @@ def test_incomplete_ema_falls_back_to_the_trained_weights(tmp_path, model):
     torch.testing.assert_close(loaded.unet.conv_out.weight, model.unet.conv_out.weight)
 
 
+def test_legacy_torch_file_with_objects_is_refused(tmp_path, model):
+    """Non-zip (legacy) torch files cannot go through the restricted reader: refused, never unpickled."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": ldm_state_dict(model), "callbacks": Payload(marker)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError, match="old.ckpt.*refused.*legacy"):
+        load_zero123(path)
+    assert not marker.exists()
+
+
 class Payload:
     """Unpickling this would create a file: the loader must never get that far."""
 
@@ -145,15 +155,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (str(self.marker), "w"))
-
-
-def test_pickled_objects_are_refused(tmp_path, model):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": ldm_state_dict(model), "callbacks": Payload(marker)}, path)
-    with pytest.raises(InputError, match="evil.ckpt.*refused"):
-        load_zero123(path)
-    assert not marker.exists()
 
 
 def test_missing_weights_list_every_place(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ import torch
 from torch.func import functional_call
 
 from recon.encoding import HashGridConfig, HashGridEncoding, make_encoding
-from recon.encoding.hashgrid import PRIMES, level_layouts, resolve_backend
+from recon.encoding.hashgrid import resolve_backend
+from recon.encoding.reference import PRIMES, level_layouts
 from recon.errors import ReconError
 
 # level 0: 4^3 = 64 rows (dense), level 1: 8^3 = 512 (dense), level 2: 16^3 > 1024 (hashed)

@@ -15,14 +15,13 @@ from recon.data.multiview import (
     MultiViewDataset,
     blender_w2c_to_c2w,
     c2w_to_blender_w2c,
-    composite,
     load_rgba,
     scan_objects,
     write_recon_view,
 )
 from recon.data.synth import SynthConfig, synthesize
 from recon.errors import InputError
-from recon.imageio import save_rgba_png
+from recon.imageio import composite, save_rgba_png
 
 
 def blender_rt(polar_deg: float, azimuth_deg: float, distance: float) -> np.ndarray:

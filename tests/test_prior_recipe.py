@@ -12,12 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from recon.data.multiview import MultiViewDataset
+from recon.data.synth import SynthConfig, synthesize
 from recon.guidance.architectures import (
     architecture,
     build_components,
     match_architecture,
 )
 from recon.guidance.checkpoints import load_zero123
+from recon.imageio import composite
 from recon.systems.cascade_training import (
     TrainConfig,
     ViewCache,
@@ -26,9 +30,6 @@ from recon.systems.cascade_training import (
     train,
 )
 from recon.systems.evaluation import METHODS
-
-from recon.data.multiview import MultiViewDataset, composite
-from recon.data.synth import SynthConfig, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024

@@ -17,8 +17,6 @@ from recon.systems.cascade_training import (
     cascade_tokens,
     condition_dropout,
     ema_decay_at,
-    list_checkpoints,
-    load_checkpoint_file,
     make_accelerator,
     sample_batch,
     self_prompt,
@@ -26,6 +24,7 @@ from recon.systems.cascade_training import (
     train,
     trainable_modules,
 )
+from recon.systems.checkpoint import list_checkpoints, read_checkpoint_file
 
 from recon.cli.main import main
 from recon.data.multiview import MultiViewDataset
@@ -130,8 +129,8 @@ def test_train_resumes_exactly_and_final_reloads_with_the_same_eps(data, tmp_pat
     assert first.step == 2
     second = train(cfg, data, "random-tiny", tmp_path / "split", device="cpu")
     assert second.step == 3 and len(second.losses) == 1
-    a = load_checkpoint_file(tmp_path / "whole" / "checkpoints" / "step_000003.pt")
-    b = load_checkpoint_file(tmp_path / "split" / "checkpoints" / "step_000003.pt")
+    a = read_checkpoint_file(tmp_path / "whole" / "checkpoints" / "step_000003.pt")
+    b = read_checkpoint_file(tmp_path / "split" / "checkpoints" / "step_000003.pt")
     for key in ("student", "base"):
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name], atol=1e-6, rtol=1e-5)
@@ -223,7 +222,7 @@ def test_two_processes_train_data_parallel(data, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.loads((run / "meta.json").read_text())["processes"] == 2
     assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [2]
-    state = load_checkpoint_file(run / "checkpoints" / "step_000002.pt")
+    state = read_checkpoint_file(run / "checkpoints" / "step_000002.pt")
     assert state["step"] == 2
     trained = load_zero123(run / "final" / "base", "cpu", torch.float32)
     initial = load_zero123("random-tiny", "cpu", torch.float32, seed=0)

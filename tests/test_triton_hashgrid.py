@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from recon.encoding.hashgrid import HashGridConfig, TorchHashGrid
+from recon.encoding.reference import HashGridConfig, TorchHashGrid
 from recon.encoding.triton_backend import TritonHashGrid
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

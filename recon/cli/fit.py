@@ -40,6 +40,9 @@ class _FitOptions:
     """Remove the background of images without transparency (--no-remove-bg uses the whole frame)."""
     steps: int | None = None
     """Total optimisation steps; every stage and schedule is scaled to match (default: the preset's)."""
+    elevation: float | None = None
+    """Elevation of the input photo's camera in degrees, positive = looking down on the object (default 0;
+    threestudio uses 5); conditions both pose encodings and the cascade's nearby views."""
 
     def _fit(self, images: list[Path], batch: bool | None) -> int:
         from recon.api import fit
@@ -60,6 +63,7 @@ class _FitOptions:
             remove_bg=None if self.remove_bg else False,
             steps=self.steps,
             batch=batch,
+            elevation=self.elevation,
         )
         return 1 if any(r.status == "failed" for r in results) else 0
 

@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("data", "DataSynthCommand", "'recon data synth': render a synthetic multi-view training set."),
     "train-cascade": ("train", "TrainCascadeCommand", "Train Base/Refiner Zero-1-to-3 by self-distillation."),
     "eval-nvs": ("eval_nvs", "EvalNVSCommand", "Score novel views against ground-truth renders (PSNR, SSIM, consistency)."),
+    "convert-weights": ("convert_weights", "ConvertWeightsCommand", "Convert Zero-1-to-3 weights (.ckpt, ...) to a safetensors diffusers folder."),
+    "report": ("report", "ReportCommand", "Write OUTPUTS/report.html: every image's input, cut-out, turntable and 3D view."),
+    "app": ("app", "AppCommand", "A local web app (Gradio, pip install '.[app]'): drop a photo, watch it become a mesh."),
 }
 
 # Commands with a second word (``recon data synth``).

@@ -43,7 +43,7 @@ from torch import Tensor
 from recon.cameras import position_to_spherical, spherical_to_position
 from recon.errors import InputError
 from recon.fileio import read_json, write_json
-from recon.imageio import decode_image, save_rgba_png
+from recon.imageio import decode_image, resize_rgba, save_rgba_png
 
 Layout = Literal["auto", "recon", "objaverse"]
 
@@ -216,19 +216,8 @@ def load_rgba(path: Path, size: int | None = None) -> Tensor:
         array = np.concatenate([array, np.ones_like(array[..., :1])], axis=-1)
     image = torch.from_numpy(array).permute(2, 0, 1)
     if size is not None and tuple(image.shape[1:]) != (size, size):
-        premultiplied = torch.cat([image[:3] * image[3:], image[3:]])[None]
-        resized = torch.nn.functional.interpolate(premultiplied, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        alpha = resized[3:].clamp(0, 1)
-        rgb = torch.where(alpha > 1e-6, resized[:3] / alpha.clamp_min(1e-6), torch.zeros_like(resized[:3]))
-        image = torch.cat([rgb.clamp(0, 1), alpha])
+        image = resize_rgba(image, size)
     return image
-
-
-def composite(rgba: Tensor, background: float | tuple[float, float, float] = 1.0) -> Tensor:
-    """Straight-alpha RGBA (..., 4, H, W) over a constant background -> RGB (..., 3, H, W)."""
-    bg = torch.as_tensor(background, dtype=rgba.dtype, device=rgba.device).reshape(-1, 1, 1)
-    alpha = rgba[..., 3:4, :, :]
-    return rgba[..., :3, :, :] * alpha + bg * (1 - alpha)
 
 
 class MultiViewDataset(torch.utils.data.Dataset):

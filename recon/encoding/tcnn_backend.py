@@ -11,7 +11,7 @@ import importlib.util
 
 from torch import Tensor, nn
 
-from recon.encoding.hashgrid import HashGridConfig
+from recon.encoding.reference import HashGridConfig
 from recon.errors import ReconError
 
 

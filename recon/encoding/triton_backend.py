@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from recon.encoding.hashgrid import HashGridConfig, TorchHashGrid
+from recon.encoding.reference import HashGridConfig, TorchHashGrid
 
 BLOCK = 128
 

@@ -1,0 +1,143 @@
+"""The hash grid's configuration, table layout and plain-PyTorch reference lookup.
+
+The bottom of recon.encoding: the fused backends (triton_backend, tcnn_backend)
+build on these definitions and are tested for parity against
+:class:`TorchHashGrid`; :mod:`recon.encoding.hashgrid` picks among them.
+
+The table layout follows tinycudann's grid encoding, so parameters can be
+copied between the backends: level ``l`` has scale
+``base_resolution * per_level_scale**l - 1`` and ``ceil(scale) + 1`` vertices
+per axis; a point maps to ``x * scale + 0.5`` in vertex units; a level whose
+vertex count cubed fits the table is indexed densely (x fastest), finer levels
+use the spatial hash ``(i * 1) ^ (j * 2654435761) ^ (k * 805459861)`` (uint32);
+each level holds ``min(vertices**3 rounded up to 8, 2**log2_hashmap_size)``
+rows of ``F`` features in one flat ``(rows, F)`` table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from recon.errors import ReconError
+
+PRIMES = (1, 2654435761, 805459861)
+INIT_RANGE = 1e-4
+
+
+@dataclass
+class HashGridConfig:
+    """Multi-resolution hash grid (instant-NGP)."""
+
+    n_levels: int = 16
+    """Number of resolution levels."""
+    n_features_per_level: int = 2
+    """Features stored per table entry."""
+    log2_hashmap_size: int = 19
+    """log2 of the number of entries per level's table."""
+    base_resolution: int = 16
+    """Grid resolution of the coarsest level."""
+    per_level_scale: float = 1.447269
+    """Resolution growth factor from one level to the next."""
+    backend: Literal["auto", "torch", "triton", "tcnn"] = "auto"
+    """Implementation: auto (on CUDA tinycudann if installed, else triton; torch on the CPU), torch, triton or tcnn."""
+
+    def __post_init__(self) -> None:
+        if self.n_levels < 1 or self.n_features_per_level < 1:
+            raise ReconError(f"encoding: n_levels and n_features_per_level must be >= 1, got {self.n_levels}, {self.n_features_per_level}")
+        if not 1 <= self.log2_hashmap_size <= 30:
+            raise ReconError(f"encoding: log2_hashmap_size must be in [1, 30], got {self.log2_hashmap_size}")
+        if self.base_resolution < 1 or self.per_level_scale < 1.0:
+            raise ReconError("encoding: base_resolution must be >= 1 and per_level_scale >= 1")
+
+
+@dataclass(frozen=True)
+class LevelLayout:
+    """Where one level lives in the flat table and how it is indexed."""
+
+    scale: float
+    """Point-to-vertex scale: a point x in [0, 1] sits at x * scale + 0.5."""
+    resolution: int
+    """Vertices per axis used for the dense stride."""
+    offset: int
+    """First row of the level in the flat table."""
+    size: int
+    """Rows of the level."""
+    hashed: bool
+    """True when the level uses the spatial hash instead of dense indexing."""
+
+
+def level_layouts(cfg: HashGridConfig) -> list[LevelLayout]:
+    """Per-level scale, resolution and table slice (tinycudann's layout)."""
+    table_size = 2**cfg.log2_hashmap_size
+    log2_scale = math.log2(cfg.per_level_scale)
+    layouts, offset = [], 0
+    for level in range(cfg.n_levels):
+        # float32 arithmetic, as tinycudann computes it on the device
+        scale = float(torch.tensor(2.0 ** (level * log2_scale), dtype=torch.float32) * cfg.base_resolution - 1.0)
+        resolution = math.ceil(scale) + 1
+        dense_rows = resolution**3
+        size = min(-(-dense_rows // 8) * 8, table_size)
+        layouts.append(LevelLayout(scale, resolution, offset, size, hashed=dense_rows > size))
+        offset += size
+    return layouts
+
+
+class TorchHashGrid(nn.Module):
+    """Plain PyTorch hash-grid lookup, vectorised over levels and the 8 cell corners.
+
+    All levels gather from one flat ``table`` (rows, F) with per-level row
+    offsets, so a forward pass is a few dozen kernels whatever the level count.
+    Memory: about 2.5 KB per point for 16 levels x 2 features (indices,
+    corner features and weights kept for backward).
+    """
+
+    def __init__(self, cfg: HashGridConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        layouts = level_layouts(cfg)
+        rows = layouts[-1].offset + layouts[-1].size
+        self.table = nn.Parameter(torch.empty(rows, cfg.n_features_per_level).uniform_(-INIT_RANGE, INIT_RANGE))
+        self.register_buffer("scales", torch.tensor([lay.scale for lay in layouts], dtype=torch.float32), persistent=False)
+        self.register_buffer("strides", torch.tensor([[1, lay.resolution, lay.resolution**2] for lay in layouts]), persistent=False)
+        self.register_buffer("offsets", torch.tensor([lay.offset for lay in layouts]), persistent=False)
+        self.register_buffer("sizes", torch.tensor([lay.size for lay in layouts]), persistent=False)
+        self.register_buffer("hashed", torch.tensor([lay.hashed for lay in layouts]), persistent=False)
+        self.register_buffer("primes", torch.tensor(PRIMES), persistent=False)
+
+    @property
+    def output_dim(self) -> int:
+        """Features per point: n_levels * n_features_per_level."""
+        return self.cfg.n_levels * self.cfg.n_features_per_level
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) in the table's dtype."""
+        n_points, n_levels = x.shape[0], self.scales.shape[0]
+        points = x.to(self.table.dtype).clamp(0.0, 1.0)
+        pos = points[:, None, :] * self.scales.to(points.dtype)[:, None] + 0.5  # (P, L, 3)
+        base = pos.detach().floor()
+        frac = pos - base  # gradients flow to x through the fractional part only
+        low = base.long()
+        ends = torch.stack([low, low + 1], dim=2)  # (P, L, 2, 3): [lower/upper vertex, axis]
+        # per-axis index terms, combined over the 2 x 2 x 2 corners by broadcasting
+        dense = _corners(ends * self.strides[:, None, :], torch.add)
+        hashed = _corners((ends * self.primes) & 0xFFFFFFFF, torch.bitwise_xor)
+        level = (slice(None), None, None, None)
+        rows = torch.where(self.hashed[level], hashed, dense) % self.sizes[level] + self.offsets[level]  # (P, L, 2, 2, 2)
+        weights = _corners(torch.stack([1.0 - frac, frac], dim=2), torch.mul)  # trilinear, (P, L, 2, 2, 2)
+        features = self.table.index_select(0, rows.reshape(-1)).view(n_points, n_levels, 8, -1)
+        out = (features * weights.reshape(n_points, n_levels, 8, 1)).sum(2)
+        return out.reshape(n_points, -1)
+
+
+def _corners(per_axis: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Combines per-axis terms (..., 2, 3) into the 8 cell corners (..., 2, 2, 2) indexed [x bit, y bit, z bit]."""
+    x = per_axis[..., :, None, None, 0]
+    y = per_axis[..., None, :, None, 1]
+    z = per_axis[..., None, None, :, 2]
+    return op(op(x, y), z)
