@@ -564,7 +564,10 @@ def _torch_load_plain(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise InputError(f"{path}: refused to load: the file contains Python objects beyond tensors") from exc
+        raise InputError(
+            f"{path}: refused to load: a legacy (non-zip) torch file holding Python objects beyond tensors; "
+            f"re-save its state_dict with torch.save or convert it to .safetensors"
+        ) from exc
     except RuntimeError as exc:
         raise InputError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from exc
 

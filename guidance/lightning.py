@@ -49,8 +49,9 @@ _STORAGE_DTYPES = {
 class Opaque:
     """Stands in for an object of a class the restricted unpickler does not build.
 
-    Every way pickle creates or fills an object (call, ``__new__``, ``BUILD``,
-    ``APPENDS``, ``SETITEMS``) is a no-op here; ``opaque_name`` says what it replaced.
+    Every way pickle creates, calls or fills an object (call, ``__new__``,
+    ``BUILD``, ``APPENDS``, ``SETITEMS``) is a no-op here; ``opaque_name``
+    says what it replaced.
     """
 
     opaque_name = "?"
@@ -63,6 +64,10 @@ class Opaque:
 
     def __setstate__(self, state: Any) -> None:
         pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Opaque:
+        # A placeholder may stand for a callable (e.g. getattr(cls, "method")) that a REDUCE applies.
+        return Opaque()
 
     def __setitem__(self, key: Any, value: Any) -> None:
         pass

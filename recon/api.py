@@ -358,3 +358,113 @@ def export(
     if unknown:
         raise ReconError(f"export: unknown setting(s) {', '.join(unknown)}")
     return export_run(run, replace(cfg, **settings), resolve_device(device), None if output is None else Path(output))
+
+
+def fit_views(
+    transforms: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    export: bool = True,
+) -> tuple[RunDir, dict[str, float]]:
+    """Fits a radiance field to posed images (a transforms.json), evaluates held-out views, exports; mirrors ``recon fit-views``.
+
+    ``output`` is the run folder; an existing run there is continued only with
+    ``resume``. Returns the run and its held-out metrics (``psnr``, ``ssim``;
+    empty without held-out views).
+    """
+    from recon.config import read_preset, resolve
+    from recon.progress import info
+    from recon.runtime import resolve_device, seed_everything
+    from recon.systems.fit_views import FitViewsConfig, FitViewsTrainer, load_views, resolve_scene
+    from recon.systems.run_export import export_run
+
+    transforms, output = Path(transforms), Path(output)
+    torch_device = resolve_device(device)
+    flags = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
+    resuming = RunDir.is_run(output)
+    if resuming and not resume:
+        raise ReconError(f"{output}: already holds a run; add --resume to continue it or choose another -o")
+    if resuming:
+        run = RunDir.open(output)
+        if preset:
+            info("--preset is ignored when resuming (the run's config.yaml is used)")
+        cfg = resolve(FitViewsConfig, run.read_config(), flags, overrides=list(overrides))
+    else:
+        cfg = resolve(FitViewsConfig, read_preset(preset) if preset else None, flags, overrides=list(overrides))
+    views = load_views(transforms, cfg)
+    cfg = resolve_scene(cfg, views.train.cameras)
+    seed_everything(cfg.seed)
+    if resuming:
+        run.write_config(to_plain(cfg))
+    else:
+        run = RunDir.create(output, to_plain(cfg), seed=cfg.seed, device=str(torch_device))
+    held = 0 if views.held_out is None else len(views.held_out)
+    info(f"{transforms}: {len(views.train)} training and {held} held-out views of "
+         f"{views.train.cameras.width}x{views.train.cameras.height}; run folder {run.root}")
+    result = FitViewsTrainer(run, cfg, views, torch_device).fit()
+    if export:
+        timer = PhaseTimer()
+        with timer.phase("export"):
+            export_run(run, cfg.export, torch_device)
+        run.record_timings(timer.seconds)
+    return run, dict(result.metrics or {})
+
+
+def novel_views(
+    image: str | os.PathLike[str],
+    poses: Sequence[tuple[float, float]],
+    radius: float = 0.0,
+    model: str = "tiny",
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    pose_encoding: str | None = None,
+    image_encoder: str | os.PathLike[str] | None = None,
+    input_elevation: float = 0.0,
+    steps: int = 50,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    foreground_ratio: float = 0.85,
+    remove_bg: bool = True,
+    progress: Any = None,
+) -> tuple[torch.Tensor, Any]:
+    """New views of an object photo with Zero-1-to-3; mirrors ``recon novel-view``.
+
+    ``poses``: (delta elevation, delta azimuth) in degrees per view, relative to
+    the photo's camera. Returns the views (N, 3, S, S) in [0, 1] over white and
+    the loaded :class:`recon.guidance.model.Zero123Model` (for its description).
+    ``progress(done, total)`` is called per DDIM step.
+    """
+    from recon.guidance.checkpoints import load_zero123
+    from recon.guidance.sampling import encode_relative_views, native_size, sample_views
+    from recon.preprocess import load_reference
+    from recon.progress import info, warn
+    from recon.runtime import resolve_device, seed_everything
+
+    if steps < 1:
+        raise ReconError("--steps must be at least 1")
+    torch_device = resolve_device(device)
+    if dtype == torch.float16 and torch_device.type != "cuda":
+        raise ReconError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    loaded = load_zero123(model, torch_device, dtype, pose_encoding=pose_encoding, image_encoder=image_encoder)
+    info(f"model: {loaded.description} ({loaded.pose_encoding}, {str(loaded.dtype).removeprefix('torch.')}, {torch_device})")
+    if loaded.is_random:
+        warn(f"--model {model}: RANDOM WEIGHTS, the images will be noise (use --model PATH for real Zero-1-to-3 weights)")
+    reference = load_reference(image, foreground_ratio=foreground_ratio, remove_bg=remove_bg, size=native_size(loaded))
+    elevations, azimuths = zip(*poses)
+    encoded = encode_relative_views(loaded, elevations, azimuths, radius, cond_elevation_deg=input_elevation)
+    views = sample_views(
+        loaded,
+        reference.rgb_over((1.0, 1.0, 1.0))[None],
+        encoded,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        generator=seed_everything(seed),
+        progress=progress,
+    )
+    return views, loaded
+

@@ -150,10 +150,12 @@ class Job:
         """(status, exports | error) once the child has reported, else None."""
         with self.lock:
             if self.outcome is None and self.conn is not None and self.conn.poll():
-                self.outcome = self.conn.recv()
+                try:
+                    self.outcome = self.conn.recv()
+                except EOFError:  # the child died without reporting (killed, crashed)
+                    self.process.join()
+                    self.outcome = ("failed", f"the job's process exited with code {self.process.exitcode} without a result")
                 self.process.join()
-            elif self.outcome is None and self.process is not None and not self.process.is_alive():
-                self.outcome = ("failed", f"the job's process exited with code {self.process.exitcode} without a result")
             return self.outcome
 
     def cancel(self) -> None:
@@ -403,7 +405,7 @@ def build_app(command: AppCommand) -> Any:
                 upload = gr.File(label="photo (PNG with transparency is best)", type="filepath", elem_id="upload")
                 if (EXAMPLES / "robot.png").is_file():
                     gr.Examples([[str(EXAMPLES / "robot.png")]], inputs=[upload], label="example")
-                cut = gr.Image(label="cut-out the model sees", image_mode="RGBA", interactive=False, elem_id="cutout")
+                cut = gr.Image(label="cut-out the model sees", image_mode="RGBA", interactive=False, height=220, elem_id="cutout")
                 with gr.Accordion("settings", open=True):
                     preset = gr.Dropdown(presets, value=command.preset, label="preset", elem_id="preset")
                     mode = gr.Radio(list(GUIDANCE_MODES), value=GUIDANCE_MODES[0], label="guidance mode")
@@ -419,9 +421,9 @@ def build_app(command: AppCommand) -> Any:
                     again = gr.Button("Resume", elem_id="resume")
             with gr.Column(scale=2):
                 status = gr.HTML(elem_id="status")
-                preview = gr.Image(label="preview renders (reference view and three quarter turns)", interactive=False, elem_id="preview")
-                model = gr.Model3D(label="textured mesh (GLB)", clear_color=(1.0, 1.0, 1.0, 1.0), elem_id="viewer")
-                video = gr.Video(label="turntable", interactive=False, autoplay=True, loop=True, elem_id="turntable")
+                preview = gr.Image(label="preview renders (reference view and three quarter turns)", interactive=False, height=180, elem_id="preview")
+                model = gr.Model3D(label="textured mesh (GLB)", clear_color=(1.0, 1.0, 1.0, 1.0), height=420, elem_id="viewer")
+                video = gr.Video(label="turntable", interactive=False, autoplay=True, loop=True, height=300, elem_id="turntable")
                 files = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
         cut_inputs = [upload, preset, ratio, remove_bg]
         upload.change(show_cutout, cut_inputs, [cut, status], queue=False)

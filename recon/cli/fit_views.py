@@ -9,7 +9,6 @@ from typing import Annotated
 import tyro
 
 from recon.errors import ReconError
-from recon.runs import RunDir
 
 
 def default_output(transforms: Path) -> Path:
@@ -55,51 +54,22 @@ class FitViewsCommand:
 
     def run(self) -> int:
         """Fits (or resumes), evaluates and exports; returns the exit code."""
-        from recon.config import read_preset, resolve, to_plain
-        from recon.progress import PhaseTimer, info, set_quiet
-        from recon.runtime import resolve_device, seed_everything
-        from recon.systems.fit_views import (
-            FitViewsConfig,
-            FitViewsTrainer,
-            load_views,
-            resolve_scene,
-        )
+        from recon.api import fit_views
+        from recon.progress import set_quiet
 
         set_quiet(self.quiet)
-        device = resolve_device(self.device)
-        transforms = self._input_json()
-        output = self.output or default_output(self.transforms)
-        cli_layer = {k: v for k, v in (("steps", self.steps), ("seed", self.seed)) if v is not None}
-        resuming = RunDir.is_run(output)
-        if resuming and not self.resume:
-            raise ReconError(f"{output}: already holds a run; add --resume to continue it or choose another -o")
-        if resuming:
-            run = RunDir.open(output)
-            if self.preset:
-                info("--preset is ignored when resuming (the run's config.yaml is used)")
-            cfg = resolve(FitViewsConfig, run.read_config(), cli_layer, overrides=self.set)
-        else:
-            cfg = resolve(FitViewsConfig, read_preset(self.preset) if self.preset else None, cli_layer, overrides=self.set)
-        views = load_views(transforms, cfg)
-        cfg = resolve_scene(cfg, views.train.cameras)
-        seed_everything(cfg.seed)
-        if resuming:
-            run.write_config(to_plain(cfg))
-        else:
-            run = RunDir.create(output, to_plain(cfg), seed=cfg.seed, device=str(device))
-        held = 0 if views.held_out is None else len(views.held_out)
-        info(f"{transforms}: {len(views.train)} training and {held} held-out views of "
-             f"{views.train.cameras.width}x{views.train.cameras.height}; run folder {run.root}")
-        trainer = FitViewsTrainer(run, cfg, views, device)
-        result = trainer.fit()
-        if self.export:
-            from recon.systems.run_export import export_run
-
-            timer = PhaseTimer()
-            with timer.phase("export"):
-                export_run(run, cfg.export, device)
-            run.record_timings(timer.seconds)
-        if result.metrics:
-            print(f"held-out PSNR {result.metrics['psnr']:.2f} dB, SSIM {result.metrics['ssim']:.3f}")
+        run, metrics = fit_views(
+            self._input_json(),
+            self.output or default_output(self.transforms),
+            preset=self.preset,
+            overrides=self.set,
+            steps=self.steps,
+            seed=self.seed,
+            device=self.device,
+            resume=self.resume,
+            export=self.export,
+        )
+        if metrics:
+            print(f"held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}")
         print(f"run: {run.root}")
         return 0

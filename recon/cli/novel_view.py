@@ -106,44 +106,29 @@ class NovelViewCommand:
 
     def run(self) -> int:
         """Loads the model and the photo, samples every requested view and writes the PNGs."""
-        from recon.guidance.checkpoints import load_zero123
-        from recon.guidance.sampling import (
-            encode_relative_views,
-            native_size,
-            sample_views,
-        )
-        from recon.preprocess import load_reference
-        from recon.progress import info, progress_bar, warn
-        from recon.runtime import resolve_device, seed_everything
+        from recon.api import novel_views
+        from recon.progress import info, progress_bar
 
-        if self.steps < 1:
-            raise ReconError("--steps must be at least 1")
         poses = pair_poses(self.elevation, self.azimuth)
         output = self.output or Path(f"{self.image.stem}-novel.png")
         paths = output_paths(output, len(poses), self.grid)
-        device = resolve_device(self.device)
-        dtype = None if self.dtype == "auto" else DTYPES[self.dtype]
-        if dtype == torch.float16 and device.type != "cuda":
-            raise ReconError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-        encoding = None if self.pose_encoding == "auto" else self.pose_encoding
-        model = load_zero123(self.model, device, dtype, pose_encoding=encoding, image_encoder=self.image_encoder)
-        info(f"model: {model.description} ({model.pose_encoding}, {str(model.dtype).removeprefix('torch.')}, {device})")
-        if model.is_random:
-            warn(f"--model {self.model}: RANDOM WEIGHTS, the images will be noise (use --model PATH for real Zero-1-to-3 weights)")
-        reference = load_reference(self.image, foreground_ratio=self.foreground_ratio, remove_bg=self.remove_bg, size=native_size(model))
-        image = reference.rgb_over((1.0, 1.0, 1.0))[None]
-        el, az = zip(*poses)
-        encoded = encode_relative_views(model, el, az, self.radius, cond_elevation_deg=self.input_elevation)
-        generator = seed_everything(self.seed)
         with progress_bar() as bar:
             task = bar.add_task("novel views", total=None, rate="", status="")
-            views = sample_views(
-                model,
-                image,
-                encoded,
+            views, model = novel_views(
+                self.image,
+                poses,
+                self.radius,
+                model=self.model,
+                device=self.device,
+                dtype=None if self.dtype == "auto" else DTYPES[self.dtype],
+                pose_encoding=None if self.pose_encoding == "auto" else self.pose_encoding,
+                image_encoder=self.image_encoder,
+                input_elevation=self.input_elevation,
                 steps=self.steps,
                 guidance_scale=self.guidance_scale,
-                generator=generator,
+                seed=self.seed,
+                foreground_ratio=self.foreground_ratio,
+                remove_bg=self.remove_bg,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         text = {
