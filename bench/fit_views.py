@@ -4,7 +4,11 @@ Synthesises a scene of ``--views`` views (default 100 at 256x256, ``--size 800``
 for NeRF-synthetic size) of a primitive object with recon/data/primitives.py,
 fits ``--steps`` steps with each sampler on the current device and reports
 steps/s, rays/s, held-out PSNR/SSIM after those steps and peak GPU memory, as
-a Markdown table on stdout and JSON (``--out``).
+a Markdown table on stdout and JSON (``--out``). Each fitted field is then
+exported (exports.pipeline.export_mesh) and the mesh compared with the true
+surface: Chamfer distance, F-score at 1 % of the bounding-box diagonal and
+area ratio (bench/export.py's mesh_fidelity); ``--export-legacy`` also
+exports with the old pipeline's settings for a before/after comparison.
 
 The first ``--warmup`` steps of each sampler are timed apart (they include
 nerfacc's one-off CUDA compile, ~75 s on a fresh machine). Each sampler
@@ -23,14 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from recon.systems.fit_views import (
-    FitViewsConfig,
-    FitViewsTrainer,
-    evaluate,
-    load_views,
-    resolve_scene,
-)
 
 from recon.cameras import Cameras
 from recon.config import resolve
@@ -40,6 +38,13 @@ from recon.fileio import write_json
 from recon.render.samplers import nerfacc_available
 from recon.runs import RunDir
 from recon.runtime import peak_memory_gib, resolve_device, seed_everything
+from recon.systems.fit_views import (
+    FitViewsConfig,
+    FitViewsTrainer,
+    evaluate,
+    load_views,
+    resolve_scene,
+)
 
 
 def synthesise(folder: Path, views: int, size: int, device: torch.device) -> Path:
@@ -91,6 +96,7 @@ def bench_sampler(sampler: str, transforms: Path, args: argparse.Namespace, devi
     steady_s = time.perf_counter() - start
     steady_steps = step - warmup
     trainer.renderer.eval()
+    mesh_rows = export_metrics(trainer, args, work / f"{sampler}-export", device)
     eval_start = time.perf_counter()
     metrics, _, _ = evaluate(trainer.renderer, trainer.held_out, trainer.background)
     _sync(device)
@@ -110,7 +116,46 @@ def bench_sampler(sampler: str, transforms: Path, args: argparse.Namespace, devi
         "eval_views": metrics["views"],
         "eval_s": round(eval_s, 2),
         "peak_memory_gib": None if peak is None else round(peak, 2),
+        **mesh_rows,
     }
+
+
+def export_metrics(trainer: FitViewsTrainer, args: argparse.Namespace, folder: Path, device: torch.device) -> dict:
+    """Exports the trained field (and with --export-legacy the old pipeline's settings) and measures each mesh
+    against the toy robot's true surface, in the field frame scaled back to the scene's units."""
+    import sys
+
+    import trimesh
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from export import LEGACY, mesh_fidelity, true_area
+
+    from recon.exports.config import ExportConfig
+    from recon.exports.pipeline import export_mesh
+
+    field = trainer.renderer.field
+    transform = trainer.cfg.scene
+    center = torch.as_tensor(transform.center, dtype=torch.float32, device=device)
+    scale = float(transform.scale)
+    obj = toy_robot()
+    truth = obj.sample_surface(50_000, seed=1)[0].numpy()
+    truth_area = true_area(obj, device)
+    settings = {"new": {}}
+    if args.export_legacy:
+        settings["legacy"] = LEGACY
+    results = {}
+    for name, extra in settings.items():
+        cfg = ExportConfig(formats=["glb"], mc_resolution=args.mc_resolution, **extra)
+        start = time.perf_counter()
+        result = export_mesh(
+            lambda p: field.density((p - center) * scale), lambda p: field.albedo((p - center) * scale),
+            (field.aabb.float() / scale + center).cpu(), folder / name, cfg, device=device,
+        )
+        mesh = trimesh.load(result.paths["glb"], force="mesh")
+        fidelity = mesh_fidelity(mesh, truth, truth_area, float(np.linalg.norm(truth.max(0) - truth.min(0))))
+        results[f"export_{name}"] = {"seconds": round(time.perf_counter() - start, 2), **fidelity,
+                                     **{k: result.report.get(k) for k in ("faces", "is_watertight", "euler_characteristic", "charts", "atlas_utilisation")}}
+    return results
 
 
 def markdown(rows: list[dict], header: dict) -> str:
@@ -145,6 +190,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20, help="steps timed apart (compile, grid warm-up)")
     parser.add_argument("--max-seconds", type=float, default=100.0, help="stop a sampler after this many steady-state seconds")
     parser.add_argument("--samplers", default="nerfacc,stratified", help="comma-separated samplers to run")
+    parser.add_argument("--mc-resolution", type=int, default=256, help="marching-cubes resolution of the exports")
+    parser.add_argument("--export-legacy", action="store_true", help="also export with the old pipeline's settings")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()

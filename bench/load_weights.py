@@ -74,6 +74,7 @@ def make(folder: Path, arch: str) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from guidance_fixtures import ldm_state_dict  # the inverse of diffusers' LDM converters
+
     from recon.guidance.architectures import build_components
     from recon.guidance.model import Zero123Model
 
@@ -126,6 +127,7 @@ def _import_libraries() -> None:
 def load(path: Path, device: str, dtype_name: str) -> dict:
     """One timed load_zero123 of ``path`` onto ``device`` in ``dtype``, after CUDA is initialised."""
     import torch
+
     from recon.guidance.checkpoints import load_zero123
 
     _import_libraries()

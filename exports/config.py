@@ -74,7 +74,7 @@ class ExportConfig:
     """Side of the square turntable frames, in pixels."""
     turntable_fps: int = 24
     """Frames per second of the turntable video."""
-    up_axis: str = "+y"
+    up_axis: Literal["+y", "+z", "auto"] = "+y"
     """The scene's up axis in world coordinates: +y (recon's frame: single-image fits) or +z (Blender /
     NeRF-synthetic captures; rotated so the files are +Y up with the front at +Z, as glTF and Blender's
     importers expect); fit-views' 'auto' picks it from the cameras' up vectors."""

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
+from recon.errors import InputError, WeightsNotFoundError
 from recon.guidance.architectures import (
     architecture,
     build_components,
@@ -47,9 +50,6 @@ from recon.guidance.model import (
     default_dtype,
     make_scheduler,
 )
-from torch import Tensor, nn
-
-from recon.errors import InputError, WeightsNotFoundError
 
 RANDOM_SPECS = ("random-tiny", "random-full")
 SHIPPED_SPEC = "tiny"

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from recon.errors import ReconError
-from recon.schedule import validate_schedule
+from recon.schedule import Schedule, validate_schedule
 
-MODES = ("zero123", "cascade", "cascade-training-free")
-WEIGHTINGS = ("sds", "uniform")
-DTYPES = ("auto", "fp16", "bf16", "fp32")
-COARSE_TARGETS = ("bank", "none")
-POSE_ENCODING_CHOICES = ("auto", "zero123", "stable-zero123")
-TIMESTEP_RECIPES = ("auto", "config")
+Mode = Literal["zero123", "cascade", "cascade-training-free"]
+Weighting = Literal["sds", "uniform"]
+DType = Literal["auto", "fp16", "bf16", "fp32"]
+CoarseTarget = Literal["bank", "none"]
+PoseEncodingChoice = Literal["auto", "zero123", "stable-zero123"]
+TimestepRecipe = Literal["auto", "config"]
+MODES = get_args(Mode)
+WEIGHTINGS = get_args(Weighting)
+DTYPES = get_args(DType)
+COARSE_TARGETS = get_args(CoarseTarget)
+POSE_ENCODING_CHOICES = get_args(PoseEncodingChoice)
+TIMESTEP_RECIPES = get_args(TimestepRecipe)
 # SDS timestep ranges (start, end values of the min / max ramps) of each pose encoding's weights, after threestudio:
 # Zero123 [0, 0.4, 0.2, 200] / [0, 0.85, 0.5, 200]; Stable-Zero123 [50, 0.7, 0.3, 200] / [50, 0.98, 0.8, 200].
 RECIPE_RANGES = {"zero123": ((0.4, 0.2), (0.85, 0.5)), "stable-zero123": ((0.7, 0.3), (0.98, 0.8))}
@@ -33,30 +39,30 @@ class GuidanceConfig:
     .ckpt/.safetensors file, a hub id, 'tiny' (the shipped prior), 'random-tiny' or 'random-full'."""
     refiner_model: str | None = None
     """Refiner-0123 weights (mode cascade only); None = the same weights as the Base."""
-    pose_encoding: str = "auto"
+    pose_encoding: PoseEncodingChoice = "auto"
     """4th pose element the weights were trained with: 'auto' (from the weights' recon_zero123.json, config or own
     file/folder name), 'zero123' (radius change) or 'stable-zero123' (the input view's absolute polar angle)."""
-    mode: str = "zero123"
+    mode: Mode = "zero123"
     """'zero123': plain Zero123 SDS; 'cascade': Base self-prompts nearby views, a trained Refiner takes
     them as extra tokens; 'cascade-training-free': nearby views blended by pose proximity, one Zero123."""
-    guidance_scale: Any = 3.0
+    guidance_scale: Schedule = 3.0
     """Classifier-free guidance scale (a schedule)."""
-    min_step_percent: Any = field(default_factory=lambda: [0, 0.4, 0.2, 200])
+    min_step_percent: Schedule = field(default_factory=lambda: [0, 0.4, 0.2, 200])
     """Lower end of the SDS timestep range as a fraction of the 1000 training steps (a schedule)."""
-    max_step_percent: Any = field(default_factory=lambda: [0, 0.85, 0.5, 200])
+    max_step_percent: Schedule = field(default_factory=lambda: [0, 0.85, 0.5, 200])
     """Upper end of the SDS timestep range as a fraction of the 1000 training steps (a schedule)."""
-    timestep_recipe: str = "auto"
+    timestep_recipe: TimestepRecipe = "auto"
     """'auto': with Stable-Zero123 weights, a timestep range still at Zero123's recipe (ramps 0.4 -> 0.2 and
     0.85 -> 0.5, the presets' values) becomes Stable-Zero123's (0.7 -> 0.3 and 0.98 -> 0.8, ramps starting a
     quarter of the way to the same end step); 'config': min/max_step_percent exactly as given."""
-    weighting: str = "sds"
+    weighting: Weighting = "sds"
     """Per-timestep weight w(t): 'sds' = 1 - alpha_bar_t, 'uniform' = 1."""
-    grad_clip: Any = None
+    grad_clip: Schedule = None
     """Clamp each element of the latent SDS gradient to [-c, c] (a schedule); None = no clipping."""
     vae_grad_resolution: int = 256
     """Renders are resized to this size before the VAE encoder (with grad); smaller (e.g. 128) saves
     memory and time, the latents are then upsampled to the model's latent size. Capped at the model's size."""
-    dtype: str = "auto"
+    dtype: DType = "auto"
     """Model weights and compute: 'auto' (fp16 on CUDA, fp32 on the CPU), 'fp16', 'bf16' or 'fp32'."""
     cfg_chunk: int = 0
     """At most this many views per UNet call (each costs 2 UNet samples with CFG, more in the
@@ -71,7 +77,7 @@ class GuidanceConfig:
     """DDIM steps of the Base when it generates nearby and bank views."""
     nearby_guidance_scale: float = 3.0
     """Classifier-free guidance scale of the Base when it generates nearby and bank views."""
-    coarse_target: str = "bank"
+    coarse_target: CoarseTarget = "bank"
     """Coarse target token of the Refiner (mode cascade): 'bank' = the nearest of a grid of Base views
     generated once, 'none' = leave the token out (4 tokens instead of 5)."""
     bank_elevations_deg: list[float] = field(default_factory=lambda: [0.0, 30.0, 60.0])

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+
 from recon.guidance.checkpoints import load_zero123, save_diffusers
 from recon.guidance.model import PoseEncoding
 

@@ -56,7 +56,7 @@ class Opaque:
 
     opaque_name = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return object.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -15,12 +15,16 @@ Three spellings, usable wherever a config field is documented as a schedule
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from recon.errors import ReconError
 
-Schedule = float | int | Sequence[float] | Mapping[Any, float]
-"""Any of the three spellings (for type hints)."""
+ScheduleValue = float | int | Sequence[float] | Mapping[Any, float]
+"""Any of the three spellings (for type hints of code that reads schedules)."""
+
+Schedule: TypeAlias = Any
+"""The type of a config field holding a schedule: a :data:`ScheduleValue`. OmegaConf cannot type a
+union of a number, a list and a mapping, so such fields are checked by :func:`validate_schedule`."""
 
 
 def _number(value: Any, what: str) -> float:

@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +74,12 @@ from recon.systems.checkpoint import (
 if TYPE_CHECKING:
     from recon.guidance.model import Zero123Model
 
-STAGES = ("cascade", "base", "vae")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-LOSS_WEIGHTINGS = ("eps", "truncated-snr")
+Stage = Literal["cascade", "base", "vae"]
+Precision = Literal["auto", "no", "bf16", "fp16"]
+LossWeighting = Literal["eps", "truncated-snr"]
+STAGES = get_args(Stage)
+PRECISIONS = get_args(Precision)
+LOSS_WEIGHTINGS = get_args(LossWeighting)
 CHECKPOINT_FORMAT = 1
 
 
@@ -84,7 +87,7 @@ CHECKPOINT_FORMAT = 1
 class TrainConfig:
     """Cascade-Zero123 self-distillation (stage cascade), Zero-1-to-3 fine-tuning (stage base) or VAE training (stage vae)."""
 
-    stage: str = "cascade"
+    stage: Stage = "cascade"
     """'cascade': train the Refiner, its EMA is the Base; 'base': plain Zero123 fine-tuning;
     'vae': train the VAE alone as an autoencoder and set its scaling factor (for networks trained
     from scratch; later stages start from that run's final/base and keep the VAE frozen)."""
@@ -106,9 +109,9 @@ class TrainConfig:
     """Gradient-norm clip (0 = off)."""
     ema_decay: float = 0.999
     """EMA decay of the Refiner (capped by (1 + n) / (10 + n) early on)."""
-    mixed_precision: str = "auto"
+    mixed_precision: Precision = "auto"
     """'auto' (bf16 on CUDA, off on the CPU), 'no', 'bf16' or 'fp16'."""
-    loss_weighting: str = "eps"
+    loss_weighting: LossWeighting = "eps"
     """'eps': the plain epsilon-MSE of Zero-1-to-3; 'truncated-snr': epsilon-MSE x max(1, 1/SNR(t)), normalised to
     mean 1 over the timesteps (Salimans & Ho 2022), which stresses the noisiest timesteps where sampling starts
     and a model trained from scratch otherwise learns to use its conditioning last."""

@@ -30,7 +30,7 @@ from recon.guidance.config import GuidanceConfig
 from recon.imageio import composite, resize_rgba
 from recon.render import RendererConfig, VolumeRenderer
 from recon.runs import RunDir, StepReporter
-from recon.schedule import validate_schedule, value_at
+from recon.schedule import Schedule, validate_schedule, value_at
 from recon.systems import losses
 from recon.systems.checkpoint import load_latest, save_checkpoint
 
@@ -43,21 +43,21 @@ LOSS_NAMES = ("sds", "rgb", "mask", "normal_smooth_2d", "normal_smooth_3d", "ori
 class LossWeights:
     """Weight of each loss term: a schedule (a number, ``[start_step, v0, v1, end_step]`` or ``{step: value}``) in stage steps."""
 
-    sds: Any = 0.1
+    sds: Schedule = 0.1
     """Score distillation on random views."""
-    rgb: Any = 500.0
+    rgb: Schedule = 500.0
     """Mean squared colour error on the reference view."""
-    mask: Any = 50.0
+    mask: Schedule = 50.0
     """Silhouette error (rendered opacity vs the reference alpha) on the reference view."""
-    normal_smooth_2d: Any = 0.0
+    normal_smooth_2d: Schedule = 0.0
     """Squared difference of neighbouring pixels of rendered normal maps (random views)."""
-    normal_smooth_3d: Any = 0.0
+    normal_smooth_3d: Schedule = 0.0
     """Squared difference of field normals at surface points and at jittered points."""
-    orientation: Any = 0.0
+    orientation: Schedule = 0.0
     """Penalty on visible normals facing away from the camera (random views)."""
-    sparsity: Any = 0.0
+    sparsity: Schedule = 0.0
     """sqrt(opacity^2 + 0.01) of random-view rays: less occupied area."""
-    opacity: Any = 0.1
+    opacity: Schedule = 0.1
     """Binary entropy of random-view opacity: rays fully empty or fully opaque."""
 
 
@@ -72,13 +72,13 @@ class StageConfig:
 
     steps: int = 200
     """Optimisation steps of this stage (0 skips it)."""
-    resolution: Any = 64
+    resolution: Schedule = 64
     """Side of the random-view renders scored by the guidance, pixels (a schedule, e.g. {0: 128, 200: 256})."""
-    batch_size: Any = 8
+    batch_size: Schedule = 8
     """Random views per step (a schedule)."""
-    reference_resolution: Any = 128
+    reference_resolution: Schedule = 128
     """Side of the reference-view render compared with the input image, pixels (a schedule)."""
-    active_levels: Any = 16
+    active_levels: Schedule = 16
     """Hash-grid levels in use (a schedule; opened progressively for coarse-to-fine; capped at the grid's levels)."""
     lr: float = 0.01
     """Adam learning rate of the field in this stage."""

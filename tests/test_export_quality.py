@@ -75,7 +75,7 @@ def render_textured(mesh: trimesh.Trimesh, cameras: Cameras) -> tuple[np.ndarray
         x, y = uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5
         x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
         fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-        at = lambda r, c: texture[np.clip(r, 0, size - 1), np.clip(c, 0, size - 1)]  # noqa: E731
+        at = lambda r, c: texture[np.clip(r, 0, size - 1), np.clip(c, 0, size - 1)]
         colour = (at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx) * (1 - fy) + (at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx) * fy
         image = np.zeros((*face.shape, 3))
         image[hit] = colour

@@ -11,6 +11,9 @@ from guidance_fixtures import (
     tiny_images,
     tiny_model,
 )
+from safetensors.torch import load_file
+
+from recon.errors import InputError, WeightsNotFoundError
 from recon.guidance import checkpoints
 from recon.guidance.checkpoints import (
     ema_key,
@@ -18,9 +21,6 @@ from recon.guidance.checkpoints import (
     read_state_dict,
     save_diffusers,
 )
-from safetensors.torch import load_file
-
-from recon.errors import InputError, WeightsNotFoundError
 
 
 @pytest.fixture(scope="module")

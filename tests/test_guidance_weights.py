@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from guidance_fixtures import ldm_state_dict, save_ldm_checkpoint, save_tiny_diffusers, tiny_images, tiny_model
+from safetensors import safe_open
+
+from recon.errors import InputError
 from recon.guidance import checkpoints
 from recon.guidance.checkpoints import RECON_META, decide_pose_encoding, load_zero123, read_state_dict
 from recon.guidance.config import GuidanceConfig, timestep_schedules
 from recon.guidance.interface import Guidance, make_guidance
 from recon.guidance.lightning import Opaque, read_torch_zip
-from safetensors import safe_open
-
-from recon.errors import InputError
 from recon.preprocess import ReferenceView
 
 STABLE_MIN, STABLE_MAX = [50, 0.7, 0.3, 200], [50, 0.98, 0.8, 200]

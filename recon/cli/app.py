@@ -203,6 +203,11 @@ def obj_zip(exports: dict[str, str]) -> Path | None:
     return target
 
 
+def _message(exc: Exception, upload: str) -> str:
+    """The CLI's one-line message for ``exc``, naming the uploaded file by its own name (not Gradio's temp path)."""
+    return "error: " + str(exc).replace(str(upload), Path(upload).name)
+
+
 def _status_html(kind: str, text: str, value: int | None = None, maximum: int | None = None) -> str:
     """The status panel: a coloured line of text and, while running, a progress bar."""
     colours = {"error": "#b00020", "done": "#1b7f3b", "running": "#1d2330", "cancelled": "#8a6d00"}
@@ -351,7 +356,7 @@ def build_app(command: AppCommand) -> Any:
             cfg = options(preset, GUIDANCE_MODES[0], None, None, [], ratio, remove_bg).config()
             reference = cutout(upload, cfg)
         except ReconError as exc:
-            return None, _status_html("error", f"error: {exc}")
+            return None, _status_html("error", _message(exc, upload))
         rgba = (reference.rgba.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")
         coverage = float((reference.rgba[3] > 0.5).float().mean())
         text = (
@@ -373,7 +378,7 @@ def build_app(command: AppCommand) -> Any:
             cfg = job_options.config()
             cutout(upload, cfg)  # bad input fails here, in one line, before a process starts
         except ReconError as exc:
-            yield _status_html("error", f"error: {exc}"), None, None, None, None
+            yield _status_html("error", _message(exc, upload)), None, None, None, None
             return
         upload = Path(upload)
         name = _run_name(upload, output)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -60,7 +61,7 @@ class SynthConfig:
     """Objects are scaled into a sphere of this radius about the origin (scene units)."""
     supersample: int = 2
     """Rays per pixel side (anti-aliasing)."""
-    shading: str = "lambert"
+    shading: Literal["lambert", "albedo"] = "lambert"
     """'lambert' (ambient + one world-fixed light) or 'albedo' (flat colours)."""
     orbit: bool = False
     """Views evenly spaced in azimuth (360 / views apart, random start) at one random elevation per
