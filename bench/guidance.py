@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from recon.guidance.checkpoints import load_zero123
 from recon.guidance.config import GuidanceConfig
-from recon.guidance.interface import DTYPES, Guidance, make_guidance
+from recon.guidance.interface import DTYPES, Zero123Guidance, make_guidance
 
 from recon.fileio import write_json
 from recon.preprocess import ReferenceView
@@ -44,7 +44,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_sds(guidance: Guidance, batch: int, resolution: int, steps: int, warmup: int) -> dict[str, float]:
+def time_sds(guidance: Zero123Guidance, batch: int, resolution: int, steps: int, warmup: int) -> dict[str, float]:
     """Mean ms per SDS step (forward + backward to the renders) and peak memory for one batch size."""
     device = guidance.device
     generator = torch.Generator(device=device).manual_seed(0)

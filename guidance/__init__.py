@@ -6,6 +6,18 @@ when a model is built or read.
 
 from recon.guidance.checkpoints import load_zero123, random_model, save_diffusers
 from recon.guidance.model import Zero123Model
+from recon.guidance.protocol import Guidance, Reference
 from recon.guidance.sampling import encode_relative_views, sample_views
+from recon.guidance.sds import SDSOutput
 
-__all__ = ["Zero123Model", "encode_relative_views", "load_zero123", "random_model", "sample_views", "save_diffusers"]
+__all__ = [
+    "Guidance",
+    "Reference",
+    "SDSOutput",
+    "Zero123Model",
+    "encode_relative_views",
+    "load_zero123",
+    "random_model",
+    "sample_views",
+    "save_diffusers",
+]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from recon.cameras import relative_pose
 from recon.guidance.cascade import (
     Conditions,
     ViewSet,
@@ -20,10 +22,8 @@ from recon.guidance.cascade import (
 )
 from recon.guidance.config import GuidanceConfig, timestep_schedules
 from recon.guidance.model import Zero123Model
+from recon.guidance.protocol import Reference
 from recon.guidance.sds import SDSOutput, score_distillation, timestep_range
-from torch import Tensor
-
-from recon.cameras import relative_pose
 from recon.schedule import value_at
 
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -41,8 +41,8 @@ def _as_batch(value: Tensor | float, batch: int) -> Tensor:
     return torch.as_tensor(value, dtype=torch.float32).detach().cpu().reshape(-1).expand(batch).clone()
 
 
-class Guidance:
-    """Zero123 / Cascade-Zero123 score distillation for one input image at a time.
+class Zero123Guidance:
+    """Zero123 / Cascade-Zero123 score distillation for one input image at a time (a :class:`recon.guidance.Guidance`).
 
     ``base`` self-prompts the nearby and bank views (cascade modes) and is the
     SDS model in modes ``zero123`` and ``cascade-training-free``; ``refiner``
@@ -75,7 +75,7 @@ class Guidance:
 
     # ----------------------------------------------------------------- prepare
     @torch.no_grad()
-    def prepare(self, reference: Any, cache_dir: str | Path | None = None) -> dict[str, float]:
+    def prepare(self, reference: Reference, cache_dir: str | Path | None = None) -> dict[str, float]:
         """Conditions on ``reference`` (a ReferenceView: ``rgb_over``, ``elevation_deg``, ``azimuth_deg``,
         ``radius``): CLIP embeds and concat latents once; in the cascade modes the Base's nearby views
         (and the coarse-target bank), read from ``cache_dir`` when generated there before.
@@ -166,7 +166,7 @@ class Guidance:
         Noise and timesteps come from ``generator`` or the global RNG of the device.
         """
         if self._input is None:
-            raise RuntimeError("Guidance.sds called before Guidance.prepare(reference)")
+            raise RuntimeError("Zero123Guidance.sds called before prepare(reference)")
         cfg, model = self.cfg, self.model
         batch = images.shape[0]
         target = tuple(_as_batch(v, batch) for v in (elevation_deg, azimuth_deg, radius))
@@ -253,8 +253,8 @@ def make_guidance(
     device: torch.device | str,
     base: Zero123Model | None = None,
     refiner: Zero123Model | None = None,
-) -> Guidance:
-    """A :class:`Guidance` for ``cfg``; loads the weights unless already-loaded ``base`` / ``refiner`` are given."""
+) -> Zero123Guidance:
+    """A :class:`Zero123Guidance` for ``cfg``; loads the weights unless already-loaded ``base`` / ``refiner`` are given."""
     if base is None:
         base, loaded_refiner = load_models(cfg, device)
         refiner = loaded_refiner if refiner is None else refiner
@@ -273,7 +273,7 @@ def make_guidance(
         from recon.progress import warn
 
         warn(f"guidance uses random weights ({cfg.model}): the result will be noise, not a reconstruction")
-    guidance = Guidance(cfg, base, refiner)
+    guidance = Zero123Guidance(cfg, base, refiner)
     from recon.progress import info
 
     info(

@@ -97,7 +97,7 @@ def load_reference_png(path: Path, elevation_deg: float = 0.0) -> Any:
 class Models:
     """The guidance models of :func:`fit_image`, loaded once and shared by every image fitted with them.
 
-    Holds one :class:`guidance.interface.Guidance` (the Zero-1-to-3 Base and,
+    Holds one :class:`guidance.interface.Zero123Guidance` (the Zero-1-to-3 Base and,
     in cascade mode, Refiner weights) per distinct ``cfg.guidance``, on
     ``device``; each is loaded on first :meth:`get`. Build one with
     ``Models(resolve_device("auto"))`` (:func:`recon.runtime.resolve_device`)
@@ -109,7 +109,7 @@ class Models:
         self._cache: dict[str, Any] = {}
 
     def get(self, cfg: FitConfig, timer: PhaseTimer) -> Any:
-        """The Guidance of ``cfg.guidance``, loaded (timed under ``timer``'s "load models") on first use."""
+        """The Zero123Guidance of ``cfg.guidance``, loaded (timed under ``timer``'s "load models") on first use."""
         key = repr(to_plain(cfg.guidance))
         if key not in self._cache:
             from recon.guidance.interface import make_guidance

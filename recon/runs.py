@@ -3,12 +3,23 @@
 Layout of a run folder (shared by ``recon fit`` and ``recon fit-views``)::
 
     RUN/
+      .recon-run      marker: {"run_id": ...}, written first; proves recon made the folder
+      .recon-manifest.json  run id; every file the run wrote ("name/": a whole folder), listed before it is
+                      written; the folders it created
       config.yaml     resolved config, plain values (see "config.yaml keys" below)
       meta.json       versions, seed, device, command line, timings, peak memory, metrics
       progress.json   stage, step, total, eta_s, status (created|running|finished|failed|interrupted)
       checkpoints/    step_XXXXXX.pt (systems/checkpoint.py)
       previews/       PNGs written during training
       exports/        meshes and videos
+      guidance/       the guidance's cache of generated views (a whole folder of the run)
+
+Ownership: recon writes only into a new or empty folder (or a run it made),
+and ``--overwrite`` deletes only what the manifest lists, in a folder whose
+marker and manifest carry the same run id; anything else (a user's notes, a
+foreign ``config.yaml``) is never touched. Every file a run writes is named
+through :meth:`RunDir.file` (or :meth:`RunDir.register`), which lists it in
+the manifest before it exists, so even a killed run leaves nothing unlisted.
 
 config.yaml keys every trainer writes, so that ``recon export`` can rebuild
 the field without knowing which trainer made the run:
@@ -22,10 +33,14 @@ the field without knowing which trainer made the run:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import platform
+import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +52,11 @@ from recon import fileio
 from recon.errors import InputError, ReconError
 
 STATUSES = ("created", "running", "finished", "failed", "interrupted")
+MARKER = ".recon-run"
+MANIFEST = ".recon-manifest.json"
+RUN_FOLDERS = ("checkpoints", "previews", "exports")
+_PROCESS = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+"""Identifies this process in meta.json ``processes`` (one entry per process that worked on a run)."""
 _VERSIONED = ("recon", "torch", "numpy", "nerfacc", "tinycudann", "diffusers", "transformers", "trimesh", "xatlas")
 
 
@@ -102,10 +122,25 @@ class RunDir:
         """``exports/``: meshes and videos."""
         return self.root / "exports"
 
+    @property
+    def marker_path(self) -> Path:
+        """``.recon-run``: the run id, written before anything else."""
+        return self.root / MARKER
+
+    @property
+    def manifest_path(self) -> Path:
+        """``.recon-manifest.json``: the run id and every file the run wrote."""
+        return self.root / MANIFEST
+
     @staticmethod
     def is_run(root: str | Path) -> bool:
-        """Whether ``root`` holds a run (a ``config.yaml`` written by :meth:`create`)."""
+        """Whether ``root`` looks like a run (holds a ``config.yaml``); :meth:`is_owned` says whether recon made it."""
         return (Path(root) / "config.yaml").is_file()
+
+    @staticmethod
+    def is_owned(root: str | Path) -> bool:
+        """Whether ``root`` is provably a folder recon made: its marker and manifest name the same run id."""
+        return _read_manifest(Path(root)) is not None
 
     @classmethod
     def create(
@@ -118,21 +153,30 @@ class RunDir:
         command: list[str] | None = None,
         extra_meta: dict[str, Any] | None = None,
     ) -> RunDir:
-        """Makes a new run folder with its config, meta and progress files.
+        """Makes a new run folder with its marker, manifest, config, meta and progress files.
 
         ``config`` is the resolved config as plain values (``recon.config.to_plain``).
         Raises :class:`ReconError` if ``root`` already holds a run (reopen it with
-        :meth:`open` to resume) or is a file.
+        :meth:`open` to resume) or is a file. Use :meth:`claim` first to check that
+        the folder is new, empty or one recon made.
         """
         root = Path(root)
         if root.exists() and not root.is_dir():
-            raise ReconError(f"{root}: exists and is not a folder")
-        if cls.is_run(root):
+            raise InputError(f"{root}: exists and is not a folder; give a folder path")
+        if cls.is_run(root) or cls.is_owned(root):
             raise ReconError(f"{root}: already holds a run; resume it (--resume) or choose another output folder")
         run = cls(root)
+        root.mkdir(parents=True, exist_ok=True)
+        run_id = uuid.uuid4().hex
+        # The marker first: from here on the folder is provably ours.
+        fileio.write_json(run.marker_path, {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        files = [MARKER, MANIFEST, "meta.json", "progress.json", "config.yaml"]
+        folders = [name for name in RUN_FOLDERS if not (root / name).exists()]
+        fileio.write_json(run.manifest_path, {"run_id": run_id, "files": files, "folders": folders})
         for folder in (run.checkpoints, run.previews, run.exports):
             folder.mkdir(parents=True, exist_ok=True)
         meta = {
+            "run_id": run_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": list(sys.argv if command is None else command),
             "seed": seed,
@@ -156,9 +200,145 @@ class RunDir:
         if not cls.is_run(root):
             raise InputError(f"{root}: not a run folder (no config.yaml)")
         run = cls(root)
-        for folder in (run.checkpoints, run.previews, run.exports):
-            folder.mkdir(parents=True, exist_ok=True)
+        if cls.is_owned(root):
+            for folder in (run.checkpoints, run.previews, run.exports):
+                folder.mkdir(parents=True, exist_ok=True)
         return run
+
+    @classmethod
+    def claim(cls, root: str | Path, *, resume: bool = False, overwrite: bool = False) -> bool:
+        """Checks that a command may write a run into ``root``; True when it resumes the run there.
+
+        A new or empty folder is free; a run recon made is resumed with ``resume``
+        or cleared with ``overwrite`` (:meth:`remove_owned`); anything else (a file,
+        a folder with other files, a ``config.yaml`` recon did not write) raises
+        :class:`ReconError` naming the folder, and nothing is written or deleted.
+        """
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise InputError(f"{root}: exists and is not a folder; give the output as a folder path")
+        owned = cls.is_owned(root)
+        if cls.is_run(root) and not owned:
+            raise ReconError(
+                f"{root}: holds a config.yaml that recon did not write (no {MARKER} marker); recon never writes into "
+                "or deletes a folder it did not make: choose another output folder"
+            )
+        if owned and overwrite:
+            cls(root).remove_owned()
+            return False
+        if owned and cls.is_run(root):
+            if resume:
+                return True
+            state = "a finished run" if cls(root).is_finished else "an unfinished run"
+            raise ReconError(f"{root}: holds {state}; continue it with --resume or start over with --overwrite")
+        if root.is_dir() and any(root.iterdir()):
+            raise ReconError(
+                f"{root}: exists, is not empty and is not a run folder recon made; recon writes only into new or "
+                "empty folders (your files are left alone): choose another output folder"
+            )
+        return False
+
+    def _manifest(self) -> dict[str, Any] | None:
+        return _read_manifest(self.root)
+
+    def register(self, *paths: str | Path) -> None:
+        """Lists ``paths`` (inside the run folder; a name ending in ``/`` is a whole folder) in the manifest, before they
+        are written. A no-op for a run folder without a manifest (made by an older recon)."""
+        manifest = self._manifest()
+        if manifest is None:
+            return
+        listed = set(manifest["files"])
+        added = []
+        for path in paths:
+            name = self.relative(path)
+            if str(path).endswith("/"):
+                name += "/"
+                folder = self.root / name
+                if folder.exists() and name not in listed:
+                    raise ReconError(f"{folder}: exists but recon did not make it; move it out of the run folder")
+            if name not in listed:
+                listed.add(name)
+                added.append(name)
+        if added:
+            manifest["files"] = [*manifest["files"], *added]
+            fileio.write_json(self.manifest_path, manifest)
+
+    def file(self, relative: str) -> Path:
+        """The path of a file the run is about to write (``"previews/step_000010.png"``), listed in the manifest."""
+        self.register(relative)
+        return self.root / relative
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` as a name relative to the run folder; :class:`ReconError` if it lies outside it."""
+        path = Path(path)
+        relative = path.relative_to(self.root) if path.is_absolute() or path.parts[: len(self.root.parts)] == self.root.parts else path
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise ReconError(f"{path}: not inside the run folder {self.root}")
+        return relative.as_posix()
+
+    def remove_owned(self) -> list[Path]:
+        """Deletes what the run wrote (the files and folders its manifest lists) and returns the files kept.
+
+        Raises :class:`ReconError` naming the folder, before deleting anything,
+        when the folder is a symbolic link, is not provably a run recon made, or
+        its ``checkpoints/`` holds files the run did not write (a later run would
+        resume from them). Other files (a user's notes) stay where they are.
+        """
+        root = self.root
+        if root.is_symlink():
+            raise ReconError(
+                f"{root}: is a symbolic link; --overwrite never deletes through a link: remove the link yourself "
+                "or choose another output folder"
+            )
+        manifest = self._manifest()
+        if manifest is None:
+            raise ReconError(
+                f"{root}: not a run folder recon made (no {MARKER} marker and manifest with one run id); --overwrite "
+                "deletes only those: move your files away or choose another output folder"
+            )
+        base = root.resolve()
+        files, trees = [], []
+        for name in manifest["files"]:
+            path = root / name.rstrip("/")
+            if not _lexically_inside(base, path):
+                continue
+            if name.endswith("/"):
+                if path.is_dir() and not path.is_symlink():
+                    trees.append(path)
+            elif path.is_file() or path.is_symlink():
+                files.append(path)
+            if not name.endswith("/") and path.parent.is_dir():
+                files += [p for p in path.parent.glob(f".tmp-{path.stem}-*{path.suffix}") if p.is_file()]
+        listed = {p.resolve() for p in files}
+        checkpoints = self.checkpoints
+        if checkpoints.is_dir() and not checkpoints.is_symlink():
+            foreign = sorted(p.name for p in checkpoints.rglob("*") if p.is_file() and p.resolve() not in listed)
+            if foreign:
+                raise ReconError(
+                    f"{checkpoints}: holds files recon did not write ({', '.join(foreign[:3])}); move them away, "
+                    "then rerun with --overwrite"
+                )
+        last = {self.manifest_path.resolve(), self.marker_path.resolve()}
+        for path in files:
+            if path.resolve() not in last:
+                path.unlink(missing_ok=True)
+        for tree in trees:
+            shutil.rmtree(tree)
+        self.manifest_path.unlink(missing_ok=True)
+        self.marker_path.unlink(missing_ok=True)  # last: until now a rerun could finish the job
+        for name in manifest["folders"]:
+            folder = root / name
+            if not _lexically_inside(base, folder):
+                continue
+            with contextlib.suppress(OSError):
+                if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                    folder.rmdir()
+        kept = sorted(p for p in root.rglob("*") if p.is_file())
+        if kept:
+            from recon.progress import info
+
+            info(f"{root}: removed the previous run; kept {len(kept)} file(s) recon did not write")
+        return kept
 
     def read_config(self) -> dict[str, Any]:
         """The run's config.yaml as plain values."""
@@ -185,8 +365,25 @@ class RunDir:
         return meta
 
     def record_timings(self, seconds: dict[str, float]) -> None:
-        """Adds per-phase wall-clock seconds (e.g. ``PhaseTimer.seconds``) under ``timings_s``."""
-        self.update_meta(timings_s={name: round(float(value), 3) for name, value in seconds.items()})
+        """Records this process's per-phase wall-clock seconds (e.g. ``PhaseTimer.seconds``, cumulative).
+
+        Each process that works on the run (a resumed run has several) keeps
+        its own entry under ``processes``; ``timings_s`` is the sum over them.
+        """
+        meta = self.read_meta()
+        processes = [dict(p) for p in meta.get("processes", []) if isinstance(p, dict)]
+        mine = next((p for p in processes if p.get("id") == _PROCESS), None)
+        if mine is None:
+            mine = {"id": _PROCESS, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv), "timings_s": {}}
+            processes.append(mine)
+        mine["timings_s"] = {**mine.get("timings_s", {}), **{k: round(float(v), 3) for k, v in seconds.items()}}
+        totals: dict[str, float] = {}
+        for process in processes:
+            for name, value in process.get("timings_s", {}).items():
+                totals[name] = round(totals.get(name, 0.0) + float(value), 3)
+        meta["processes"] = processes
+        meta["timings_s"] = totals
+        fileio.write_json(self.meta_path, meta)
 
     def read_progress(self) -> dict[str, Any]:
         """progress.json, or a ``created`` record if it is missing."""
@@ -215,6 +412,30 @@ class RunDir:
     def is_finished(self) -> bool:
         """Whether the run's training completed (progress.json status ``finished``)."""
         return self.read_progress().get("status") == "finished"
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of ``root`` when its marker and manifest are readable and carry the same run id, else None."""
+    try:
+        marker = fileio.read_json(root / MARKER)
+        manifest = fileio.read_json(root / MANIFEST)
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(marker, dict) and isinstance(manifest, dict)):
+        return None
+    run_id, files = manifest.get("run_id"), manifest.get("files")
+    if not isinstance(run_id, str) or not run_id or marker.get("run_id") != run_id or not isinstance(files, list):
+        return None
+    folders = manifest.get("folders", [])
+    return {"run_id": run_id, "files": [str(f) for f in files], "folders": [str(f) for f in folders] if isinstance(folders, list) else []}
+
+
+def _lexically_inside(base: Path, path: Path) -> bool:
+    """Whether ``path`` (its folder resolved, its own name not followed) lies inside the resolved folder ``base``."""
+    try:
+        return (path.parent.resolve() / path.name).is_relative_to(base) and ".." not in Path(path.name).parts
+    except OSError:
+        return False
 
 
 @dataclass

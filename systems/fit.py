@@ -27,7 +27,9 @@ from recon.errors import ReconError, TrainingDivergedError
 from recon.exports.config import ExportConfig
 from recon.field import FieldConfig, RadianceField
 from recon.guidance.config import GuidanceConfig
+from recon.guidance.protocol import Guidance
 from recon.imageio import composite, resize_rgba
+from recon.preprocess import ReferenceView
 from recon.render import RendererConfig, VolumeRenderer
 from recon.runs import RunDir, StepReporter
 from recon.schedule import Schedule, validate_schedule, value_at
@@ -277,12 +279,11 @@ def oom_message(stage: str, cfg: StageConfig, local_step: int) -> str:
 class Trainer:
     """Optimises a radiance field for one reference view with a guidance; writes checkpoints, previews, progress.
 
-    ``guidance`` provides ``sds(images (B, 3, H, W), elevation_deg (B,),
-    azimuth_deg (B,), radius (B,), step) -> SDSOutput`` and has been
-    prepared for ``reference`` (a :class:`recon.preprocess.ReferenceView`).
+    ``guidance`` (any :class:`recon.guidance.Guidance`) has been prepared for
+    ``reference``; its ``sds`` scores the renders every step.
     """
 
-    def __init__(self, cfg: FitConfig, guidance: Any, reference: Any, run: RunDir, device: torch.device) -> None:
+    def __init__(self, cfg: FitConfig, guidance: Guidance, reference: ReferenceView, run: RunDir, device: torch.device) -> None:
         self.cfg = cfg
         self.guidance = guidance
         self.reference = reference

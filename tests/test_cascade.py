@@ -19,7 +19,7 @@ from recon.guidance.cascade import (
     training_free_eps,
 )
 from recon.guidance.config import GuidanceConfig
-from recon.guidance.interface import Guidance
+from recon.guidance.interface import Zero123Guidance
 
 from recon.preprocess import ReferenceView
 
@@ -114,7 +114,7 @@ def test_refiner_tokens_have_the_right_relative_poses():
 
 @pytest.mark.parametrize(("coarse", "tokens"), [("bank", 5), ("none", 4)])
 def test_guidance_refiner_context(model, coarse, tokens):
-    g = Guidance(cascade_config(coarse_target=coarse), model)
+    g = Zero123Guidance(cascade_config(coarse_target=coarse), model)
     g.prepare(make_reference())
     assert len(g.nearby_views) == 3 and (g.bank_views is None) == (coarse == "none")
     target = (torch.tensor([30.0, 0.0]), torch.tensor([0.0, 45.0]), torch.tensor([3.8, 3.8]))
@@ -140,7 +140,7 @@ def test_guidance_refiner_context(model, coarse, tokens):
 
 def test_views_are_generated_once_and_cached(model, tmp_path, monkeypatch):
     counter = CountingModel(model, monkeypatch)
-    g = Guidance(cascade_config(), model)
+    g = Zero123Guidance(cascade_config(), model)
     info = g.prepare(make_reference(), tmp_path)
     # 3 nearby views in one batch + 8 bank views in one batch, 2 DDIM steps each
     assert counter.calls == 4
@@ -153,33 +153,33 @@ def test_views_are_generated_once_and_cached(model, tmp_path, monkeypatch):
     assert [v["elevation_deg"] for v in record["views"]] == [0.0, 0.0, 30.0]
     first = g.nearby_views.images.clone()
 
-    again = Guidance(cascade_config(), model)
+    again = Zero123Guidance(cascade_config(), model)
     info = again.prepare(make_reference(), tmp_path)
     assert counter.calls == 4
     assert info["nearby_generated"] == 0.0 and info["bank_generated"] == 0.0
     torch.testing.assert_close(again.nearby_views.images, first, rtol=0, atol=0)
 
     # Different settings (seed) or a missing PNG -> generated again.
-    Guidance(cascade_config(seed=5), model).prepare(make_reference(), tmp_path)
+    Zero123Guidance(cascade_config(seed=5), model).prepare(make_reference(), tmp_path)
     assert counter.calls == 8
     (tmp_path / "nearby_01.png").unlink()
-    info = Guidance(cascade_config(seed=5), model).prepare(make_reference(), tmp_path)
+    info = Zero123Guidance(cascade_config(seed=5), model).prepare(make_reference(), tmp_path)
     assert info["nearby_generated"] == 1.0 and info["bank_generated"] == 0.0
 
 
 def test_generation_is_deterministic(model):
-    a = Guidance(cascade_config(coarse_target="none"), model)
+    a = Zero123Guidance(cascade_config(coarse_target="none"), model)
     a.prepare(make_reference())
-    b = Guidance(cascade_config(coarse_target="none", generation_batch=2), model)
+    b = Zero123Guidance(cascade_config(coarse_target="none", generation_batch=2), model)
     b.prepare(make_reference())
     torch.testing.assert_close(a.nearby_views.images, b.nearby_views.images, rtol=0, atol=1.5 / 255)
-    c = Guidance(cascade_config(coarse_target="none", seed=1), model)
+    c = Zero123Guidance(cascade_config(coarse_target="none", seed=1), model)
     c.prepare(make_reference())
     assert not torch.equal(a.nearby_views.images, c.nearby_views.images)
 
 
 def test_cascade_sds_gradient_and_determinism(model):
-    g = Guidance(cascade_config(coarse_target="none"), model)
+    g = Zero123Guidance(cascade_config(coarse_target="none"), model)
     g.prepare(make_reference())
     images = tiny_images(2, 64).requires_grad_(True)
     target = (torch.tensor([10.0, 40.0]), torch.tensor([120.0, -60.0]), torch.tensor([3.8, 3.8]))
@@ -243,7 +243,7 @@ def test_training_free_eps_matches_reference_computation(model):
 
 
 def test_training_free_guidance_runs(model):
-    g = Guidance(cascade_config(mode="cascade-training-free"), model)
+    g = Zero123Guidance(cascade_config(mode="cascade-training-free"), model)
     g.prepare(make_reference())
     assert g.bank_views is None and len(g.nearby_views) == 3
     images = tiny_images(1, 64).requires_grad_(True)

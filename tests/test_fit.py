@@ -357,7 +357,7 @@ def test_public_api_fits_images_one_at_a_time_with_shared_models(tmp_path, monke
 
 # ------------------------------------------------------------------ the trainer with a fake guidance
 class FakeGuidance:
-    """Stands in for guidance.interface.Guidance: a differentiable 'SDS' that pulls renders towards grey."""
+    """Stands in for guidance.interface.Zero123Guidance: a differentiable 'SDS' that pulls renders towards grey."""
 
     def __init__(self):
         self.calls = []

@@ -18,7 +18,7 @@ from recon.errors import InputError
 from recon.guidance import checkpoints
 from recon.guidance.checkpoints import RECON_META, decide_pose_encoding, load_zero123, read_state_dict
 from recon.guidance.config import GuidanceConfig, timestep_schedules
-from recon.guidance.interface import Guidance, make_guidance
+from recon.guidance.interface import Zero123Guidance, make_guidance
 from recon.guidance.lightning import Opaque, read_torch_zip
 from recon.preprocess import ReferenceView
 
@@ -113,7 +113,7 @@ def test_stable_recipe_follows_the_preset_ramp_and_keeps_user_schedules():
 
 def test_sds_draws_timesteps_from_the_stable_range(model):
     stable = tiny_model(seed=0, pose_encoding="stable-zero123")
-    guidance = Guidance(GuidanceConfig(model="random-tiny"), stable)
+    guidance = Zero123Guidance(GuidanceConfig(model="random-tiny"), stable)
     guidance.prepare(reference(0.0))
     out = guidance.sds(tiny_images(2, seed=1), torch.tensor([10.0, 20.0]), torch.tensor([30.0, 60.0]), torch.tensor([3.8, 3.8]), 0)
     assert (out.diagnostics["sds_min_step"], out.diagnostics["sds_max_step"]) == (700, 980)
@@ -134,7 +134,7 @@ def reference(elevation: float, size: int = 48) -> ReferenceView:
     return ReferenceView(torch.cat([rgb, torch.ones(1, size, size)]), Path("ref.png"), elevation, 0.0, 3.8)
 
 
-def recorded_poses(guidance: Guidance, monkeypatch, target) -> torch.Tensor:
+def recorded_poses(guidance: Zero123Guidance, monkeypatch, target) -> torch.Tensor:
     seen = []
     original = guidance.model.context
     monkeypatch.setattr(guidance.model, "context", lambda embeds, poses: seen.append(poses) or original(embeds, poses))
@@ -148,7 +148,7 @@ def test_elevation_changes_the_pose_vectors(monkeypatch, encoding):
     target = (torch.tensor([30.0]), torch.tensor([90.0]), torch.tensor([3.8]))
     poses = {}
     for elevation in (0.0, 5.0):
-        guidance = Guidance(GuidanceConfig(model="random-tiny"), net)
+        guidance = Zero123Guidance(GuidanceConfig(model="random-tiny"), net)
         guidance.prepare(reference(elevation))
         poses[elevation] = recorded_poses(guidance, monkeypatch, target)[0]
     assert poses[5.0][0].item() == pytest.approx(math.radians(-25.0))
@@ -162,7 +162,7 @@ def test_elevation_changes_the_pose_vectors(monkeypatch, encoding):
 
 def test_elevation_moves_the_cascade_nearby_views():
     cfg = GuidanceConfig(model="random-tiny", mode="cascade-training-free", nearby_steps=1)
-    guidance = Guidance(cfg, tiny_model(seed=0))
+    guidance = Zero123Guidance(cfg, tiny_model(seed=0))
     guidance.prepare(reference(5.0))
     assert guidance.nearby_views.elevation_deg.tolist() == [5.0, 5.0, 35.0]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from guidance_fixtures import tiny_images, tiny_model
 from recon.guidance.config import GuidanceConfig
-from recon.guidance.interface import Guidance
+from recon.guidance.interface import Zero123Guidance
 from recon.guidance.sds import (
     sample_timesteps,
     score_distillation,
@@ -36,7 +36,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def guidance(model):
-    g = Guidance(GuidanceConfig(model="random-tiny", mode="zero123"), model)
+    g = Zero123Guidance(GuidanceConfig(model="random-tiny", mode="zero123"), model)
     g.prepare(make_reference())
     return g
 
@@ -141,7 +141,7 @@ def test_model_gradient_matches_reference_computation(guidance, model):
 
 @pytest.mark.parametrize("resolution", [256, 32])
 def test_gradient_reaches_pixels_through_the_vae(model, resolution):
-    g = Guidance(GuidanceConfig(model="random-tiny", vae_grad_resolution=resolution, cfg_chunk=1), model)
+    g = Zero123Guidance(GuidanceConfig(model="random-tiny", vae_grad_resolution=resolution, cfg_chunk=1), model)
     g.prepare(make_reference())
     images = tiny_images(2, 96).requires_grad_(True)
     out = g.sds(images, torch.tensor([10.0, 30.0]), torch.tensor([90.0, -120.0]), torch.tensor([3.8, 3.8]), step=0)
@@ -170,7 +170,7 @@ def test_cfg_chunk_does_not_change_the_result(model):
     images = tiny_images(3, 64)
     losses = []
     for chunk in (0, 2):
-        g = Guidance(GuidanceConfig(model="random-tiny", cfg_chunk=chunk), model)
+        g = Zero123Guidance(GuidanceConfig(model="random-tiny", cfg_chunk=chunk), model)
         g.prepare(make_reference())
         out = g.sds(
             images, torch.zeros(3), torch.tensor([0.0, 90.0, 180.0]), 3.8, step=0, generator=torch.Generator().manual_seed(0)
@@ -180,7 +180,7 @@ def test_cfg_chunk_does_not_change_the_result(model):
 
 
 def test_sds_before_prepare_is_an_error(model):
-    g = Guidance(GuidanceConfig(model="random-tiny"), model)
+    g = Zero123Guidance(GuidanceConfig(model="random-tiny"), model)
     with pytest.raises(RuntimeError, match="prepare"):
         g.sds(tiny_images(1, 64), 0.0, 0.0, 3.8, step=0)
 
@@ -228,7 +228,7 @@ def test_fp16_cuda_gradient_reaches_pixels():
     from recon.guidance.checkpoints import load_zero123
 
     model = load_zero123("random-tiny", "cuda", torch.float16)
-    g = Guidance(GuidanceConfig(model="random-tiny", mode="cascade", nearby_steps=2, bank_elevations_deg=[0.0]), model)
+    g = Zero123Guidance(GuidanceConfig(model="random-tiny", mode="cascade", nearby_steps=2, bank_elevations_deg=[0.0]), model)
     g.prepare(make_reference())
     images = torch.rand(4, 3, 128, 128, device="cuda", requires_grad=True)
     out = g.sds(images, torch.zeros(4), torch.tensor([0.0, 90.0, 180.0, 270.0]), 3.8, step=0)

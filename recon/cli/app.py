@@ -415,8 +415,8 @@ def build_app(command: AppCommand) -> Any:
                     preset = gr.Dropdown(presets, value=command.preset, label="preset", elem_id="preset")
                     mode = gr.Radio(list(GUIDANCE_MODES), value=GUIDANCE_MODES[0], label="guidance mode")
                     with gr.Row():
-                        seed = gr.Number(value=0, precision=0, label="seed")
-                        steps = gr.Number(value=0, precision=0, label="steps (0 = the preset's)", minimum=0)
+                        seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
+                        steps = gr.Number(value=0, precision=0, label="steps (0 = the preset's)", minimum=0, elem_id="steps")
                     formats = gr.CheckboxGroup(list(EXTRA_FORMATS), value=["obj"], label="also export (GLB always)")
                     ratio = gr.Slider(0.3, 1.0, value=0.85, step=0.01, label="foreground ratio")
                     remove_bg = gr.Checkbox(value=True, label="remove the background (photos without transparency)")

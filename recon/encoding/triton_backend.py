@@ -2,16 +2,26 @@
 
 :class:`TritonHashGrid` has exactly the parameters, table layout and hash of
 :class:`recon.encoding.hashgrid.TorchHashGrid` (it subclasses it), so the two
-are interchangeable and held together by a parity test. The forward kernel
-walks all levels and the 8 cell corners of each point in registers; the
-backward kernel scatters table gradients with atomic adds and, when the
-points need a gradient, accumulates it from the trilinear weights'
-derivatives. It is first-order only: a field that differentiates its normals
-again (analytic normals inside a loss) must use the torch backend or finite
-difference normals.
+are interchangeable and held together by parity tests. Each pass walks all
+levels and the 8 cell corners of a block of points in registers
+(recon/encoding/triton_kernels.py):
+
+* forward: a gather of the table;
+* gradient w.r.t. the points: a gather (no atomics);
+* gradient w.r.t. the table: a scatter with relaxed atomic adds; the coarse
+  dense levels, whose few rows every point hits, add into ``private_copies``
+  replicas that are summed afterwards, so adds to one row do not contend.
+
+Both first-order gradients are themselves differentiable with respect to
+the upstream gradient and the table (not w.r.t. the points again), which is
+what training through analytic normals needs: :meth:`TritonHashGrid.input_gradient`
+gives dL/dx for given dL/dfeatures with that graph, and its backward is a
+gather plus a scatter weighted by the trilinear weights' directional
+derivatives. Second derivatives w.r.t. the points are not computed (zero),
+as in tinycudann.
 
 On the CPU the kernels run under Triton's interpreter
-(``TRITON_INTERPRET=1``), which is how the parity test runs without a GPU.
+(``TRITON_INTERPRET=1``), which is how the parity tests run without a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from recon.encoding.reference import HashGridConfig, TorchHashGrid
+from recon.encoding.reference import HashGridConfig, TorchHashGrid, level_layouts
 
 BLOCK = 128
 
@@ -40,53 +50,133 @@ def triton_available() -> bool:
 def _kernels():
     from recon.encoding import triton_kernels
 
-    return triton_kernels.forward_kernel, triton_kernels.backward_kernel
+    return triton_kernels
 
 
-class _HashGridFunction(torch.autograd.Function):
+def _grid(n_points: int) -> tuple[int]:
+    return (-(-n_points // BLOCK),)
+
+
+def _layout_args(grid: TritonHashGrid) -> tuple:
+    return grid.scales, grid.resolutions, grid.offsets, grid.sizes, grid.hashed_int
+
+
+def _gather(x: Tensor, table: Tensor, grid: TritonHashGrid, v: Tensor | None = None) -> Tensor:
+    """(P, L * F) per-level sums over the cell corners of u_c T[row_c]: u_c = trilinear weights, or their derivative along ``v`` (P, 3)."""
+    n_points, cfg = x.shape[0], grid.cfg
+    out = torch.empty(n_points, cfg.n_levels * cfg.n_features_per_level, device=x.device, dtype=torch.float32)
+    if n_points:
+        _kernels().forward_kernel[_grid(n_points)](
+            x, table.contiguous(), out, x if v is None else v.contiguous().float(), *_layout_args(grid),
+            n_points, cfg.n_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK, DIRECTIONAL=v is not None,
+        )
+    return out
+
+
+def _scatter(x: Tensor, grad_out: Tensor, grid: TritonHashGrid, v: Tensor | None = None) -> Tensor:
+    """Table gradient (rows, F): sum over points of u_c grad_out[p, l] into each corner's row (u_c as in :func:`_gather`)."""
+    rows, n_features = grid.table.shape
+    private_rows, copies = grid.private_rows, grid.private_copies
+    buffer = torch.zeros(rows + copies * private_rows, n_features, device=x.device, dtype=torch.float32)
+    n_points = x.shape[0]
+    if n_points:
+        _kernels().scatter_kernel[_grid(n_points)](
+            x, grad_out.contiguous().float(), buffer, x if v is None else v.contiguous().float(), *_layout_args(grid),
+            n_points, grid.cfg.n_levels, rows, grid.private_levels, private_rows, max(copies, 1),
+            F=n_features, BLOCK_P=BLOCK, DIRECTIONAL=v is not None,
+        )
+    grad = buffer[:rows]
+    if copies:
+        grad[:private_rows] += buffer[rows:].view(copies, private_rows, n_features).sum(0)
+    return grad
+
+
+class _Encode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, table: Tensor, grid: TritonHashGrid) -> Tensor:  # type: ignore[override]
-        forward_kernel, _ = _kernels()
         x = x.contiguous().float()
-        n_points, n_levels, n_features = x.shape[0], grid.cfg.n_levels, grid.cfg.n_features_per_level
-        out = torch.empty(n_points, n_levels * n_features, device=x.device, dtype=torch.float32)
-        if n_points:
-            forward_kernel[(-(-n_points // BLOCK),)](
-                x, table, out, grid.scales, grid.strides[:, 1].contiguous(), grid.offsets, grid.sizes, grid.hashed_int,
-                n_points, n_levels, F=n_features, BLOCK_P=BLOCK,
-            )
         ctx.save_for_backward(x, table)
         ctx.grid = grid
-        return out
+        return _gather(x, table, grid)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, table = ctx.saved_tensors
+        grad_out = grad_out.contiguous().float()
+        grad_x = _InputGradient.apply(grad_out, x, table, ctx.grid) if ctx.needs_input_grad[0] else None
+        grad_table = _TableGradient.apply(grad_out, x, ctx.grid) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_table, None
+
+
+class _InputGradient(torch.autograd.Function):
+    """dL/dx (P, 3) from dL/dout (P, L * F); differentiable w.r.t. dL/dout and the table."""
+
+    @staticmethod
+    def forward(ctx, grad_out: Tensor, x: Tensor, table: Tensor, grid: TritonHashGrid) -> Tensor:  # type: ignore[override]
+        grad_out = grad_out.contiguous().float()
+        ctx.save_for_backward(grad_out, x, table)
+        ctx.grid = grid
+        grad_x = torch.empty_like(x)
+        n_points, cfg = x.shape[0], grid.cfg
+        if n_points:
+            _kernels().input_grad_kernel[_grid(n_points)](
+                x, table.contiguous(), grad_out, grad_x, *_layout_args(grid),
+                n_points, cfg.n_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK,
+            )
+        return grad_x
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        _, backward_kernel = _kernels()
-        x, table = ctx.saved_tensors
-        grid: TritonHashGrid = ctx.grid
-        need_x = ctx.needs_input_grad[0]
-        grad_table = torch.zeros_like(table)
-        grad_x = torch.zeros_like(x) if need_x else x.new_empty(1)
-        n_points = x.shape[0]
-        if n_points:
-            backward_kernel[(-(-n_points // BLOCK),)](
-                x, table, grad_out.contiguous().float(), grad_table, grad_x,
-                grid.scales, grid.strides[:, 1].contiguous(), grid.offsets, grid.sizes, grid.hashed_int,
-                n_points, grid.cfg.n_levels, F=grid.cfg.n_features_per_level, BLOCK_P=BLOCK, NEED_GRAD_X=need_x,
-            )
-        return (grad_x if need_x else None), grad_table, None
+    def backward(ctx, v: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:  # type: ignore[override]
+        grad_out, x, table = ctx.saved_tensors
+        d_grad_out = _gather(x, table, ctx.grid, v) if ctx.needs_input_grad[0] else None
+        d_table = _scatter(x, grad_out, ctx.grid, v) if ctx.needs_input_grad[2] else None
+        return d_grad_out, None, d_table, None
+
+
+class _TableGradient(torch.autograd.Function):
+    """dL/dtable from dL/dout; linear in dL/dout, so its own gradient is a forward gather."""
+
+    @staticmethod
+    def forward(ctx, grad_out: Tensor, x: Tensor, grid: TritonHashGrid) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.grid = grid
+        return _scatter(x, grad_out, grid)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gg_table: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return _gather(x, gg_table.float(), ctx.grid), None, None
 
 
 class TritonHashGrid(TorchHashGrid):
-    """The torch backend's table and layout, looked up by fused Triton kernels (first-order gradients)."""
+    """The torch backend's table and layout, looked up by fused Triton kernels.
 
-    def __init__(self, cfg: HashGridConfig) -> None:
+    ``private_copies``: replicas of the coarse dense levels' gradient rows that
+    the table-gradient scatter spreads its atomic adds over (levels of at most
+    ``private_max_rows`` rows); 0 = every add goes straight to the table.
+    """
+
+    def __init__(self, cfg: HashGridConfig, private_copies: int = 16, private_max_rows: int = 2**16) -> None:
         if cfg.n_features_per_level & (cfg.n_features_per_level - 1):
             raise ValueError(f"the triton hash grid needs a power-of-two n_features_per_level, got {cfg.n_features_per_level}")
         super().__init__(cfg)
         self.register_buffer("hashed_int", self.hashed.to(torch.int32), persistent=False)
+        self.register_buffer("resolutions", self.strides[:, 1].contiguous(), persistent=False)
+        layouts = level_layouts(cfg)
+        count = 0  # a leading run of small dense levels: their rows are the table's first rows
+        while count < len(layouts) and not layouts[count].hashed and layouts[count].size <= private_max_rows:
+            count += 1
+        self.private_levels = count if private_copies > 0 else 0
+        self.private_copies = private_copies if self.private_levels else 0
+        self.private_rows = sum(lay.size for lay in layouts[: self.private_levels])
 
     def forward(self, x: Tensor) -> Tensor:
         """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) float32."""
-        return _HashGridFunction.apply(x, self.table, self)
+        return _Encode.apply(x, self.table, self)
+
+    def input_gradient(self, x: Tensor, grad_features: Tensor) -> Tensor:
+        """dL/dx (P, 3) of points ``x`` (P, 3) for dL/dfeatures (P, n_levels * F); differentiable w.r.t.
+        ``grad_features`` and the table (the graph analytic normals train through)."""
+        return _InputGradient.apply(grad_features, x.contiguous().float(), self.table, self)

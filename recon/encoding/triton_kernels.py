@@ -3,6 +3,19 @@
 Imported only when the Triton backend runs, so Triton stays optional. One
 program handles BLOCK_P points across all levels; the table layout and hash
 are those of recon.encoding.hashgrid.TorchHashGrid.
+
+Three passes share one corner walk (:func:`_corner`):
+
+* :func:`forward_kernel`: out[p, l] = sum_c w_c T[row_c] (a gather), also used
+  with another table or per-corner weights for the second-order terms;
+* :func:`input_grad_kernel`: dL/dx from dL/dout (a gather, no atomics);
+* :func:`scatter_kernel`: table gradients sum_p u_c(p) g[p, l] into the rows
+  (atomic adds, relaxed ordering). The coarse dense levels, whose few rows
+  every point hits, go to ``copies`` private replicas of their rows (chosen
+  by program id) that are summed afterwards, so the adds to one row are
+  spread over ``copies`` addresses instead of contending for one. The
+  weights u_c are the trilinear weights (first order) or their directional
+  derivative along a per-point vector (second order, analytic normals).
 """
 
 import triton
@@ -59,16 +72,32 @@ def _corner_weights(corner, f0, f1, f2):
 
 
 @triton.jit
+def _inside(r):
+    """1.0 where a coordinate lies in [0, 1] (clamp passes its gradient), else 0.0."""
+    return tl.where((r >= 0.0) & (r <= 1.0), 1.0, 0.0)
+
+
+@triton.jit
+def _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale):
+    """d w_c / dx . v for a corner: the trilinear weight's derivative along v (per point), in unit-cube units."""
+    return scale * (v0 * (2.0 * c0 - 1.0) * w1 * w2 + v1 * (2.0 * c1 - 1.0) * w0 * w2 + v2 * (2.0 * c2 - 1.0) * w0 * w1)
+
+
+@triton.jit
 def forward_kernel(
-    x_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
-    n_points, n_levels, F: tl.constexpr, BLOCK_P: tl.constexpr,
+    x_ptr, table_ptr, out_ptr, v_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
+    n_points, n_levels, F: tl.constexpr, BLOCK_P: tl.constexpr, DIRECTIONAL: tl.constexpr,
 ):
-    """Encodes points x (P, 3) in the unit cube into out (P, n_levels * F): per level, trilinear
-    interpolation of the F features at the 8 corners of the point's cell."""
+    """out (P, n_levels * F) = per level, sum over the 8 corners of the point's cell of u_c T[row_c]:
+    the trilinear weights u_c = w_c (the encoding), or with DIRECTIONAL their derivative along v (P, 3)
+    (the gradient of <v, dL/dx> with respect to dL/dout)."""
     points = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = points < n_points
     feature = tl.arange(0, F)
     r0, r1, r2 = _load_unit_points(x_ptr, points, valid)
+    if DIRECTIONAL:
+        v0, v1, v2 = _load_unit_points(v_ptr, points, valid)
+        v0, v1, v2 = v0 * _inside(r0), v1 * _inside(r1), v2 * _inside(r2)
     for level in range(n_levels):
         scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
         i0, f0 = _cell(r0, scale)
@@ -79,19 +108,22 @@ def forward_kernel(
             c0, c1, c2, w0, w1, w2 = _corner_weights(corner, f0, f1, f2)
             rows = _corner_rows(i0 + c0, i1 + c1, i2 + c2, res, size, offset, hashed)
             values = tl.load(table_ptr + rows[:, None] * F + feature[None, :], mask=valid[:, None], other=0.0)
-            acc += (w0 * w1 * w2)[:, None] * values
+            if DIRECTIONAL:
+                u = _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale)
+            else:
+                u = w0 * w1 * w2
+            acc += u[:, None] * values
         out_index = points[:, None] * (n_levels * F) + level * F + feature[None, :]
         tl.store(out_ptr + out_index, acc, mask=valid[:, None])
 
 
 @triton.jit
-def backward_kernel(
-    x_ptr, table_ptr, grad_out_ptr, grad_table_ptr, grad_x_ptr,
-    scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
-    n_points, n_levels, F: tl.constexpr, BLOCK_P: tl.constexpr, NEED_GRAD_X: tl.constexpr,
+def input_grad_kernel(
+    x_ptr, table_ptr, grad_out_ptr, grad_x_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
+    n_points, n_levels, F: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Backward of :func:`forward_kernel`: scatters grad_out (P, n_levels * F) into grad_table
-    (atomic adds) and, if NEED_GRAD_X, writes grad_x (P, 3)."""
+    """grad_x (P, 3) = d<grad_out, out>/dx: per level and corner, (T[row_c] . grad_out) times the
+    trilinear weight's derivative; 0 on axes where x was clamped. A gather: no atomics."""
     points = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = points < n_points
     feature = tl.arange(0, F)
@@ -109,19 +141,54 @@ def backward_kernel(
         for corner in tl.static_range(8):
             c0, c1, c2, w0, w1, w2 = _corner_weights(corner, f0, f1, f2)
             rows = _corner_rows(i0 + c0, i1 + c1, i2 + c2, res, size, offset, hashed)
-            table_index = rows[:, None] * F + feature[None, :]
-            tl.atomic_add(grad_table_ptr + table_index, (w0 * w1 * w2)[:, None] * grad, mask=valid[:, None])
-            if NEED_GRAD_X:
-                values = tl.load(table_ptr + table_index, mask=valid[:, None], other=0.0)
-                dot = tl.sum(values * grad, axis=1) * scale
-                g0 += dot * (2.0 * c0 - 1.0) * w1 * w2
-                g1 += dot * (2.0 * c1 - 1.0) * w0 * w2
-                g2 += dot * (2.0 * c2 - 1.0) * w0 * w1
-    if NEED_GRAD_X:
-        # clamp(x, 0, 1) passes the gradient only inside [0, 1], as torch.clamp does
-        g0 = tl.where((r0 >= 0.0) & (r0 <= 1.0), g0, 0.0)
-        g1 = tl.where((r1 >= 0.0) & (r1 <= 1.0), g1, 0.0)
-        g2 = tl.where((r2 >= 0.0) & (r2 <= 1.0), g2, 0.0)
-        tl.store(grad_x_ptr + points * 3 + 0, g0, mask=valid)
-        tl.store(grad_x_ptr + points * 3 + 1, g1, mask=valid)
-        tl.store(grad_x_ptr + points * 3 + 2, g2, mask=valid)
+            values = tl.load(table_ptr + rows[:, None] * F + feature[None, :], mask=valid[:, None], other=0.0)
+            dot = tl.sum(values * grad, axis=1) * scale
+            g0 += dot * (2.0 * c0 - 1.0) * w1 * w2
+            g1 += dot * (2.0 * c1 - 1.0) * w0 * w2
+            g2 += dot * (2.0 * c2 - 1.0) * w0 * w1
+    # clamp(x, 0, 1) passes the gradient only inside [0, 1], as torch.clamp does
+    tl.store(grad_x_ptr + points * 3 + 0, g0 * _inside(r0), mask=valid)
+    tl.store(grad_x_ptr + points * 3 + 1, g1 * _inside(r1), mask=valid)
+    tl.store(grad_x_ptr + points * 3 + 2, g2 * _inside(r2), mask=valid)
+
+
+@triton.jit
+def scatter_kernel(
+    x_ptr, grad_out_ptr, grad_ptr, v_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
+    n_points, n_levels, table_rows, n_private_levels, private_rows, copies,
+    F: tl.constexpr, BLOCK_P: tl.constexpr, DIRECTIONAL: tl.constexpr,
+):
+    """grad[row_c] += u_c grad_out[p, l] for every point, level and corner (relaxed atomic adds).
+
+    ``grad`` is (table_rows + copies * private_rows, F): the table's gradient, then ``copies`` replicas
+    of its first ``private_rows`` rows (the levels below ``n_private_levels``), which this program adds
+    into instead (replica ``program_id % copies``; the caller sums them into the table's rows).
+    u_c = w_c (the encoding's table gradient) or, with DIRECTIONAL, the weight's derivative along v (P, 3)
+    (the table gradient of <v, dL/dx>).
+    """
+    pid = tl.program_id(0)
+    points = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = points < n_points
+    feature = tl.arange(0, F)
+    r0, r1, r2 = _load_unit_points(x_ptr, points, valid)
+    if DIRECTIONAL:
+        v0, v1, v2 = _load_unit_points(v_ptr, points, valid)
+        v0, v1, v2 = v0 * _inside(r0), v1 * _inside(r1), v2 * _inside(r2)
+    replica = table_rows + (pid % copies).to(tl.int64) * private_rows
+    for level in range(n_levels):
+        scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
+        i0, f0 = _cell(r0, scale)
+        i1, f1 = _cell(r1, scale)
+        i2, f2 = _cell(r2, scale)
+        out_index = points[:, None] * (n_levels * F) + level * F + feature[None, :]
+        grad = tl.load(grad_out_ptr + out_index, mask=valid[:, None], other=0.0)
+        shift = tl.where(level < n_private_levels, replica, 0)
+        for corner in tl.static_range(8):
+            c0, c1, c2, w0, w1, w2 = _corner_weights(corner, f0, f1, f2)
+            rows = _corner_rows(i0 + c0, i1 + c1, i2 + c2, res, size, offset, hashed)
+            if DIRECTIONAL:
+                u = _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale)
+            else:
+                u = w0 * w1 * w2
+            index = (rows + shift)[:, None] * F + feature[None, :]
+            tl.atomic_add(grad_ptr + index, u[:, None] * grad, mask=valid[:, None], sem="relaxed")
