@@ -35,6 +35,7 @@ from recon.systems.batch import ImageResult, print_summary, run_batch, save_summ
 from recon.systems.fit import FitConfig, Trainer, resolve_config, scale_steps
 
 SMOKE_TEST_NOTE = "SMOKE_TEST_RANDOM_WEIGHTS.txt"
+SMOKE_TEST_TEXT = "These files were made with random guidance weights ({model}): a smoke test, not a reconstruction.\n"
 
 
 def build_config(
@@ -123,22 +124,16 @@ def _existing_run(run_dir: Path, cfg: FitConfig, resume: bool, overwrite: bool) 
     """The config in force for ``run_dir`` and whether it resumes; clears it with ``overwrite``.
 
     A resumed run keeps its own config.yaml. Raises :class:`ReconError` for an
-    unfinished run without ``resume`` / ``overwrite`` or a folder that is not a run.
+    unfinished run without ``resume`` / ``overwrite`` or a folder recon did not make
+    (:meth:`RunDir.claim`; ``overwrite`` deletes only what the run wrote).
     """
     from recon.progress import info
 
-    if RunDir.is_run(run_dir):
-        if overwrite:
-            shutil.rmtree(run_dir)
-            return cfg, False
-        if resume:
-            saved = resolve_config(RunDir.open(run_dir).read_config())
-            if to_plain(saved) != to_plain(cfg):
-                info(f"{run_dir}: resuming with the run's own config.yaml (preset, --set and config flags apply to new runs only)")
-            return saved, True
-        raise ReconError(f"{run_dir}: holds an unfinished run; continue it with --resume or start over with --overwrite")
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ReconError(f"{run_dir}: exists and is not a run folder; choose another --output or remove it")
+    if RunDir.claim(run_dir, resume=resume, overwrite=overwrite):
+        saved = resolve_config(RunDir.open(run_dir).read_config())
+        if to_plain(saved) != to_plain(cfg):
+            info(f"{run_dir}: resuming with the run's own config.yaml (preset, --set and config flags apply to new runs only)")
+        return saved, True
     return cfg, False
 
 
@@ -171,10 +166,12 @@ def _create_run(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device
             "random_weights": random_weights,
         },
     )
-    fileio.write_bytes(run.root / f"input{image.suffix.lower()}", image.read_bytes())
-    reference.save(run.root / "input_rgba.png")
-    if random_weights:
+    if random_weights:  # labelled before anything else is written
+        fileio.write_text(run.file(f"exports/{SMOKE_TEST_NOTE}"), SMOKE_TEST_TEXT.format(model=cfg.guidance.model))
         warn(f"{run_dir}: guidance model {cfg.guidance.model!r} has random weights; this run is a smoke test, not a reconstruction")
+    fileio.write_bytes(run.file(f"input{image.suffix.lower()}"), image.read_bytes())
+    reference.save(run.file("input_rgba.png"))
+    run.register("guidance/")  # the guidance's cache of generated views
     return run
 
 
@@ -188,6 +185,7 @@ def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device,
         paths = dict(export_run(run, cfg.export, device))
     if cfg.turntable:
         e, ref = cfg.export, trainer.reference
+        run.register("exports/turntable.mp4", "exports/turntable.gif")  # a GIF without ffmpeg
 
         @torch.no_grad()
         def render(cameras: Any) -> torch.Tensor:
@@ -198,9 +196,6 @@ def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device,
                 render, run.exports / "turntable.mp4", e.turntable_frames, e.turntable_elevation_deg,
                 ref.radius, ref.fovy_deg, e.turntable_resolution, e.turntable_fps,
             )
-    if cfg.guidance.model.startswith("random-"):
-        note = run.exports / SMOKE_TEST_NOTE
-        fileio.write_text(note, f"These files were made with random guidance weights ({cfg.guidance.model}): a smoke test, not a reconstruction.\n")
     return paths
 
 

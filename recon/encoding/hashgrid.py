@@ -6,7 +6,8 @@ mask (coarse-to-fine schedules) and delegates the lookup to a backend module:
 * ``torch``: :class:`TorchHashGrid`, the plain PyTorch reference (CPU and GPU,
   differentiable twice, so analytic normals can be trained through);
 * ``triton``: ``recon.encoding.triton_backend.TritonHashGrid``, fused Triton
-  kernels on the same table (CUDA; first-order gradients only);
+  kernels on the same table (CUDA; gradients differentiable once more w.r.t.
+  the table, enough for analytic normals);
 * ``tcnn``: ``recon.encoding.tcnn_backend.TcnnHashGrid`` (tinycudann, CUDA).
 
 A backend is any ``nn.Module`` built from a :class:`HashGridConfig` whose
@@ -114,6 +115,23 @@ class HashGridEncoding(nn.Module):
         if features.dtype == torch.float16:
             features = features.float()
         return features * self.level_mask.to(features.dtype)
+
+    def input_gradient(self, x: Tensor, grad_features: Tensor) -> Tensor:
+        """dL/dx (P, 3) at points ``x`` (P, 3) in [0, 1] for dL/dfeatures (P, output_dim) of :meth:`forward`.
+
+        With grad enabled the result keeps its graph to ``grad_features`` and
+        the table (second-order training, e.g. through analytic normals); the
+        fused backend does this in two kernels instead of differentiating its
+        whole forward pass again.
+        """
+        grad = grad_features.float() * self.level_mask
+        if hasattr(self.backend, "input_gradient"):
+            return self.backend.input_gradient(x, grad)
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            point = x.detach().requires_grad_(True)
+            (grad_x,) = torch.autograd.grad(self.backend(point).float(), point, grad, create_graph=create_graph)
+        return grad_x
 
 
 def make_encoding(cfg: HashGridConfig) -> HashGridEncoding:
