@@ -5,14 +5,15 @@ The field is analytic: the toy robot of recon/data/primitives.py as a density
 exported mesh can be measured against the true surface: Chamfer distance,
 F-score at 1 % of the bounding-box diagonal, area ratio, and the PSNR of
 renders of the exported textured GLB (exports/raster.py) against exact
-albedo renders from held-out views. The defaults decimate to 50k faces and
-bake a 1024 px texture. ``--legacy`` runs the settings that reproduce the
-old pipeline (dense grid, no interior fill, no smoothing, point-lookup bake,
-xatlas' default chart cost). Writes the front view of the exported mesh and
-its texture atlas as PNGs beside ``--out``.
+albedo renders from held-out views. The defaults (a 256^3 grid) decimate to
+50k faces and bake a 1024 px texture. ``--bakes normal,project,point`` runs
+the new pipeline once per texture bake; ``--legacy`` also runs the settings
+that approximate the old pipeline (dense grid, no solid, no smoothing,
+point-lookup bake, xatlas' default chart cost). Writes the front view of
+each exported mesh and its texture atlas as PNGs beside ``--out``.
 
-    python bench/export.py --out bench_export.json
-    python bench/export.py --device cpu --mc-resolution 192
+    python bench/export.py --legacy --out bench_export.json
+    python bench/export.py --device cpu --mc-resolution 128 --target-faces 20000 --texture 512
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ def mesh_fidelity(mesh: trimesh.Trimesh, truth_points: np.ndarray, truth_area: f
 def true_area(obj: PrimitiveObject, device: torch.device, resolution: int = 384) -> float:
     """The area of ``obj``'s outer surface: a fine marching-cubes mesh of its sharp density, unsmoothed."""
     from recon.exports.isosurface import marching_cubes, sample_density_near_surface
-    from recon.exports.solidify import solidify
+    from recon.exports.solidify import solid_grid
 
     box = np.full((2, 3), 1.05 * obj.bounding_radius()) * [[-1], [1]]
     grid, level, _ = sample_density_near_surface(robot_field(obj)[0], box, resolution, 100.0, device=device)
-    return float(marching_cubes(solidify(grid, level, 0)[0], box, level).area)
+    return float(marching_cubes(solid_grid(grid, level, 0)[0], box, level).area)
 
 
 def textured_psnr(mesh: trimesh.Trimesh, obj: PrimitiveObject, cameras: Cameras) -> tuple[float, np.ndarray]:
@@ -111,7 +112,8 @@ def robot_field(obj: PrimitiveObject, softness: float = 0.004):
 def main() -> None:
     """Parses the flags, runs the export (and the legacy one with --legacy), prints and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mc-resolution", type=int, default=384, help="marching-cubes grid points per axis")
+    parser.add_argument("--mc-resolution", type=int, default=256, help="marching-cubes grid points per axis")
+    parser.add_argument("--bakes", default="normal", help="comma-separated texture bakes of the new pipeline (normal, project, point)")
     parser.add_argument("--target-faces", type=int, default=50_000)
     parser.add_argument("--texture", type=int, default=1024, help="texture side in pixels")
     parser.add_argument("--legacy", action="store_true", help="also run the old pipeline's settings")
@@ -127,7 +129,8 @@ def main() -> None:
     truth_points = obj.sample_surface(50_000, seed=1)[0].numpy()
     cameras = Cameras.from_spherical(torch.tensor([10.0, 35.0, -20.0, 60.0]), torch.tensor([0.0, 100.0, 200.0, 300.0]), torch.full((4,), 3.0), 35.0, 256)
     base = ExportConfig(formats=["glb"], mc_resolution=args.mc_resolution, target_faces=args.target_faces, texture_resolution=args.texture, threshold=100.0)
-    runs = {"new": base}
+    bakes = [b.strip() for b in args.bakes.split(",") if b.strip()]
+    runs = {("new" if len(bakes) == 1 else f"new-{b}"): replace(base, bake=b) for b in bakes}
     if args.legacy:
         runs["legacy"] = replace(base, **LEGACY)
     rows = {}
@@ -142,7 +145,7 @@ def main() -> None:
             rows[name] = {
                 "total_s": round(total, 2),
                 "stages_s": result.timings_s,
-                **{k: result.report[k] for k in ("faces", "is_watertight", "euler_characteristic", "components", "charts", "atlas_utilisation")},
+                **{k: result.report[k] for k in ("faces", "is_watertight", "euler_characteristic", "components", "charts", "atlas_utilisation", "cleanup_notes")},
                 **mesh_fidelity(glb, truth_points, truth_area, diagonal),
                 "texture_psnr": round(psnr, 2),
             }

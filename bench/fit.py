@@ -1,12 +1,18 @@
-"""Times `recon fit` end to end (coarse + fine + export + turntable) with full-size random-weight models.
+"""Times `recon fit` end to end (load + coarse + fine + export + turntable) with full-size Zero123 weights.
 
     python bench/fit.py IMAGE [--preset default] [--device auto] [--out bench-fit.json] [--set key=value ...]
 
-Runs the preset on the current device with ``--model random-full`` (random
-weights cost exactly what real Zero123 weights cost: same shapes, same
-kernels) into a scratch output folder, then reads the run's meta.json:
-wall seconds per phase, it/s per stage and peak CUDA memory. Prints a
-Markdown table; writes the same numbers as JSON to ``--out``.
+By default the full-size random models (random weights cost exactly what
+real Zero123 weights cost: same shapes, same kernels) are first saved once
+as a diffusers folder of fp16 safetensors (``--weights-dir``), and the run
+loads them from there as a user's run loads its weights;
+``--no-weights-from-disk`` initialises them in memory instead. The run goes
+into a scratch output folder; then the run's meta.json gives wall seconds
+per phase and peak CUDA memory, and CUDA events inside every training step
+give ms per step and its parts per stage: grid (occupancy refresh), render
+(sampling + field + compositing), SDS (VAE encode + UNet), backward (the
+losses, backward pass and the step's one sync) and optimiser. Prints
+Markdown tables; writes the same numbers as JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -15,14 +21,105 @@ import argparse
 import platform
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from recon.fileio import read_json, write_json
 
+PARTS = ("grid", "render", "sds", "backward", "optimiser")
+WARMUP_STEPS = 5  # per stage, left out of the ms/step means (kernel compiles, CUDA-graph captures)
 
-def run(image: Path, preset: str, device: str, overrides: list[str], model: str, output: Path) -> dict[str, Any]:
-    """Fits ``image`` once and returns the benchmark record (phases, rates, memory, config summary)."""
+
+def save_weights(folder: Path) -> Path:
+    """Saves the full-size random Zero123 (fp16) as a diffusers folder once; later calls reuse it."""
+    import torch
+
+    from recon.guidance.checkpoints import random_model, save_diffusers
+
+    if not (folder / "model_index.json").is_file():
+        model = random_model("full").to(dtype=torch.float16)
+        save_diffusers(model, folder, overwrite=True)
+    return folder
+
+
+class StepTimer:
+    """CUDA events around the parts of every training step, read once at the end (no extra syncs).
+
+    Installs itself by wrapping ``Trainer.train_step`` and, per trainer, the
+    renderer's occupancy update, ``render_views``, the guidance's ``sds`` and
+    the optimiser's ``step``; each part is the stream time between two events.
+    """
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
+
+    def install(self) -> None:
+        """Wraps the trainer class (for this process)."""
+        import torch
+
+        from recon.systems.fit import Trainer
+
+        timer, original = self, Trainer.train_step
+
+        def event() -> torch.cuda.Event:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+
+        def train_step(trainer: Trainer, stage_name: str, stage: Any, local_step: int) -> float:
+            if not getattr(trainer, "_bench_wrapped", False):
+                trainer._bench_wrapped = True
+                for obj, name in ((trainer.renderer, "update_occupancy"), (trainer, "render_views"), (trainer.guidance, "sds")):
+                    inner = getattr(obj, name, None)
+                    if inner is None:  # an older Trainer (before/after comparisons): that part merges into the next
+                        continue
+
+                    def wrapped(*a: Any, _inner: Any = inner, _name: str = name, **k: Any) -> Any:
+                        out = _inner(*a, **k)
+                        trainer._bench_events[_name] = event()
+                        return out
+
+                    setattr(obj, name, wrapped)
+                step = trainer.optimizer.step
+
+                def optimiser_step(*a: Any, **k: Any) -> Any:
+                    trainer._bench_events["before_optimiser"] = event()
+                    return step(*a, **k)
+
+                trainer.optimizer.step = optimiser_step
+            trainer._bench_events = {"start": event()}
+            loss = original(trainer, stage_name, stage, local_step)
+            trainer._bench_events["end"] = event()
+            timer.steps[stage_name].append(trainer._bench_events)
+            return loss
+
+        Trainer.train_step = train_step
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per stage: mean ms per step and per part over the steps after the warm-up."""
+        import torch
+
+        torch.cuda.synchronize()
+        result = {}
+        for stage, steps in self.steps.items():
+            totals = dict.fromkeys(("step", *PARTS), 0.0)
+            counted = steps[WARMUP_STEPS:] or steps
+            for e in counted:
+                grid = e.get("update_occupancy", e["start"])
+                render = e.get("render_views", grid)
+                sds = e.get("sds", render)
+                before = e.get("before_optimiser", e["end"])
+                marks = [("grid", e["start"], grid), ("render", grid, render), ("sds", render, sds), ("backward", sds, before), ("optimiser", before, e["end"])]
+                for name, a, b in marks:
+                    totals[name] += a.elapsed_time(b)
+                totals["step"] += e["start"].elapsed_time(e["end"])
+            result[stage] = {name: round(value / len(counted), 2) for name, value in totals.items()} | {"steps_timed": len(counted)}
+        return result
+
+
+def run(image: Path, preset: str, device: str, overrides: list[str], model: str, output: Path, timer: StepTimer | None = None) -> dict[str, Any]:
+    """Fits ``image`` once and returns the benchmark record (phases, rates, parts, memory, config summary)."""
     import torch
 
     from recon.api import build_config, fit
@@ -31,6 +128,7 @@ def run(image: Path, preset: str, device: str, overrides: list[str], model: str,
     start = time.perf_counter()
     results = fit(image, output, preset, overrides, model=model, device=device, overwrite=True, batch=False)
     wall = time.perf_counter() - start
+    parts = timer.summary() if timer is not None and timer.steps else {}
     meta = read_json(results[0].run_dir / "meta.json")
     timings = meta.get("timings_s", {})
     stages = {
@@ -40,6 +138,8 @@ def run(image: Path, preset: str, device: str, overrides: list[str], model: str,
             "batch_size": stage.batch_size,
             "seconds": timings.get(name),
             "it_per_s": None if not timings.get(name) else round(stage.steps / timings[name], 3),
+            "ms_per_step": None if not timings.get(name) else round(1000 * timings[name] / stage.steps, 1),
+            "parts_ms": parts.get(name),
         }
         for name, stage in cfg.stages.items()
         if stage.steps > 0
@@ -74,11 +174,14 @@ def markdown(record: dict[str, Any]) -> str:
         "|---|---:|",
     ]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in record["phases_s"].items()]
-    lines += ["", "| stage | steps | render px | views/step | seconds | it/s |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| stage | steps | render px | views/step | seconds | ms/step (wall) | " + " | ".join(f"{p} ms" for p in ("step", *PARTS)) + " |"]
+    lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * (len(PARTS) + 1))
     for name, s in record["stages"].items():
         seconds = "n/a" if s["seconds"] is None else f"{s['seconds']:.1f}"
-        rate = "n/a" if s["it_per_s"] is None else f"{s['it_per_s']:.2f}"
-        lines.append(f"| {name} | {s['steps']} | {s['resolution']} | {s['batch_size']} | {seconds} | {rate} |")
+        per_step = "n/a" if s["ms_per_step"] is None else f"{s['ms_per_step']:.1f}"
+        parts = s.get("parts_ms") or {}
+        cells = " | ".join("n/a" if parts.get(p) is None else f"{parts[p]:.1f}" for p in ("step", *PARTS))
+        lines.append(f"| {name} | {s['steps']} | {s['resolution']} | {s['batch_size']} | {seconds} | {per_step} | {cells} |")
     return "\n".join(lines)
 
 
@@ -88,13 +191,27 @@ def main() -> None:
     parser.add_argument("image", type=Path, help="input image (RGBA PNG is best)")
     parser.add_argument("--preset", default="default", help="preset name or YAML path (default: default)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--model", default="random-full", help="guidance weights (default: random-full)")
+    parser.add_argument("--model", default="random-full", help="guidance weights (default: random-full, saved to disk first)")
+    parser.add_argument(
+        "--weights-from-disk", action=argparse.BooleanOptionalAction, default=True,
+        help="with --model random-full: save the models once as fp16 safetensors and load them from there, as a user's run does",
+    )
+    parser.add_argument("--weights-dir", type=Path, default=Path(tempfile.gettempdir()) / "recon-bench-zero123-full-fp16")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key.path=value (repeatable)")
     parser.add_argument("--output", type=Path, default=None, help="run folder parent (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     args = parser.parse_args()
+    import torch
+
+    model = args.model
+    if model == "random-full" and args.weights_from_disk:
+        model = str(save_weights(args.weights_dir))
+    timer = StepTimer() if torch.cuda.is_available() and args.device != "cpu" else None
+    if timer is not None:
+        timer.install()
     with tempfile.TemporaryDirectory(prefix="recon-bench-fit-") as scratch:
-        record = run(args.image, args.preset, args.device, args.overrides, args.model, args.output or Path(scratch))
+        record = run(args.image, args.preset, args.device, args.overrides, model, args.output or Path(scratch), timer)
+    record["weights_from_disk"] = model != args.model
     print(markdown(record))
     if args.out is not None:
         write_json(args.out, record)

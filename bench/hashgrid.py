@@ -1,10 +1,13 @@
 """Times the hash-grid encoding forward + backward on the current device.
 
-    python bench/hashgrid.py [--backend torch triton] [--points 18 20] [--repeats 20]
+    python bench/hashgrid.py [--backend torch triton] [--points 18 20] [--repeats 20] [--copies 16 0]
 
-Prints one row per point count: milliseconds for forward alone and for
-forward + backward (gradient w.r.t. the table), and peak CUDA memory. CUDA
-timings use CUDA events after warm-up.
+Prints one row per backend and point count: milliseconds for forward alone,
+for forward + backward (gradient w.r.t. the table), for the second-order
+pass analytic normals train through (forward, dL/dx with a graph, then the
+backward of both), and peak CUDA memory. The Triton backend runs once per
+``--copies`` value (replicas of the coarse levels' gradient rows; 0 = plain
+atomic adds). CUDA timings use CUDA events after warm-up.
 """
 
 from __future__ import annotations
@@ -42,22 +45,32 @@ def main() -> None:
     parser.add_argument("--backend", nargs="+", default=["torch"], choices=["auto", "torch", "triton", "tcnn"])
     parser.add_argument("--points", type=int, nargs="+", default=[18, 20], help="log2 of the point counts")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--spread", type=float, default=1.0, help="points uniform in a centred cube of this side (small = clustered, contended)")
+    parser.add_argument("--copies", type=int, nargs="+", default=[16, 0], help="Triton: gradient replicas of the coarse levels")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"hash grid on {name}, 16 levels x 2 features, 2^19 table")
-    print(f"{'backend':>8} {'points':>10} {'forward ms':>11} {'fwd+bwd ms':>11} {'Mpts/s':>8} {'peak GiB':>9}")
+    print(f"hash grid on {name}, 16 levels x 2 features, 2^19 table, points in a cube of side {args.spread}")
+    print(f"{'backend':>12} {'points':>10} {'forward ms':>11} {'fwd+bwd ms':>11} {'Mpts/s':>8} {'2nd-order ms':>13} {'peak GiB':>9}")
     for backend in args.backend:
-        _bench_backend(backend, args, device)
+        for copies in args.copies if backend == "triton" else [None]:
+            _bench_backend(backend, args, device, copies)
 
 
-def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device) -> None:
+def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device, copies: int | None) -> None:
     """Prints one row per point count for one backend."""
     torch.manual_seed(0)
-    encoding = make_encoding(HashGridConfig(backend=backend)).to(device)
+    encoding = make_encoding(HashGridConfig(backend=backend))
+    name = encoding.backend_name
+    if copies is not None and encoding.backend_name == "triton":
+        from recon.encoding.triton_backend import TritonHashGrid
+
+        encoding.backend = TritonHashGrid(encoding.cfg, private_copies=copies)
+        name = f"triton/{copies}"
+    encoding = encoding.to(device)
     for log2 in args.points:
-        x = torch.rand(2**log2, 3, device=device)
+        x = 0.5 + (torch.rand(2**log2, 3, device=device) - 0.5) * args.spread
 
         def forward(x: torch.Tensor = x) -> None:
             with torch.no_grad():
@@ -67,12 +80,20 @@ def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device)
             encoding.zero_grad(set_to_none=True)
             encoding(x).sum().backward()
 
+        def second_order(x: torch.Tensor = x) -> None:
+            encoding.zero_grad(set_to_none=True)
+            features = encoding(x)
+            upstream = torch.ones_like(features).requires_grad_()
+            grad_x = encoding.input_gradient(x, upstream)
+            (features.sum() + grad_x.square().sum()).backward()
+
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         fwd = _time_ms(forward, args.repeats, device)
         both = _time_ms(forward_backward, args.repeats, device)
+        second = _time_ms(second_order, args.repeats, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        print(f"{encoding.backend_name:>8} {2**log2:>10} {fwd:>11.2f} {both:>11.2f} {2**log2 / both / 1e3:>8.2f} {peak:>9.2f}")
+        print(f"{name:>12} {2**log2:>10} {fwd:>11.2f} {both:>11.2f} {2**log2 / both / 1e3:>8.2f} {second:>13.2f} {peak:>9.2f}")
 
 
 if __name__ == "__main__":

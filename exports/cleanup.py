@@ -120,13 +120,61 @@ def mesh_report(mesh: trimesh.Trimesh) -> dict:
     }
 
 
+def is_closed(mesh: trimesh.Trimesh) -> bool:
+    """Whether ``mesh`` is watertight (every edge in exactly two faces) with consistent winding."""
+    return len(mesh.faces) > 0 and bool(mesh.is_watertight) and bool(mesh.is_winding_consistent)
+
+
+def _decimate_closed(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh | None:
+    """Quadric decimation of a closed mesh that stays closed with the same Euler characteristic, or None.
+
+    Tries the budget, then (a different collapse order) 90 % of it; each
+    result gets one :func:`repair` before it is judged.
+    """
+    for budget in (target_faces, int(0.9 * target_faces)):
+        candidate = decimate(mesh, budget)
+        if not is_closed(candidate):
+            candidate = repair(candidate)
+        if is_closed(candidate) and candidate.euler_number == mesh.euler_number:
+            return candidate
+    return None
+
+
 def clean_mesh(
-    mesh: trimesh.Trimesh, min_component_ratio: float = 0.05, target_faces: int = 0, smooth_iterations: int = 0
+    mesh: trimesh.Trimesh,
+    min_component_ratio: float = 0.05,
+    target_faces: int = 0,
+    smooth_iterations: int = 0,
+    notes: list[str] | None = None,
 ) -> trimesh.Trimesh:
     """Basic cleanup, floater removal, Taubin smoothing (``smooth_iterations``), decimation to ``target_faces``
-    (0 = none) and :func:`repair`; returns a new mesh."""
-    mesh = basic_cleanup(mesh)
-    mesh = remove_small_components(mesh, min_component_ratio)
-    mesh = smooth(mesh, smooth_iterations)
-    mesh = decimate(mesh, target_faces)
-    return repair(remove_small_components(mesh, min_component_ratio))
+    (0 = none) and :func:`repair`; returns a new mesh.
+
+    A closed input (e.g. marching cubes of :func:`exports.solidify.solid_grid`)
+    stays closed: every step's result is checked (:func:`is_closed`, and the
+    Euler characteristic for decimation) and a step that would open the mesh
+    is undone, keeping its input; each undone step is appended to ``notes``
+    and warned about. An open input gets :func:`repair` at the end instead.
+    """
+    notes = [] if notes is None else notes
+    mesh = remove_small_components(basic_cleanup(mesh), min_component_ratio)
+    if not is_closed(mesh):
+        mesh = smooth(mesh, smooth_iterations)
+        mesh = decimate(mesh, target_faces)
+        return repair(remove_small_components(mesh, min_component_ratio))
+    smoothed = smooth(mesh, smooth_iterations)
+    if is_closed(smoothed):
+        mesh = smoothed
+    else:
+        notes.append("smoothing opened the mesh; kept it unsmoothed")
+    if 0 < target_faces < len(mesh.faces):
+        decimated = _decimate_closed(mesh, target_faces)
+        if decimated is None:
+            notes.append(f"decimation opened the mesh; kept all {len(mesh.faces)} faces")
+        else:
+            mesh = decimated
+    repaired = repair(mesh)
+    mesh = repaired if is_closed(repaired) else mesh
+    for note in notes:
+        warn(f"export cleanup: {note}")
+    return mesh

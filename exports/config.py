@@ -32,13 +32,18 @@ class ExportConfig:
     """Evaluate the field on every n-th grid point first and at full resolution only near the surface
     (1 = every point; exports.isosurface.sample_density_near_surface)."""
     fill_interior: bool = True
-    """Fill what empty space from outside cannot reach before marching cubes: one outer shell, no nested ones."""
+    """Mesh a solid (exports.solidify.solid_grid): the largest occupied pieces, with everything empty space from
+    outside cannot reach filled, so the mesh is one closed outer shell, no nested ones (False: the raw density)."""
     hole_voxels: int = 1
     """With fill_interior: holes in the shell up to about 2 x this many grid steps wide are closed."""
     threshold: float | None = None
     """Density level of the surface; None picks it from the density distribution (see exports.isosurface.auto_threshold)."""
     min_component_ratio: float = 0.05
-    """Connected pieces with fewer faces than this fraction of the largest piece are removed as floaters (0 keeps all)."""
+    """Solid pieces smaller than this fraction of the largest one's volume (and mesh pieces with fewer faces than
+    this fraction of the largest one's) are removed as floaters (0 keeps all)."""
+    carve_unseen: bool = True
+    """With cameras given (fit-views' training cameras), occupied grid points outside every camera's view are
+    emptied before meshing: the field there was never constrained."""
     smooth_iterations: int = 10
     """Taubin smoothing passes on the marching-cubes mesh before decimation (0 = none)."""
     target_faces: int = 50_000
@@ -49,17 +54,19 @@ class ExportConfig:
     """Gutter between UV charts and seam dilation of the baked texture, in pixels."""
     chart_max_cost: float = 4.0
     """xatlas chart growth cost limit (xatlas' default 2); higher gives fewer, larger UV charts."""
-    bake: Literal["project", "point"] = "project"
-    """Texture colour: project (the field rendered from bake_views views onto the surface, visibility- and
-    angle-weighted) or point (albedo looked up at each texel's point on the mesh)."""
+    bake: Literal["normal", "project", "point"] = "normal"
+    """Texture colour: normal (the field volume-rendered along each texel's normal from just outside the mesh:
+    the colour where the field's rays terminate), project (rendered from bake_views views onto the surface,
+    visibility- and angle-weighted) or point (albedo looked up at each texel's point on the mesh)."""
     bake_views: int = 32
     """Viewpoints around the object used by the projection bake."""
-    bake_views_per_texel: int = 3
+    bake_views_per_texel: int = 1
     """The projection bake renders each texel from this many of its best-facing visible views."""
     bake_samples: int = 16
-    """Samples per short ray of the projection bake."""
-    bake_band: float = 0.02
-    """Half-length of the projection bake's rays about the mesh, as a fraction of the box diagonal."""
+    """Samples per short ray of the normal and projection bakes."""
+    bake_band: float = 3.0
+    """Half-length of the normal and projection bakes' rays about the mesh, in marching-cubes grid steps (the
+    normal bake shortens a ray whose start would lie inside another part of the object)."""
     bake_view_resolution: int = 512
     """Side of the depth maps that decide visibility in the projection bake, in pixels."""
     chunk_size: int = 262_144
@@ -91,8 +98,10 @@ class ExportConfig:
             raise ReconError(f"export.min_component_ratio must be in [0, 1], got {self.min_component_ratio}")
         if self.up_axis not in (*UP_AXES, "auto"):
             raise ReconError(f"export.up_axis {self.up_axis!r}: choose one of {', '.join(UP_AXES)} (or auto in fit-views)")
-        if self.bake not in ("project", "point"):
-            raise ReconError(f"export.bake {self.bake!r}: choose project or point")
+        if self.bake not in ("normal", "project", "point"):
+            raise ReconError(f"export.bake {self.bake!r}: choose normal, project or point")
+        if self.bake_band <= 0:
+            raise ReconError(f"export.bake_band must be > 0 grid steps, got {self.bake_band}")
         if min(self.density_stride, self.bake_views, self.bake_views_per_texel, self.bake_samples, self.bake_view_resolution) < 1:
             raise ReconError("export.density_stride and export.bake_views / views_per_texel / samples / view_resolution must be >= 1")
         if self.target_faces < 0 or self.texture_padding < 0 or self.smooth_iterations < 0 or self.hole_voxels < 0:

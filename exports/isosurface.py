@@ -1,9 +1,11 @@
 """Density field -> triangle mesh: sample a grid over the bounding box, run marching cubes.
 
-Orientation: PyMCubes emits triangles whose right-hand normal points towards
-*decreasing* values of the volume, so with a density (high inside) the
-normals point outward and the signed volume is positive (checked by
-tests/test_exports_isosurface.py on a sphere).
+Marching cubes is scikit-image's Lewiner variant (topologically consistent:
+a closed, manifold surface for a grid padded with empty space). Its
+triangles' right-hand normals point towards *increasing* values, so they are
+flipped: with a density (high inside) the normals point outward and the
+signed volume is positive (checked by tests/test_exports_isosurface.py on a
+sphere).
 """
 
 from __future__ import annotations
@@ -104,21 +106,23 @@ def auto_threshold(grid: np.ndarray, spacing: np.ndarray | float = 1.0, optical_
 def marching_cubes(grid: np.ndarray, aabb: torch.Tensor | np.ndarray, threshold: float) -> trimesh.Trimesh:
     """Isosurface of ``grid`` (R, R, R, sampled as in :func:`sample_density_grid`) at ``threshold``, world units.
 
-    The grid is padded with one layer of zeros so surfaces cut by the box are
-    closed. Normals point towards lower density (outward).
+    The grid is padded with one layer of empty space so surfaces cut by the
+    box are closed. Normals point towards lower density (outward); vertices
+    on shared cube edges are shared (no merging needed).
     """
-    import mcubes
+    from skimage.measure import marching_cubes as lewiner
 
     box = as_aabb(aabb)
     resolution = np.array(grid.shape, dtype=np.float64)
-    padded = np.pad(grid.astype(np.float64), 1, mode="constant", constant_values=min(0.0, float(threshold) - 1.0))
-    vertices, faces = mcubes.marching_cubes(padded, float(threshold))
-    if len(faces) == 0:
-        raise ReconError(f"no surface at density level {threshold:.4g} (grid range {grid.min():.4g} .. {grid.max():.4g}); set export.threshold")
+    low, high = float(np.min(grid)), float(np.max(grid))
+    if not high > float(threshold):
+        raise ReconError(f"no surface at density level {threshold:.4g} (grid range {low:.4g} .. {high:.4g}); set export.threshold")
+    padded = np.pad(grid.astype(np.float32), 1, mode="constant", constant_values=min(0.0, float(threshold) - 1.0))
+    vertices, faces, _, _ = lewiner(padded, float(threshold), method="lewiner", allow_degenerate=False)
     spacing = (box[1] - box[0]) / (resolution - 1)
-    vertices = box[0] + (vertices - 1.0) * spacing
+    vertices = box[0] + (vertices.astype(np.float64) - 1.0) * spacing
     vertices = np.clip(vertices, box[0], box[1])
-    return trimesh.Trimesh(vertices=vertices, faces=faces.astype(np.int64), process=False)
+    return trimesh.Trimesh(vertices=vertices, faces=faces[:, ::-1].astype(np.int64), process=False)
 
 
 def _grid_points(axes: list[torch.Tensor], index: np.ndarray) -> torch.Tensor:

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from recon.cameras import Cameras
 from recon.errors import ReconError
 from recon.exports.bake import bake_colours, point_lookup
 from recon.exports.cleanup import clean_mesh, mesh_report
 from recon.exports.config import ExportConfig
 from recon.exports.isosurface import as_aabb, marching_cubes, sample_density_near_surface
-from recon.exports.project import ProjectionSettings, Projector, sphere_viewpoints, surface_colours
-from recon.exports.solidify import solidify
+from recon.exports.project import (
+    ProjectionSettings,
+    Projector,
+    SolidProbe,
+    normal_colours,
+    sphere_viewpoints,
+    surface_colours,
+)
+from recon.exports.raster import project
+from recon.exports.solidify import solid_grid
 from recon.exports.uv import count_charts, unwrap_uv
 from recon.exports.writers import write_glb, write_obj, write_ply
 from recon.progress import info
@@ -47,6 +56,24 @@ class _Stages:
         self._start = now
 
 
+def seen_points(grid_shape: tuple[int, int, int], aabb: np.ndarray, cameras: Cameras, candidates: np.ndarray, device: torch.device | str) -> np.ndarray:
+    """(R, R, R) bool: which of the grid points ``candidates`` (R, R, R) bool lie inside some camera's view
+    (in front of it and within its image); points not among the candidates are False."""
+    seen = np.zeros(grid_shape, dtype=bool)
+    index = np.argwhere(candidates)
+    if len(index) == 0:
+        return seen
+    step = (aabb[1] - aabb[0]) / (np.array(grid_shape) - 1)
+    points = torch.as_tensor(aabb[0] + index * step, dtype=torch.float32, device=device)
+    hit = torch.zeros(len(points), dtype=torch.bool, device=device)
+    for k in range(len(cameras)):
+        camera = cameras[k].to(device)
+        col, row, depth = project(camera, points)
+        hit |= (depth > 0) & (col >= -0.5) & (col <= camera.width - 0.5) & (row >= -0.5) & (row <= camera.height - 0.5)
+    seen[tuple(index.T)] = hit.cpu().numpy()
+    return seen
+
+
 def export_mesh(
     density_fn: FieldFn,
     albedo_fn: FieldFn,
@@ -56,17 +83,24 @@ def export_mesh(
     stem: str = "mesh",
     device: torch.device | str = "cpu",
     view_origins: np.ndarray | None = None,
+    cameras: Cameras | None = None,
 ) -> ExportResult:
     """Exports a radiance field as mesh files ``out_dir/<stem>.<format>`` for each format in ``cfg.formats``.
 
-    ``density_fn(points (P, 3)) -> (P,)`` and ``albedo_fn(points) -> (P, 3)``
-    in [0, 1] take world points on ``device``; ``aabb`` (2, 3) is the box
-    searched for the surface. ``view_origins`` (K, 3): camera centres for the
-    projection bake (default ``cfg.bake_views`` points on a sphere around the
+    ``density_fn(points (P, 3)) -> (P,)`` (per world unit, as the renderer
+    composites it) and ``albedo_fn(points) -> (P, 3)`` in [0, 1] take world
+    points on ``device``; ``aabb`` (2, 3) is the box searched for the surface.
+    ``cameras``: the views the field was fitted to, in the same world frame
+    (fit-views' training cameras); with ``cfg.carve_unseen`` what none of them
+    sees is not meshed, and their centres are the projection bake's views.
+    ``view_origins`` (K, 3): camera centres for the projection bake (default
+    the cameras' centres, else ``cfg.bake_views`` points on a sphere around the
     box). Every format gets the same mesh and colours. OBJ sidecars
     (``<stem>.mtl``, ``<stem>_albedo.png``) sit beside the .obj;
     ``cfg.up_axis`` says which world axis is up (:mod:`exports.frame`).
-    Progress goes to the console one line per stage.
+    Progress goes to the console one line per stage. The report says whether
+    the mesh is closed (``is_watertight``) and lists cleanup steps undone
+    because they would have opened it (``cleanup_notes``).
     """
     cfg = cfg or ExportConfig()
     if cfg.up_axis == "auto":
@@ -79,23 +113,40 @@ def export_mesh(
     )
     chosen = "automatic" if cfg.threshold is None else "set"
     stages.done("density", f"density grid {cfg.mc_resolution}^3 ({100 * evaluated:.0f}% evaluated), level {level:.4g} ({chosen})")
-    filled = 0
+    solid_note, solid = "raw density", None
     if cfg.fill_interior:
-        grid, filled = solidify(grid, level, cfg.hole_voxels)
+        seen = None
+        if cameras is not None and cfg.carve_unseen:
+            seen = seen_points(grid.shape, box, cameras, grid >= level, device)
+        grid, stats = solid_grid(grid, level, cfg.hole_voxels, cfg.min_component_ratio, seen)
+        solid = asdict(stats)
+        solid_note = f"solid: {stats.filled} interior points filled, {stats.floaters} floater and {stats.unseen} unseen points dropped"
     raw = marching_cubes(grid, box, level)
-    stages.done("marching_cubes", f"marching cubes: {len(raw.faces)} faces ({filled} interior grid points filled)")
-    mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations)
+    stages.done("marching_cubes", f"marching cubes: {len(raw.faces)} faces ({solid_note})")
+    notes: list[str] = []
+    mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
     report = mesh_report(mesh)
-    stages.done("cleanup", f"cleanup: {report['faces']} faces, watertight {report['is_watertight']}, Euler characteristic {report['euler_characteristic']}")
+    report.update(cleanup_notes=notes, solid=solid)
+    closed = "closed" if report["is_watertight"] else "NOT closed (watertight False)"
+    stages.done("cleanup", f"cleanup: {report['faces']} faces, {closed}, Euler characteristic {report['euler_characteristic']}")
 
+    voxel = float(np.mean((box[1] - box[0]) / (cfg.mc_resolution - 1)))
+    band = cfg.bake_band * voxel
     if cfg.bake == "project":
-        origins = sphere_viewpoints(box, cfg.bake_views) if view_origins is None else np.asarray(view_origins, dtype=np.float64)
-        settings = ProjectionSettings(cfg.bake_views_per_texel, cfg.bake_samples, cfg.bake_view_resolution, cfg.bake_band)
+        if view_origins is None:
+            view_origins = sphere_viewpoints(box, cfg.bake_views) if cameras is None else cameras.centers.cpu().numpy()
+        origins = np.asarray(view_origins, dtype=np.float64)
+        settings = ProjectionSettings(cfg.bake_views_per_texel, cfg.bake_samples, cfg.bake_view_resolution, band)
         projector = Projector(np.asarray(mesh.vertices), np.asarray(mesh.faces), box, origins, settings, device)
         stages.done("visibility", f"visibility: {len(origins)} depth maps of {cfg.bake_view_resolution}x{cfg.bake_view_resolution}")
 
         def colour_fn(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
             return surface_colours(points, normals, projector, density_fn, albedo_fn, cfg.chunk_size)[0]
+    elif cfg.bake == "normal":
+        probe = SolidProbe(grid, box, level, device)
+
+        def colour_fn(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+            return normal_colours(points, normals, density_fn, albedo_fn, band, cfg.bake_samples, probe, cfg.chunk_size, device)[0]
     else:
         colour_fn = point_lookup(albedo_fn, cfg.chunk_size, device)
 
@@ -128,6 +179,7 @@ def export_field(
     stem: str = "mesh",
     device: torch.device | str = "cpu",
     view_origins: np.ndarray | None = None,
+    cameras: Cameras | None = None,
 ) -> dict[str, Path]:
     """:func:`export_mesh`, returning only the files written ({format: path})."""
-    return export_mesh(density_fn, albedo_fn, aabb, out_dir, cfg, stem, device, view_origins).paths
+    return export_mesh(density_fn, albedo_fn, aabb, out_dir, cfg, stem, device, view_origins, cameras).paths

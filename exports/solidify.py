@@ -1,19 +1,26 @@
-"""Solid interior before marching cubes: everything that empty space from outside cannot reach is filled.
+"""Solid occupancy before meshing: one solid piece, no cavities, nothing no camera saw.
 
 A radiance field is only constrained where cameras see it; inside an object
-its density is arbitrary, so marching cubes on it meshes nested inner
-shells. Here the grid points below the surface level are flood-filled from
-the box boundary (6-connected); empty pockets the flood does not reach are
-inside the object and are raised above the level. The flood runs through
-empty space eroded by ``hole_voxels`` (paths must be 2 * hole_voxels + 1
-points wide), so holes in the shell smaller than that do not let it in;
-the reached region is then grown back into the empty space it came from.
+its density is arbitrary and around it float small opaque specks, so
+marching cubes on the raw density meshes nested inner shells and floaters.
+Here the grid is turned into a *solid*: the occupied points (density at or
+above the surface level) that some camera can see, reduced to the largest
+connected pieces, with every point that empty space from outside cannot
+reach filled. Marching cubes on :func:`solid_grid`'s result is the boundary
+of that solid, so it is one closed, outward-oriented surface by construction.
+
+Empty space is flood-filled from the box boundary (6-connected) through the
+empty points eroded by ``hole_voxels`` (paths must be 2 * hole_voxels + 1
+points wide), so holes in the shell smaller than that do not let it in; the
+reached region is then grown back into the empty space it came from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from scipy.ndimage import binary_dilation, binary_erosion, label
+from scipy.ndimage import binary_dilation, binary_erosion, generate_binary_structure, label
 
 
 def outside_region(occupied: np.ndarray, hole_voxels: int = 1) -> np.ndarray:
@@ -32,6 +39,20 @@ def outside_region(occupied: np.ndarray, hole_voxels: int = 1) -> np.ndarray:
     return reached[1:-1, 1:-1, 1:-1]
 
 
+def largest_pieces(occupied: np.ndarray, min_ratio: float = 0.0) -> np.ndarray:
+    """``occupied`` (R, R, R) bool reduced to its largest 26-connected piece and the pieces with at least
+    ``min_ratio`` x its point count (0 keeps only the largest)."""
+    labels, count = label(occupied, structure=generate_binary_structure(3, 3))
+    if count <= 1:
+        return occupied.copy()
+    sizes = np.bincount(labels.reshape(-1))
+    sizes[0] = 0
+    keep = sizes >= max(min_ratio * sizes.max(), 1)
+    keep[np.argmax(sizes)] = True
+    keep[0] = False
+    return keep[labels]
+
+
 def solidify(grid: np.ndarray, level: float, hole_voxels: int = 1) -> tuple[np.ndarray, int]:
     """``grid`` (R, R, R) with every point not reachable from outside raised to at least 2 x ``level``.
 
@@ -44,3 +65,43 @@ def solidify(grid: np.ndarray, level: float, hole_voxels: int = 1) -> tuple[np.n
     filled = grid.copy()
     filled[inside] = max(2.0 * float(level), float(level) + 1.0)
     return filled, int(inside.sum())
+
+
+@dataclass
+class SolidStats:
+    """What :func:`solid_grid` changed, in grid points: ``unseen`` occupied points no camera sees,
+    ``floaters`` occupied points in the pieces dropped, ``filled`` empty points filled as interior."""
+
+    unseen: int
+    floaters: int
+    filled: int
+
+
+def solid_grid(
+    grid: np.ndarray, level: float, hole_voxels: int = 1, min_ratio: float = 0.0, seen: np.ndarray | None = None
+) -> tuple[np.ndarray, SolidStats]:
+    """``grid`` (R, R, R) changed so that its points at or above ``level`` are exactly one solid.
+
+    The solid: the occupied points (``grid >= level``) inside ``seen`` (R, R, R)
+    bool, the points some camera sees; None = all), kept only in the largest
+    26-connected piece and pieces of at least ``min_ratio`` x its size, plus
+    everything that outside empty space cannot reach (:func:`outside_region`).
+    Values keep their sub-voxel information: solid points get at least a hair
+    above ``level``, all others at most a hair below it (dropped pieces: 0),
+    so marching cubes at ``level`` meshes exactly the solid's boundary.
+    """
+    level = float(level)
+    occupied = grid >= level
+    unseen = 0
+    if seen is not None:
+        unseen = int((occupied & ~seen).sum())
+        occupied &= seen
+    kept = largest_pieces(occupied, min_ratio)
+    floaters = int(occupied.sum() - kept.sum())
+    inside = ~outside_region(kept, hole_voxels) & ~kept
+    above, below = level + max(1e-4 * abs(level), 1e-6), level - max(1e-4 * abs(level), 1e-6)
+    result = np.minimum(grid, below).astype(np.float32)
+    result[occupied & ~kept] = min(0.0, below)
+    result[kept] = np.maximum(grid[kept], above)
+    result[inside] = max(2.0 * level, level + 1.0)
+    return result, SolidStats(unseen, floaters, int(inside.sum()))

@@ -439,7 +439,14 @@ def load_component(folder: Path, cls: Any, device: torch.device | str, dtype: to
         except _LayoutMismatch:
             pass
     kwargs = {"dtype": dtype} if cls.__module__.startswith("transformers") else {"torch_dtype": dtype}
-    return cls.from_pretrained(folder, **kwargs).to(device)
+    try:
+        return cls.from_pretrained(folder, **kwargs).to(device)
+    except (OSError, ValueError) as exc:  # a damaged file, or a pickle .bin that weights_only loading refuses
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{folder}: cannot load the {cls.__name__} weights ({first}); re-download the folder, or convert "
+            "pickle .bin weights to .safetensors"
+        ) from exc
 
 
 def _load_image_encoder(

@@ -60,6 +60,7 @@ class Zero123Guidance:
         self.nearby_views: ViewSet | None = None
         self.bank_views: ViewSet | None = None
         self._input: Conditions | None = None
+        self._alphas_cumprod: Tensor | None = None  # the scheduler's, on the device: no copy per step
         self._nearby: Conditions | None = None
         self._bank: Conditions | None = None
 
@@ -176,10 +177,12 @@ class Zero123Guidance:
         )
         clip = None if cfg.grad_clip is None else value_at(cfg.grad_clip, step)
         latents = self.encode(images)
+        if self._alphas_cumprod is None or self._alphas_cumprod.device != latents.device:
+            self._alphas_cumprod = model.scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)
         out = score_distillation(
             latents,
             self.eps_function(target, scale),
-            model.scheduler.alphas_cumprod,
+            self._alphas_cumprod,
             min_step,
             max_step,
             weighting=cfg.weighting,

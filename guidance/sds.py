@@ -10,7 +10,7 @@ Everything after the UNet runs in fp32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,12 +20,45 @@ from torch import Tensor
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
 
+class Diagnostics(MutableMapping[str, float]):
+    """Read-outs as plain floats, some still 0-d device tensors: all of those are copied to the host
+    together (one device sync) on the first read, so producing them does not stall the training step."""
+
+    def __init__(self, pending: dict[str, Tensor], ready: dict[str, float] | None = None) -> None:
+        self._pending = dict(pending)
+        self._ready = dict(ready or {})
+
+    def _resolve(self) -> dict[str, float]:
+        if self._pending:
+            names = list(self._pending)
+            values = torch.stack([self._pending[name].detach().float().reshape(()) for name in names]).tolist()
+            self._ready.update(zip(names, values, strict=True))
+            self._pending = {}
+        return self._ready
+
+    def __getitem__(self, key: str) -> float:
+        return self._resolve()[key]
+
+    def __setitem__(self, key: str, value: float) -> None:
+        self._pending.pop(key, None)
+        self._ready[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._resolve()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._resolve())
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._ready)
+
+
 @dataclass
 class SDSOutput:
-    """``loss``: scalar with grad to the latents / pixels; ``diagnostics``: plain floats for logs."""
+    """``loss``: scalar with grad to the latents / pixels; ``diagnostics``: plain floats for logs (read lazily)."""
 
     loss: Tensor
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: MutableMapping[str, float] = field(default_factory=dict)
 
 
 def timestep_range(num_train_timesteps: int, min_percent: float, max_percent: float) -> tuple[int, int]:
@@ -120,16 +153,11 @@ def score_distillation(
     weight = timestep_weight(alphas_cumprod, t, weighting)
     grad, bad = sds_gradient(eps_hat, noise, weight, grad_clip)
     loss = sds_loss_from_gradient(latents, grad)
-    # One device sync for all the read-outs.
-    loss_value, t_mean, grad_norm, nonfinite = torch.stack(
-        [loss.detach(), t.float().mean(), grad.flatten(1).norm(dim=1).mean(), bad.float()]
-    ).tolist()
-    diagnostics = {
-        "sds_loss": loss_value,
-        "sds_t_mean": t_mean,
-        "sds_grad_norm": grad_norm,
-        "sds_nonfinite": nonfinite,
-        "sds_min_step": float(min_step),
-        "sds_max_step": float(max_step),
+    # Device tensors until first read: one sync for all of them, and none inside the training step.
+    pending = {
+        "sds_loss": loss.detach(),
+        "sds_t_mean": t.float().mean(),
+        "sds_grad_norm": grad.flatten(1).norm(dim=1).mean(),
+        "sds_nonfinite": bad.float(),
     }
-    return SDSOutput(loss=loss, diagnostics=diagnostics)
+    return SDSOutput(loss=loss, diagnostics=Diagnostics(pending, {"sds_min_step": float(min_step), "sds_max_step": float(max_step)}))

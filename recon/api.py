@@ -19,7 +19,6 @@ at a time, with the models loaded once:
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from recon.config import to_plain
-from recon.errors import ReconError
+from recon.errors import InputError, ReconError, save_traceback
 from recon.progress import PhaseTimer
 from recon.runs import RunDir
 from recon.systems.batch import ImageResult, print_summary, run_batch, save_summary
@@ -166,8 +165,8 @@ def _create_run(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device
             "random_weights": random_weights,
         },
     )
-    if random_weights:  # labelled before anything else is written
-        fileio.write_text(run.file(f"exports/{SMOKE_TEST_NOTE}"), SMOKE_TEST_TEXT.format(model=cfg.guidance.model))
+    if random_weights:  # labelled before anything else is written (and again beside the exports)
+        fileio.write_text(run.file(SMOKE_TEST_NOTE), SMOKE_TEST_TEXT.format(model=cfg.guidance.model))
         warn(f"{run_dir}: guidance model {cfg.guidance.model!r} has random weights; this run is a smoke test, not a reconstruction")
     fileio.write_bytes(run.file(f"input{image.suffix.lower()}"), image.read_bytes())
     reference.save(run.file("input_rgba.png"))
@@ -177,7 +176,6 @@ def _create_run(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device
 
 def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device, timer: Any) -> dict[str, Path]:
     """Mesh files and the turntable video of a trained run."""
-    from recon import fileio
     from recon.exports.turntable import render_turntable
     from recon.systems.run_export import export_run
 
@@ -196,6 +194,10 @@ def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device,
                 render, run.exports / "turntable.mp4", e.turntable_frames, e.turntable_elevation_deg,
                 ref.radius, ref.fovy_deg, e.turntable_resolution, e.turntable_fps,
             )
+    if cfg.guidance.model.startswith("random-"):
+        from recon import fileio
+
+        fileio.write_text(run.file(f"exports/{SMOKE_TEST_NOTE}"), SMOKE_TEST_TEXT.format(model=cfg.guidance.model))
     return paths
 
 
@@ -231,8 +233,10 @@ def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, 
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise
-    except BaseException:
+    except BaseException as exc:
         run.set_status("failed")
+        if not isinstance(exc, ReconError):
+            save_traceback(exc, run.file("error.log"))
         raise
     finally:
         run.record_timings(timer.seconds)
@@ -248,6 +252,24 @@ def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, 
     run.write_progress(None, cfg.total_steps, cfg.total_steps, 0.0, "finished")
     info(f"[green]done[/] {run.root} ({time.perf_counter() - start:.1f} s)")
     return {"exports": paths, "timings_s": {k: round(v, 3) for k, v in timer.seconds.items()}}
+
+
+def batch_worker(cfg: FitConfig, resume: bool, overwrite: bool, device: str) -> Any:
+    """The fit function of one scaled-out batch worker (a process per GPU, or a Ray actor) on ``device``.
+
+    Loads the guidance models now, once per worker. Returns
+    ``fit_one(image, run_dir, retry)`` (:func:`fit_image` with this batch's
+    settings); ``retry`` (after a crashed worker) resumes what that attempt left.
+    """
+    from recon.runtime import resolve_device
+
+    models = Models(resolve_device(device))
+    models.get(cfg, PhaseTimer())
+
+    def fit_one(image: Path, run_dir: Path, retry: bool) -> dict[str, Any]:
+        return fit_image(image, run_dir, cfg, models.device, models, resume=resume or retry, overwrite=overwrite and not retry)
+
+    return fit_one
 
 
 def fit(
@@ -268,30 +290,45 @@ def fit(
     steps: int | None = None,
     batch: bool | None = None,
     elevation: float | None = None,
+    gpus: str | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
 ) -> list[ImageResult]:
     """Reconstructs each image (a file, several, or a folder) into ``output/<stem>/``; mirrors ``recon fit``.
 
     With one image file (and ``batch`` not True) errors are raised as
     :class:`ReconError`; otherwise each image's failure is recorded, the
     batch goes on, and ``output/batch_summary.json`` is written. Returns one
-    :class:`ImageResult` per image.
+    :class:`ImageResult` per image. Scale-out (always a batch): ``gpus``
+    (``all``, ``2``, ``0,2``: a worker process per GPU) or ``workers`` with
+    ``device="cpu"`` (CPU worker processes), see :mod:`recon.systems.workers`;
+    ``ray`` (``local``, ``auto`` or an address: Ray actors, ``workers`` of them
+    or one per GPU), see :mod:`recon.systems.ray_batch`.
     """
     from recon.imageio import list_images
     from recon.progress import set_quiet
     from recon.runtime import resolve_device
 
     set_quiet(quiet)
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: is a file; --output takes the folder that holds one run folder per image")
     paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     image_list = list_images(paths)
-    if batch is None:
-        batch = len(image_list) != 1 or any(Path(p).is_dir() for p in paths)
+    scale_out = gpus is not None or workers is not None or ray is not None
+    if batch is None or scale_out:
+        batch = scale_out or len(image_list) != 1 or any(Path(p).is_dir() for p in paths)
     cfg = build_config(
         preset, overrides, model=model, formats=formats, seed=seed, foreground_ratio=foreground_ratio,
         remove_bg=remove_bg, steps=steps, elevation=elevation,
     )
     dev = resolve_device(device)
+    if dev.type == "cpu" and str(preset) in ("default", "fast", "stable-zero123"):
+        from recon.progress import warn
+
+        warn(f"--preset {preset} is made for a GPU and no GPU is in use: it would take hours on the CPU; "
+             "use --preset cpu for a run of minutes")
     models = Models(dev)
-    output = Path(output)
 
     def one(image: Path, run_dir: Path) -> dict[str, Any]:
         return fit_image(image, run_dir, cfg, dev, models, resume=resume, overwrite=overwrite)
@@ -314,8 +351,23 @@ def fit(
             result.timings_s = outcome["timings_s"]
         result.seconds = round(time.perf_counter() - start, 3)
         return [result]
-    results = run_batch(image_list, output, one, overwrite=overwrite)
-    save_summary(output, results)
+    if scale_out:
+        from functools import partial
+
+        factory = partial(batch_worker, cfg, resume, overwrite)
+        if ray is not None:
+            from recon.systems.ray_batch import run_ray
+
+            if gpus is not None:
+                raise ReconError("--gpus and --ray do not combine: on Ray each worker gets one GPU of the cluster (--workers N to limit them)")
+            results = run_ray(image_list, output, factory, ray, device, workers, overwrite)
+        else:
+            from recon.systems.workers import local_workers, run_pool
+
+            results = run_pool(image_list, output, factory, local_workers(gpus, workers, device), overwrite)
+    else:
+        results = run_batch(image_list, output, one, overwrite=overwrite)
+        save_summary(output, results)
     print_summary(results)
     from recon.progress import info
     from recon.systems.report import write_report
@@ -365,11 +417,13 @@ def fit_views(
     device: str = "auto",
     resume: bool = False,
     export: bool = True,
+    overwrite: bool = False,
 ) -> tuple[RunDir, dict[str, float]]:
     """Fits a radiance field to posed images (a transforms.json), evaluates held-out views, exports; mirrors ``recon fit-views``.
 
     ``output`` is the run folder; an existing run there is continued only with
-    ``resume``. Returns the run and its held-out metrics (``psnr``, ``ssim``;
+    ``resume`` and redone only with ``overwrite`` (which deletes only what that run
+    wrote); a folder recon did not make is refused (:meth:`RunDir.claim`). Returns the run and its held-out metrics (``psnr``, ``ssim``;
     empty without held-out views).
     """
     from recon.config import read_preset, resolve
@@ -381,9 +435,7 @@ def fit_views(
     transforms, output = Path(transforms), Path(output)
     torch_device = resolve_device(device)
     flags = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
-    resuming = RunDir.is_run(output)
-    if resuming and not resume:
-        raise ReconError(f"{output}: already holds a run; add --resume to continue it or choose another -o")
+    resuming = RunDir.claim(output, resume=resume, overwrite=overwrite)
     if resuming:
         run = RunDir.open(output)
         if preset:
@@ -401,12 +453,17 @@ def fit_views(
     held = 0 if views.held_out is None else len(views.held_out)
     info(f"{transforms}: {len(views.train)} training and {held} held-out views of "
          f"{views.train.cameras.width}x{views.train.cameras.height}; run folder {run.root}")
-    result = FitViewsTrainer(run, cfg, views, torch_device).fit()
-    if export:
-        timer = PhaseTimer()
-        with timer.phase("export"):
-            export_run(run, cfg.export, torch_device)
-        run.record_timings(timer.seconds)
+    try:
+        result = FitViewsTrainer(run, cfg, views, torch_device).fit()
+        if export:
+            timer = PhaseTimer()
+            with timer.phase("export"):
+                export_run(run, cfg.export, torch_device)
+            run.record_timings(timer.seconds)
+    except Exception as exc:
+        if not isinstance(exc, ReconError):
+            save_traceback(exc, run.file("error.log"))
+        raise
     return run, dict(result.metrics or {})
 
 
@@ -462,4 +519,35 @@ def novel_views(
         progress=progress,
     )
     return views, loaded
+
+
+def evaluate_nvs(
+    data: str | os.PathLike[str],
+    model: str,
+    cfg: Any,
+    refiner: str | None = None,
+    cascade: bool = True,
+    device: str = "auto",
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Scores novel views of a held-out multi-view dataset (Base alone and the cascade); mirrors ``recon eval-nvs``.
+
+    ``cfg`` is a :class:`recon.systems.evaluation.EvalConfig`; ``refiner``
+    defaults to ``model``. Returns the report that
+    :func:`recon.systems.evaluation.write_report` writes. ``progress(done, total)``
+    is called per object.
+    """
+    from recon.data.multiview import MultiViewDataset
+    from recon.guidance.checkpoints import load_zero123
+    from recon.guidance.sampling import native_size
+    from recon.runtime import resolve_device
+    from recon.systems.evaluation import evaluate
+
+    torch_device = resolve_device(device)
+    base = load_zero123(model, torch_device)
+    second = None
+    if cascade:
+        second = base if refiner in (None, model) else load_zero123(refiner, torch_device)
+    dataset = MultiViewDataset(Path(data), image_size=native_size(base))
+    return evaluate(dataset, base, second, cfg, progress=progress)
 

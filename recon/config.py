@@ -8,6 +8,7 @@ validated against the dataclass types by OmegaConf and saved as plain YAML.
 from __future__ import annotations
 
 import dataclasses
+import math
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -42,13 +43,22 @@ def read_preset(name_or_path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ReconError(f"{path}: config file not found")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ReconError(f"{path}: cannot read the config file as UTF-8 text ({exc})") from exc
     else:
         resource = presets_folder() / f"{name_or_path}.yaml"
         if not resource.is_file():
             raise ReconError(f"unknown preset {str(name_or_path)!r}; choose from {', '.join(preset_names())} or give a .yaml path")
         text = resource.read_text(encoding="utf-8")
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:  # syntax errors, and tags such as !!python/object that safe_load refuses
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ReconError(f"{name_or_path}: not a valid preset YAML file{at} ({problem}); presets hold plain values only") from exc
     if not isinstance(data, dict):
         raise ReconError(f"{name_or_path}: a preset must be a mapping of config keys")
     data.pop("description", None)
@@ -97,11 +107,35 @@ def resolve(schema: type[T], *layers: dict[str, Any] | None, overrides: list[str
                 _apply_layer(merged, layer)
         for item in overrides:
             _apply_layer(merged, OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+        check_values(OmegaConf.to_container(merged))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except (OmegaConfBaseException, TypeError) as exc:
         key = getattr(exc, "full_key", None)
         where = f" at {key}" if key else ""
         raise ReconError(f"invalid config{where}: {str(exc).splitlines()[0]}") from exc
+
+
+def check_values(value: Any, key: str = "") -> None:
+    """Refuses values no config may hold, anywhere in a plain config: NaN or infinite numbers, a field of view
+    (``*fovy*``) outside (0, 180) degrees, an empty colour list (``background``, ``*colour*``/``*color*``).
+
+    Raises :class:`ReconError` naming the key, so a bad value stops a run before any work.
+    """
+    name = key.rsplit(".", 1)[-1]
+    if isinstance(value, dict):
+        for child_key, child in value.items():
+            check_values(child, f"{key}.{child_key}" if key else str(child_key))
+        return
+    if isinstance(value, (list, tuple)):
+        if not value and (name == "background" or "colour" in name or "color" in name):
+            raise ReconError(f"invalid config at {key}: the colour list is empty")
+        for index, child in enumerate(value):
+            check_values(child, f"{key}[{index}]")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ReconError(f"invalid config at {key}: {value} is not a finite number")
+    if "fovy" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 < value < 180:
+        raise ReconError(f"invalid config at {key}: a field of view must be in (0, 180) degrees, got {value}")
 
 
 def to_plain(config: Any) -> dict[str, Any]:

@@ -64,9 +64,9 @@ class FieldConfig:
     blob_radius: float = 0.5
     """Radius (world units) where the blob bias falls to zero; negative beyond."""
     normal_mode: Literal["auto", "analytic", "finite_difference"] = "auto"
-    """Normals from autograd of the density (analytic), from central finite differences, or auto:
-    analytic with the torch hash grid, finite differences with the fused GPU backends (their kernels
-    have first derivatives only, and normal losses need the derivative of a derivative)."""
+    """Normals from the density's gradient (analytic: one extra gather, trainable through the torch and
+    Triton hash grids), from central finite differences (six extra density evaluations per point), or
+    auto: analytic with the torch and Triton grids, finite differences with tinycudann."""
     fd_step: float = 0.01
     """Finite-difference step for normals (world units)."""
 
@@ -106,7 +106,7 @@ class RadianceField(nn.Module):
         self.mlp = _mlp(self.encoding.output_dim, cfg.mlp_width, cfg.mlp_hidden_layers, 4)
         self.normal_mode = cfg.normal_mode
         if self.normal_mode == "auto":
-            self.normal_mode = "analytic" if self.encoding.backend_name == "torch" else "finite_difference"
+            self.normal_mode = "analytic" if self.encoding.backend_name in ("torch", "triton") else "finite_difference"
 
     @property
     def aabb(self) -> Tensor:
@@ -124,7 +124,11 @@ class RadianceField(nn.Module):
     def _raw(self, points: Tensor) -> Tensor:
         """(P, 4) MLP output: raw density (with bias) and albedo logits."""
         unit = (points / self.cfg.bound + 1.0) * 0.5
-        raw = self.mlp(self.encoding(unit)).to(points.dtype)
+        return self._head(self.encoding(unit), points)
+
+    def _head(self, features: Tensor, points: Tensor) -> Tensor:
+        """(P, 4) raw density (with the bias at ``points``) and albedo logits from encoded features."""
+        raw = self.mlp(features).to(points.dtype)
         if self.cfg.density_bias == "blob":
             bias = self.cfg.blob_density * (1.0 - points.norm(dim=-1) / self.cfg.blob_radius)
             raw = torch.cat([raw[:, :1] + bias[:, None], raw[:, 1:]], dim=-1)
@@ -153,15 +157,7 @@ class RadianceField(nn.Module):
         one under ``torch.no_grad()``.
         """
         if with_normals and self.normal_mode == "analytic":
-            create_graph = torch.is_grad_enabled()
-            with torch.enable_grad():
-                p = points.detach().requires_grad_(True)
-                raw = self._raw(p)
-                density = self._activate(raw[:, 0], p)
-                (gradient,) = torch.autograd.grad(density.sum(), p, create_graph=create_graph)
-            if not create_graph:
-                density, raw = density.detach(), raw.detach()
-            return FieldOutput(density, torch.sigmoid(raw[:, 1:]), _unit(-gradient))
+            return self._analytic(points, create_graph=torch.is_grad_enabled())
         raw = self._raw(points)
         out = FieldOutput(self._activate(raw[:, 0], points), torch.sigmoid(raw[:, 1:]))
         if with_normals:
@@ -173,6 +169,32 @@ class RadianceField(nn.Module):
         if self.normal_mode == "analytic":
             return self(points, with_normals=True).normal
         return self._fd_normals(points)
+
+    def _analytic(self, points: Tensor, create_graph: bool) -> FieldOutput:
+        """Density, albedo and normals from the density's gradient; with ``create_graph`` the normals keep
+        their graph (to the MLP and the table) for normal losses, else every output is detached.
+
+        A fused encoding differentiates only the MLP with autograd and gets dL/dx from its own
+        input-gradient kernel; the torch reference differentiates the whole graph.
+        """
+        with torch.enable_grad():
+            p = points.detach().requires_grad_(True)
+            if hasattr(self.encoding.backend, "input_gradient"):
+                unit = (points.detach() / self.cfg.bound + 1.0) * 0.5
+                features = self.encoding(unit)
+                raw = self._head(features, p)
+                density = self._activate(raw[:, 0], p)
+                grad_features, grad_bias = torch.autograd.grad(density.sum(), [features, p], create_graph=create_graph, allow_unused=True)
+                gradient = self.encoding.input_gradient(unit, grad_features) * (0.5 / self.cfg.bound)
+                if grad_bias is not None:
+                    gradient = gradient + grad_bias
+            else:
+                raw = self._raw(p)
+                density = self._activate(raw[:, 0], p)
+                (gradient,) = torch.autograd.grad(density.sum(), p, create_graph=create_graph)
+        if not create_graph:
+            density, raw, gradient = density.detach(), raw.detach(), gradient.detach()
+        return FieldOutput(density, torch.sigmoid(raw[:, 1:]), _unit(-gradient))
 
     def _fd_normals(self, points: Tensor) -> Tensor:
         h = self.cfg.fd_step

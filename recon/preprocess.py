@@ -100,13 +100,20 @@ def load_reference(
     solid = alpha > 0.5
     fraction = float(solid.mean())
     if fraction < min_foreground:
-        if method == "alpha":
-            where = "its alpha channel is (almost) fully transparent"
-        else:
-            where = f"background removal ({method}) found no object"
+        if method == "alpha":  # --no-remove-bg would not help: the file's own alpha is used either way
+            raise InputError(
+                f"{path}: empty foreground ({fraction:.2%} of the pixels): its alpha channel is (almost) fully "
+                "transparent; give an image whose object is opaque (alpha above 50%)"
+            )
         raise InputError(
-            f"{path}: empty foreground ({fraction:.2%} of the pixels): {where}; "
-            "give an RGBA image with the object opaque, or use --no-remove-bg"
+            f"{path}: empty foreground ({fraction:.2%} of the pixels): background removal ({method}) found no object; "
+            "give an RGBA image with the object opaque, or use --no-remove-bg to use the whole frame"
+        )
+    if method == "alpha" and fraction > MAX_DETECTED_FOREGROUND:
+        raise InputError(
+            f"{path}: its alpha channel marks {fraction:.0%} of the frame as the object (no transparent background "
+            "to separate it from); give an RGBA image with a transparent background, or an opaque RGB photo "
+            "for background removal"
         )
     if method in ("rembg", "grabcut") and fraction > MAX_DETECTED_FOREGROUND:
         raise InputError(

@@ -18,8 +18,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True, highlight=False)
-_always = Console(stderr=True, highlight=False)
+NON_TERMINAL_WIDTH = 4096
+"""Line width when stderr is not a terminal (a log file, CI, a Ray worker): wide enough that nothing wraps or is cut."""
+
+
+def _console() -> Console:
+    """A stderr console; off a terminal, lines never wrap mid-sentence and tables keep every column whole."""
+    made = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not made.is_terminal:
+        made.width = NON_TERMINAL_WIDTH
+    return made
+
+
+console = _console()
+_always = _console()
 
 
 def set_quiet(quiet: bool) -> None:

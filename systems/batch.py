@@ -20,6 +20,8 @@ from recon.errors import ReconError
 from recon.runs import RunDir
 
 STATUSES = ("finished", "skipped", "failed")
+LIVE_STATUSES = ("pending", "running", "interrupted")
+"""Statuses of a summary written while a scaled-out batch runs (or after Ctrl-C stopped it)."""
 SUMMARY_NAME = "batch_summary.json"
 
 
@@ -32,7 +34,8 @@ class ImageResult:
     run_dir: Path
     """Its run folder."""
     status: str = "failed"
-    """finished, skipped (an earlier run had finished) or failed."""
+    """finished, skipped (an earlier run had finished) or failed; while a scaled-out batch runs also
+    pending, running, and interrupted after Ctrl-C."""
     seconds: float = 0.0
     """Wall-clock time spent on it in this invocation."""
     error: str | None = None
@@ -41,6 +44,10 @@ class ImageResult:
     """Written files by format (glb, obj, turntable, ...)."""
     timings_s: dict[str, float] = field(default_factory=dict)
     """Seconds per phase (from the run's meta.json)."""
+    attempts: int = 0
+    """Times it was started in this invocation (2 after a crashed worker's retry)."""
+    worker: str | None = None
+    """The worker that ran it last (scaled-out batches: gpu0, cpu1, ray0, ...)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain values for batch_summary.json."""
@@ -76,7 +83,8 @@ def is_finished(run_dir: Path) -> bool:
     return RunDir.is_run(run_dir) and RunDir(run_dir).is_finished
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """The one-line reason recorded for a failed image: a ReconError's message, else ``Type: first line``."""
     text = str(exc).strip().splitlines()
     message = text[0] if text else ""
     return message if isinstance(exc, ReconError) else f"{type(exc).__name__}: {message}"
@@ -96,6 +104,8 @@ def run_batch(
     batch goes on. Finished runs are skipped unless ``overwrite``. Writes
     ``output/batch_summary.json`` when ``write_summary``.
     """
+    from rich.markup import escape
+
     from recon.progress import error, info
 
     output = Path(output)
@@ -108,14 +118,15 @@ def run_batch(
             result.status = "skipped"
             info(f"{result.run_dir}: already finished; skipped (--overwrite to redo)")
         else:
+            result.attempts = 1
             try:
                 outcome = fit_one(image, result.run_dir) or {}
                 result.status = "finished"
                 result.exports = {k: str(v) for k, v in (outcome.get("exports") or {}).items()}
                 result.timings_s = dict(outcome.get("timings_s") or {})
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
-                result.error = _one_line(exc)
-                error(f"{image}: {result.error}")
+                result.error = one_line(exc)
+                error(escape(result.error if str(image) in result.error else f"{image}: {result.error}"))
                 if not isinstance(exc, ReconError):
                     info("[dim]" + traceback.format_exc().rstrip().replace("[", "\\[") + "[/]")
         result.seconds = round(time.perf_counter() - start, 3)
@@ -125,16 +136,25 @@ def run_batch(
     return results
 
 
-def save_summary(output: Path, results: Sequence[ImageResult]) -> Path:
-    """Writes ``output/batch_summary.json``: counts per status and one record per image."""
+def save_summary(output: Path, results: Sequence[ImageResult], workers: Sequence[dict[str, Any]] | None = None) -> Path:
+    """Atomically writes ``output/batch_summary.json``: counts per status and one record per image.
+
+    Counts always hold :data:`STATUSES`, and the :data:`LIVE_STATUSES` that occur;
+    ``workers`` (scaled-out batches) lists each worker's label, device, pid and current image.
+    """
     counts = {status: sum(r.status == status for r in results) for status in STATUSES}
+    counts.update({status: n for status in LIVE_STATUSES if (n := sum(r.status == status for r in results))})
+    data: dict[str, Any] = {"counts": counts, "images": [r.to_json() for r in results]}
+    if workers is not None:
+        data["workers"] = list(workers)
     path = Path(output) / SUMMARY_NAME
-    fileio.write_json(path, {"counts": counts, "images": [r.to_json() for r in results]})
+    fileio.write_json(path, data)
     return path
 
 
 def print_summary(results: Sequence[ImageResult]) -> None:
     """A table of image, status, time and error on the console (suppressed by --quiet, except failures)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from recon.progress import console, error
@@ -142,9 +162,9 @@ def print_summary(results: Sequence[ImageResult]) -> None:
     table = Table(title="batch summary")
     for column in ("image", "run folder", "status", "time (s)", "error"):
         table.add_column(column)
-    colours = {"finished": "green", "skipped": "cyan", "failed": "red"}
+    colours = {"finished": "green", "skipped": "cyan", "failed": "red", "pending": "dim", "running": "yellow", "interrupted": "yellow"}
     for r in results:
-        table.add_row(str(r.image), str(r.run_dir), f"[{colours[r.status]}]{r.status}[/]", f"{r.seconds:.1f}", r.error or "")
+        table.add_row(escape(str(r.image)), escape(str(r.run_dir)), f"[{colours[r.status]}]{r.status}[/]", f"{r.seconds:.1f}", escape(r.error or ""))
     console.print(table)
     failed = [r for r in results if r.status == "failed"]
     if failed:

@@ -77,9 +77,11 @@ if TYPE_CHECKING:
 Stage = Literal["cascade", "base", "vae"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
 LossWeighting = Literal["eps", "truncated-snr"]
+LrScaling = Literal["none", "linear", "sqrt"]
 STAGES = get_args(Stage)
 PRECISIONS = get_args(Precision)
 LOSS_WEIGHTINGS = get_args(LossWeighting)
+LR_SCALINGS = get_args(LrScaling)
 CHECKPOINT_FORMAT = 1
 
 
@@ -101,6 +103,9 @@ class TrainConfig:
     """AdamW learning rate of the UNet."""
     lr_projection: float = 1e-3
     """AdamW learning rate of the 772 -> 768 camera projection."""
+    lr_scaling: LrScaling = "none"
+    """How the learning rates follow the number of data-parallel processes N (global batch = batch_size x N):
+    'none' (as given), 'linear' (x N) or 'sqrt' (x sqrt N); see docs/TRAINING.md."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     warmup_steps: int = 100
@@ -164,6 +169,8 @@ class TrainConfig:
             raise ReconError(f"mixed_precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ReconError(f"loss_weighting {self.loss_weighting!r}: choose one of {', '.join(LOSS_WEIGHTINGS)}")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ReconError(f"lr_scaling {self.lr_scaling!r}: choose one of {', '.join(LR_SCALINGS)}")
         if self.steps < 1 or self.batch_size < 1 or self.prompt_steps < 1 or self.scale_samples < 1:
             raise ReconError("steps, batch_size, prompt_steps and scale_samples must be >= 1")
         for name in ("drop_tokens_p", "drop_latent_p", "drop_both_p", "drop_extra_token_p", "single_token_p"):
@@ -435,6 +442,48 @@ def base_copy(model: Zero123Model) -> Zero123Model:
     return base.to(model.device)  # its own CLIP normalisation buffers start on the CPU
 
 
+def lr_factor(scaling: str, processes: int) -> float:
+    """The learning-rate multiplier of ``TrainConfig.lr_scaling`` for ``processes`` data-parallel processes."""
+    return {"none": 1.0, "linear": float(processes), "sqrt": math.sqrt(processes)}[scaling]
+
+
+def out_of_time(accelerator: Any, start: float, max_minutes: float | None) -> bool:
+    """Whether ``max_minutes`` have passed since ``start``, decided by all processes together (any one over
+    the budget stops them all, so that no process waits forever in a gradient all-reduce)."""
+    if max_minutes is None:
+        return False
+    over = torch.tensor([float(time.perf_counter() - start > 60.0 * max_minutes)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        over = accelerator.reduce(over, reduction="sum")
+    return bool(over.item() > 0)
+
+
+class Throughput:
+    """Samples per second of a training launch, timed from the end of its first step (which includes warm-up)."""
+
+    def __init__(self, global_batch: int, start_step: int) -> None:
+        self.global_batch = global_batch
+        self.start_step = start_step
+        self.first: tuple[int, float] | None = None
+        self.last: tuple[int, float] | None = None
+
+    def stepped(self, step: int) -> None:
+        """Call after every optimiser step."""
+        now = (step, time.perf_counter())
+        if self.first is None:
+            self.first = now
+        self.last = now
+
+    def record(self, processes: int, lr_multiplier: float) -> dict[str, Any]:
+        """What meta.json's ``launches`` keeps of this launch: processes, global batch, lr factor, steps and samples/s."""
+        samples_per_s = None
+        if self.first is not None and self.last is not None and self.last[0] > self.first[0]:
+            samples_per_s = round((self.last[0] - self.first[0]) * self.global_batch / (self.last[1] - self.first[1]), 2)
+        end = self.last[0] if self.last is not None else self.start_step
+        return {"processes": processes, "global_batch": self.global_batch, "lr_factor": round(lr_multiplier, 4),
+                "steps": [self.start_step, end], "samples_per_s": samples_per_s}
+
+
 def step_generator(seed: int, process: int, step: int) -> torch.Generator:
     """The CPU generator of every random draw of ``step`` on process ``process``."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + process)
@@ -460,10 +509,14 @@ class Trainer:
             model.unet.enable_gradient_checkpointing()
         self.base = base_copy(model)
         self.denoiser = Denoiser(model)
+        # Peak rates of the UNet and projection groups, from the config and this launch's process count (not from a
+        # checkpoint's optimiser state, so a run resumed on another number of GPUs scales for that number).
+        factor = lr_factor(cfg.lr_scaling, accelerator.num_processes)
+        self.base_lrs = [cfg.lr_unet * factor, cfg.lr_projection * factor]
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": list(model.unet.parameters()), "lr": cfg.lr_unet, "base_lr": cfg.lr_unet},
-                {"params": list(model.camera_projection.parameters()), "lr": cfg.lr_projection, "base_lr": cfg.lr_projection},
+                {"params": list(model.unet.parameters()), "lr": self.base_lrs[0]},
+                {"params": list(model.camera_projection.parameters()), "lr": self.base_lrs[1]},
             ],
             weight_decay=cfg.weight_decay,
         )
@@ -482,8 +535,8 @@ class Trainer:
 
     def _set_lr(self, optimizer: torch.optim.Optimizer) -> None:
         scale = min(1.0, (self.step + 1) / max(1, self.cfg.warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * scale
+        for group, base_lr in zip(optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * scale
 
     def train_step(self, batch: ViewBatch, generator: torch.Generator, prompts: Prompts | None = None) -> float:
         """One optimiser step on ``batch`` (self-prompting first in stage cascade); returns the loss.
@@ -550,7 +603,10 @@ class Trainer:
                 module.load_state_dict({k[len(prefix) :]: v for k, v in state[key].items() if k.startswith(prefix)})
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        set_rng_state(state["rng"])
+        rng = dict(state["rng"])
+        if "cuda" in rng:  # saved on a machine with another number of GPUs: restore those that exist here
+            rng["cuda"] = list(rng["cuda"])[: torch.cuda.device_count()]
+        set_rng_state(rng)
 
 
 def export_base(trainer: Trainer, folder: Path, init: str) -> Path:
@@ -634,10 +690,11 @@ def train(
     trainer.prepare()
     losses: list[float] = []
     stopped_early = False
+    speed = Throughput(cfg.batch_size * acc.num_processes, trainer.step)
     reporter = StepReporter(run, f"train {cfg.stage}", cfg.steps, trainer.step) if main else contextlib.nullcontext()
     with reporter:
         while trainer.step < cfg.steps:
-            if max_minutes is not None and time.perf_counter() - start > 60.0 * max_minutes:
+            if out_of_time(acc, start, max_minutes):
                 stopped_early = True
                 break
             generator = step_generator(cfg.seed, acc.process_index, trainer.step)
@@ -651,6 +708,7 @@ def train(
 
                 raise TrainingDivergedError(f"loss is {loss} at step {trainer.step}; lower the learning rate or use bf16/fp32")
             losses.append(loss)
+            speed.stepped(trainer.step)
             if main:
                 reporter.update(trainer.step, f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
                 if on_step is not None:
@@ -659,6 +717,8 @@ def train(
                 write_checkpoint_file(run.checkpoints, trainer.step, trainer.state(), cfg.keep_checkpoints)
     final = None
     if main:
+        launches = run.read_meta().get("launches", [])
+        run.update_meta(launches=[*launches, speed.record(acc.num_processes, lr_factor(cfg.lr_scaling, acc.num_processes))])
         write_checkpoint_file(run.checkpoints, trainer.step, trainer.state(), cfg.keep_checkpoints)
         if not stopped_early or export_on_stop:
             final = export_base(trainer, run.root / "final" / "base", init)
@@ -779,14 +839,14 @@ def train_vae(
     reporter = StepReporter(run, "train vae", cfg.steps, 0) if main else contextlib.nullcontext()
     with reporter:
         while step < cfg.steps:
-            if max_minutes is not None and time.perf_counter() - start > 60.0 * max_minutes:
+            if out_of_time(acc, start, max_minutes):
                 stopped_early = True
                 break
             generator = step_generator(cfg.seed, acc.process_index, step)
             x = _random_views(dataset, cache, cfg.batch_size, generator, cfg.background).to(acc.device) * 2.0 - 1.0
             noise = torch.randn((x.shape[0], vae.config.latent_channels, latent_side, latent_side), generator=generator).to(acc.device)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr_vae * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = cfg.lr_vae * lr_factor(cfg.lr_scaling, acc.num_processes) * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             with acc.autocast():
                 rec, kl = module(x, noise)
             rec = rec.float()

@@ -104,6 +104,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "extra": dict(extra or {}),
     }
+    run.register(checkpoint_path(run, step))  # listed in the run's manifest before it exists
     return write_checkpoint_file(run.checkpoints, step, payload, keep)
 
 
@@ -148,21 +149,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     data = read_checkpoint_file(path, map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(f"{path}: not a recon checkpoint (format {data.get('format') if isinstance(data, dict) else '?'})")
-    return Checkpoint(
-        path=path,
-        step=int(data["step"]),
-        stage=str(data["stage"]),
-        modules=data["modules"],
-        optimizers=data["optimizers"],
-        rng=data["rng"],
-        extra=data["extra"],
-    )
+    try:
+        return Checkpoint(
+            path=path,
+            step=int(data["step"]),
+            stage=str(data["stage"]),
+            modules=data["modules"],
+            optimizers=data["optimizers"],
+            rng=data["rng"],
+            extra=data["extra"],
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # a damaged file that still unpickles
+        raise InputError(f"{path}: damaged recon checkpoint (bad or missing {exc})") from exc
 
 
 def load_latest(run: RunDir, map_location: str | torch.device | None = "cpu") -> Checkpoint | None:
-    """The newest checkpoint of ``run``, or None if it has none."""
+    """The newest readable checkpoint of ``run``, or None if it has none.
+
+    An unreadable newest checkpoint (truncated by a crash or a full disk) is
+    skipped with a warning for the one before it; :class:`InputError` when none is readable.
+    """
     found = list_checkpoints(run)
-    return load_checkpoint(found[-1][1], map_location) if found else None
+    for index in range(len(found) - 1, -1, -1):
+        try:
+            return load_checkpoint(found[index][1], map_location)
+        except InputError as exc:
+            if index == 0:
+                raise
+            from recon.progress import warn
+
+            warn(f"{exc}; using the previous checkpoint {found[index - 1][1].name} instead")
+    return None
 
 
 def load_field_from_run(run_dir: str | Path | RunDir, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:

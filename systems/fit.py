@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -192,6 +192,9 @@ class FitConfig:
     """Side of each preview tile, pixels."""
     mixed_precision: bool = True
     """bfloat16 autocast for rendering and guidance on CUDA (ignored on the CPU)."""
+    batched_render: bool = True
+    """Render the reference view and the random views as one ray set per step (one sampling pass and one
+    field evaluation); false renders them one after the other (the reference path, same losses)."""
     nan_policy: Literal["rollback", "stop"] = "rollback"
     """On a NaN/inf loss: roll back to the last checkpoint with half the learning rate, or stop."""
     max_rollbacks: int = 3
@@ -294,7 +297,9 @@ class Trainer:
         self.renderer = VolumeRenderer(self.field, cfg.renderer).to(device)
         self.stages = [(name, stage) for name, stage in cfg.stages.items() if stage.steps > 0]
         first_lr = self.stages[0][1].lr
-        self.optimizer = torch.optim.Adam(self.field.parameters(), lr=first_lr, betas=(0.9, 0.99), eps=1e-15)
+        # fused: one kernel for every parameter (CUDA); the CPU keeps the foreach implementation
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.field.parameters(), lr=first_lr, betas=(0.9, 0.99), eps=1e-15, fused=fused)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
         self.sampler = ViewSampler(
@@ -307,7 +312,7 @@ class Trainer:
         self.rollbacks = 0
         self.step = 0
         self.last_losses: dict[str, float] = {}
-        self.last_diagnostics: dict[str, float] = {}
+        self.last_diagnostics: MutableMapping[str, float] = {}
         self._targets: dict[int, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------ state
@@ -365,33 +370,34 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ------------------------------------------------------------ one step
-    def losses(self, stage: StageConfig, local_step: int) -> tuple[Tensor, dict[str, float]]:
-        """The weighted loss of one step and each term's unweighted value."""
+    def losses(self, stage: StageConfig, local_step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted loss of one step and each term's unweighted value (0-d tensors: read them after backward)."""
         weights = {name: value_at(getattr(stage.weights, name), local_step) for name in LOSS_NAMES}
         resolution, batch_size, reference_resolution = stage.sizes(local_step)
         terms: dict[str, Tensor] = {}
-        if weights["rgb"] > 0 or weights["mask"] > 0:
+        with_reference = weights["rgb"] > 0 or weights["mask"] > 0
+        random_terms = ("sds", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
+        cameras = None
+        if any(weights[name] > 0 for name in random_terms):
+            cameras, elevation, azimuth = self.sampler.sample(batch_size, resolution, self.generator)
+            cameras = cameras.to(self.device)
+        with_normals = weights["normal_smooth_2d"] > 0 or weights["orientation"] > 0
+        ref, out = self.render_views(self.reference_cameras(reference_resolution) if with_reference else None, cameras, with_normals)
+        if ref is not None:
             target_rgb, target_mask = self.targets(reference_resolution)
-            with self._autocast():
-                ref = self.renderer.render(self.reference_cameras(reference_resolution), self.background)
             if weights["rgb"] > 0:
                 terms["rgb"] = losses.rgb_loss(ref["rgb"], target_rgb)
             if weights["mask"] > 0:
                 terms["mask"] = losses.mask_loss(ref["opacity"], target_mask, self.cfg.mask_loss)
-        random_terms = ("sds", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
-        if any(weights[name] > 0 for name in random_terms):
-            cameras, elevation, azimuth = self.sampler.sample(batch_size, resolution, self.generator)
-            cameras = cameras.to(self.device)
-            with_normals = weights["normal_smooth_2d"] > 0 or weights["orientation"] > 0
-            with self._autocast():
-                out = self.renderer.render(cameras, self.background, normals=with_normals)
+        if out is not None:
             if weights["sds"] > 0:
                 # outside autocast: the guidance runs its models in their own dtype
                 radius = torch.full_like(elevation, self.sampler.radius)
                 images = out["rgb"].permute(0, 3, 1, 2).float()
-                sds = self.guidance.sds(images, elevation.to(self.device), azimuth.to(self.device), radius.to(self.device), self.step)
+                # the cameras stay on the CPU: the guidance builds its pose tokens there (no device round trip)
+                sds = self.guidance.sds(images, elevation, azimuth, radius, self.step)
                 terms["sds"] = sds.loss.float()
-                self.last_diagnostics = dict(sds.diagnostics)
+                self.last_diagnostics = sds.diagnostics  # read lazily: copying it now would sync mid-step
             if weights["opacity"] > 0:
                 terms["opacity"] = losses.opacity_entropy(out["opacity"])
             if weights["sparsity"] > 0:
@@ -407,7 +413,31 @@ class Trainer:
         total = sum(weights[name] * value for name, value in terms.items())
         if not isinstance(total, Tensor):
             raise ReconError("every loss weight is 0 at this step; nothing to optimise")
-        return total, {name: float(value.detach()) for name, value in terms.items()}
+        return total, terms
+
+    def render_views(
+        self, reference: Cameras | None, views: Cameras | None, normals: bool
+    ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
+        """Renders the reference camera (without normals) and the random views (with ``normals``), each (N, H, W, C).
+
+        With ``batched_render`` both go through the renderer as one ray set (one sampling pass; the field
+        computes normals only for the random views' samples); otherwise one render each.
+        """
+        with self._autocast():
+            if not self.cfg.batched_render or reference is None or views is None:
+                ref = None if reference is None else self.renderer.render(reference, self.background)
+                out = None if views is None else self.renderer.render(views, self.background, normals=normals)
+                return ref, out
+            # the random views first: only their rays need normals
+            rays = [generate_rays(cameras) for cameras in (views, reference)]
+            origins = torch.cat([o.reshape(-1, 3) for o, _ in rays])
+            directions = torch.cat([d.reshape(-1, 3) for _, d in rays])
+            split = rays[0][0].shape[:3].numel()
+            both = self.renderer.render_rays(origins, directions, self.background, normals, normal_rays=split)
+        shapes = [o.shape[:3] for o, _ in rays]
+        out = {key: value[:split].view(*shapes[0], -1) for key, value in both.items()}
+        ref = {key: value[split:].view(*shapes[1], -1) for key, value in both.items() if key in ("rgb", "opacity", "depth")}
+        return ref, out
 
     def train_step(self, stage_name: str, stage: StageConfig, local_step: int) -> float:
         """One optimisation step; returns the total loss (NaN when it diverged, with no update made)."""
@@ -420,18 +450,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         try:
             loss, terms = self.losses(stage, local_step)
-            if not torch.isfinite(loss):
-                return float("nan")
             loss.backward()
         except torch.cuda.OutOfMemoryError as exc:
             raise ReconError(oom_message(stage_name, stage, local_step)) from exc
+        # one device sync per step, after the backward pass is queued: the loss, its terms and the gradients' finiteness
         grads = [p.grad for p in self.field.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.float().norm() for g in grads]).sum()):
+        grad_norm = torch.stack([g.float().norm() for g in grads]).sum() if grads else loss.new_zeros(())
+        values = torch.stack([loss.detach().float(), grad_norm, *(v.detach().float() for v in terms.values())]).tolist()
+        if not (math.isfinite(values[0]) and math.isfinite(values[1])):
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan")
         self.optimizer.step()
-        self.last_losses = terms
-        return float(loss.detach())
+        self.last_losses = dict(zip(terms, values[2:], strict=True))
+        return values[0]
 
     def _diverged(self, stage_name: str) -> None:
         """Rolls back to the last checkpoint with half the learning rate, or raises TrainingDivergedError."""
@@ -470,7 +501,7 @@ class Trainer:
         rgb = self.renderer.render(cameras.to(self.device), self.background)["rgb"].float().clamp(0, 1)
         self.renderer.train(was_training)
         strip = torch.cat(list(rgb), dim=1).cpu().numpy()
-        with atomic_path(self.run.previews / f"step_{self.step:06d}.png") as tmp:
+        with atomic_path(self.run.file(f"previews/step_{self.step:06d}.png")) as tmp:
             Image.fromarray((strip * 255.0 + 0.5).astype("uint8")).save(tmp, format="PNG")
 
     # ------------------------------------------------------------ the loop

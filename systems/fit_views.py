@@ -51,6 +51,7 @@ from recon.systems.checkpoint import (
     load_latest,
     save_checkpoint,
 )
+from recon.systems.run_export import camera_record
 
 STAGE = "fit-views"
 
@@ -311,7 +312,7 @@ class FitViewsTrainer:
         self.renderer.eval()
         views = self.held_out.subset(_evenly_spaced(len(self.held_out), self.cfg.preview_views))
         metrics, renders, targets = evaluate(self.renderer, views, self.background)
-        write_preview(self.run.previews / f"step_{step:06d}.png", renders, targets)
+        write_preview(self.run.file(f"previews/step_{step:06d}.png"), renders, targets)
         return metrics
 
     def fit(self) -> FitResult:
@@ -357,6 +358,7 @@ class FitViewsTrainer:
             train_seconds_this_session=round(train_seconds, 3),
             final_loss=loss_value,
             metrics=metrics,
+            train_cameras=camera_record(self.train.cameras, SceneTransform.from_config(to_plain(self.cfg))),
         )
         self.run.write_progress(STAGE, step, cfg.steps, 0.0, "finished")
         return FitResult(step, metrics, self.field, self.renderer)
@@ -367,8 +369,8 @@ class FitViewsTrainer:
         self.renderer.eval()
         metrics, renders, targets = evaluate(self.renderer, self.held_out, self.background)
         shown = _evenly_spaced(len(renders), self.cfg.preview_views)
-        write_preview(self.run.previews / f"step_{step:06d}.png", renders[shown], targets[shown])
+        write_preview(self.run.file(f"previews/step_{step:06d}.png"), renders[shown], targets[shown])
         record = {"step": step, **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}
-        write_json(self.run.root / "metrics.json", record)
+        write_json(self.run.file("metrics.json"), record)
         info(f"held-out views: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} ({metrics['views']} views)")
         return record

@@ -250,6 +250,7 @@ def _card_html(card: Card) -> str:
 
 
 _CSS = """
+*{box-sizing:border-box}
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
 .top{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:10px 18px;z-index:2}
 .top h1{font-size:18px;margin:0 0 6px}.top label{margin-right:12px;font-size:14px}

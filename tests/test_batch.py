@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from recon.systems.batch import ImageResult, run_batch, run_names
 from test_fit import TINY, make_rgba, shared_models  # noqa: F401 - shared_models is a fixture
 
 from recon.cli.main import main
+from recon.systems.batch import ImageResult, run_batch, run_names
 
 
 def batch_args(folder: Path, out: Path, *extra: str) -> list[str]:
@@ -99,3 +99,31 @@ def test_fit_given_several_images_runs_them_as_a_batch(tmp_path, shared_models):
     assert [r.image.name for r in results] == ["one.png", "two.png"]
     assert [r.status for r in results] == ["finished", "finished"]
     assert (tmp_path / "out" / "batch_summary.json").is_file()
+
+
+def _scale_out_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        make_rgba(folder / name)
+    (folder / "bad.png").write_bytes((folder / "a.png").read_bytes()[:60])  # truncated PNG
+    return folder
+
+
+# The cpu preset cut further (1 + 2 steps, a few bake views): the scaled-out tests time the pool, not the fit.
+SCALE_OUT = ["stages.coarse.steps=1", "stages.fine.steps=2", "export.bake_views=4", "export.bake_view_resolution=32"]
+
+
+@pytest.mark.slow
+def test_batch_on_cpu_workers_survives_a_killed_worker(tmp_path):
+    """`recon batch --device cpu --workers 2`: a worker killed mid-image is replaced and the image retried once."""
+    from test_workers import check_scaled_out_batch, kill_a_busy_worker
+
+    folder, out, killed = _scale_out_folder(tmp_path), tmp_path / "out", []
+    watcher = kill_a_busy_worker(out, killed)
+    extra = [arg for item in SCALE_OUT for arg in ("--set", item)]
+    assert main(batch_args(folder, out, "--workers", "2", *extra)) == 1
+    watcher.join(timeout=1)
+    check_scaled_out_batch(out, killed, ["a.png", "b.png", "c.png"], "bad.png")
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert sorted(w["label"] for w in summary["workers"]) == ["cpu0", "cpu1"]

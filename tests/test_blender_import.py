@@ -9,13 +9,17 @@ import shutil
 import subprocess
 
 import pytest
-from recon.exports import ExportConfig, export_field
 from test_exports_writers import BOX, asymmetric_density, front_red_back_blue
+
+from recon.exports import ExportConfig, export_field
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("blender") is None, reason="blender not on PATH")]
 
 SCRIPT = r"""
 import json, sys, bpy
+import numpy
+if not hasattr(numpy, "bool"):  # Debian's Blender 3.4 glTF importer calls numpy.bool, removed in numpy 1.24
+    numpy.bool = bool
 path = sys.argv[sys.argv.index("--") + 1]
 bpy.ops.wm.read_factory_settings(use_empty=True)
 if path.endswith(".glb"):

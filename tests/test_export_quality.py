@@ -22,6 +22,7 @@ from recon.data.primitives import Capsule, Material, PrimitiveObject, render_obj
 from recon.exports import ExportConfig
 from recon.exports.isosurface import sample_density_grid, sample_density_near_surface
 from recon.exports.pipeline import export_mesh
+from recon.exports.project import SolidProbe, normal_colours
 from recon.exports.raster import rasterize
 from recon.exports.solidify import solidify
 
@@ -149,20 +150,74 @@ def test_baked_texture_matches_true_albedo_on_held_out_views(exported):
     print(f"held-out PSNR of the baked texture vs the true albedo: {psnr:.2f} dB")
 
 
-def test_projection_bake_avoids_the_speckles_of_point_lookup(tmp_path):
+def test_render_based_bakes_avoid_the_speckles_of_point_lookup(tmp_path):
     """Colour learned only just inside the surface (where rays terminate), black elsewhere: the point lookup at
-    marching-cubes vertices (half of them a little outside) turns dark, the projection bake does not."""
+    marching-cubes vertices (half of them a little outside) turns dark, the normal and projection bakes do not."""
 
     def albedo(points: torch.Tensor) -> torch.Tensor:
         sdf = CAPSULE.sdf(points)[:, None]
         return torch.where((sdf < -0.002) & (sdf > -0.03), CAPSULE.albedo(points), torch.zeros_like(points))
 
     dark = {}
-    for bake in ("point", "project"):
-        cfg = ExportConfig(formats=["ply"], mc_resolution=96, threshold=100.0, target_faces=6000, bake=bake, bake_views=16, bake_view_resolution=256)
+    for bake in ("point", "normal", "project"):
+        cfg = ExportConfig(formats=["ply"], mc_resolution=64, threshold=100.0, target_faces=3000, bake=bake, bake_views=12, bake_view_resolution=128)
         mesh = trimesh.load(export_mesh(shell_density, albedo, BOX, tmp_path / bake, cfg).paths["ply"], force="mesh")
         dark[bake] = (mesh.visual.vertex_colors[:, :3].max(axis=1) < 25).mean()
-    assert dark["point"] > 0.2 and dark["project"] < 0.01, dark
+    assert dark["point"] > 0.2 and dark["normal"] < 0.01 and dark["project"] < 0.01, dark
+
+
+def test_normal_bake_does_not_take_colour_across_a_narrow_gap():
+    """Two slabs 2 grid steps apart, red and blue: rays along the normal longer than the gap would start inside
+    the other slab; the solid probe shortens them, so each face keeps its own colour."""
+    step = 2.0 / 63
+    gap = 2 * step
+
+    def density(points: torch.Tensor) -> torch.Tensor:
+        x = points[:, 0]
+        slabs = torch.sigmoid((0.4 - (x - 0.5 * gap - 0.4).abs()) / 0.003) + torch.sigmoid((0.4 - (x + 0.5 * gap + 0.4).abs()) / 0.003)
+        return 200.0 * slabs
+
+    def albedo(points: torch.Tensor) -> torch.Tensor:
+        red, blue = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+        return torch.where(points[:, :1] > 0, red, blue)
+
+    grid = sample_density_grid(density, BOX, 64)
+    probe = SolidProbe(grid, BOX.numpy(), 100.0)
+    # Points on the inner face of the red slab (x = +gap/2), normal towards the blue one.
+    points = np.stack([np.full(200, 0.5 * gap), np.linspace(-0.5, 0.5, 200), np.zeros(200)], axis=1)
+    normals = np.tile([-1.0, 0.0, 0.0], (200, 1))
+    band = 3.0 * step  # longer than the gap
+    unprobed, _ = normal_colours(points, normals, density, albedo, band, probe=None)
+    probed, found = normal_colours(points, normals, density, albedo, band, probe=probe)
+    assert (unprobed[:, 2] > 0.5).mean() > 0.9  # the unshortened ray starts in the blue slab
+    assert (probed[:, 0] > 0.9).all() and (probed[:, 2] < 0.1).all() and (found == 1).all()
+
+
+def test_floaters_unseen_specks_and_noisy_inside_give_one_closed_shell(tmp_path):
+    """A fitted field's clutter: specks around the object, a speck no camera sees, a noisy interior. Four
+    cameras on the horizon (fov 40 degrees) miss the top of the box: the speck there is carved, the others
+    dropped as floaters, the interior filled."""
+    g = torch.Generator().manual_seed(0)
+    specks = torch.rand(40, 3, generator=g) * 1.6 - 0.8
+    specks = specks[(CAPSULE.sdf(specks) > 0.1)]
+    hidden = torch.tensor([[0.0, 0.96, 0.0]])
+
+    def density(points: torch.Tensor) -> torch.Tensor:
+        base = shell_density(points)
+        noise = 150.0 * (torch.sin(23.0 * points).prod(dim=-1) > 0.1).float() * (CAPSULE.sdf(points) < -0.08).float()
+        centres = torch.cat([specks, hidden])
+        dots = 200.0 * torch.sigmoid((0.04 - torch.cdist(points, centres)) / 0.004).sum(dim=-1)
+        return base + noise + dots
+
+    cameras = Cameras.from_spherical(torch.zeros(4), torch.tensor([0.0, 90.0, 180.0, 270.0]), torch.full((4,), 2.5), 40.0, 64)
+    cfg = ExportConfig(formats=["ply"], mc_resolution=64, threshold=100.0, target_faces=3000, bake="point")
+    result = export_mesh(density, surface_albedo, BOX, tmp_path, cfg, cameras=cameras)
+    assert result.report["is_watertight"] and result.report["components"] == 1
+    assert result.report["euler_characteristic"] == 2 and result.report["cleanup_notes"] == []
+    assert result.report["solid"]["unseen"] > 0 and result.report["solid"]["floaters"] > 0
+    mesh = trimesh.load(result.paths["ply"], force="mesh")
+    assert crossings(mesh) == 2 and mesh.volume > 0 and mesh.bounds[1, 1] < 0.7
+    assert np.abs(CAPSULE.sdf(torch.as_tensor(mesh.vertices, dtype=torch.float32)).numpy()).max() < 0.05
 
 
 def test_near_surface_sampling_matches_the_dense_grid():

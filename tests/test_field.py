@@ -104,11 +104,14 @@ def test_config_validation():
         FieldConfig(bound=0.0)
 
 
-def test_auto_normals_are_analytic_with_the_torch_grid_and_finite_differences_otherwise(monkeypatch):
+def test_auto_normals_are_analytic_with_torch_and_triton_and_finite_differences_with_tcnn(monkeypatch):
     assert RadianceField(FieldConfig(encoding=TINY)).normal_mode == "analytic"
     from recon.encoding import hashgrid
 
     monkeypatch.setattr(hashgrid, "resolve_backend", lambda name: "triton")
     monkeypatch.setitem(hashgrid.BACKENDS, "triton", hashgrid.BACKENDS["torch"])
+    assert RadianceField(FieldConfig(encoding=TINY)).normal_mode == "analytic"
+    monkeypatch.setattr(hashgrid, "resolve_backend", lambda name: "tcnn")
+    monkeypatch.setitem(hashgrid.BACKENDS, "tcnn", hashgrid.BACKENDS["torch"])
     assert RadianceField(FieldConfig(encoding=TINY)).normal_mode == "finite_difference"
     assert RadianceField(FieldConfig(encoding=TINY, normal_mode="analytic")).normal_mode == "analytic"

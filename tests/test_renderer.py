@@ -253,3 +253,28 @@ def test_packed_shading_matches_dense_shading(monkeypatch):
     packed = renderer._shade_packed(origins, directions, background, ray_indices, t_starts.reshape(-1), t_ends.reshape(-1), True)
     for a, b in zip(dense, packed, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_normals_for_the_first_rays_only_match_normals_for_all(monkeypatch):
+    # the batched training render asks for normals on the random views' rays only (a prefix of the ray set)
+    nerfacc = pytest.importorskip("nerfacc")
+    monkeypatch.setattr(nerfacc, "render_weight_from_density", _segment_weights)
+    renderer = _renderer(samples_per_ray=6)
+    origins, directions = (t.reshape(-1, 3) for t in generate_rays(_camera(5)))
+    background = torch.rand(origins.shape[0], 3)
+    full = renderer.render_rays(origins, directions, background, normals=True)
+    for k in (0, 7, origins.shape[0]):
+        part = renderer.render_rays(origins, directions, background, normals=True, normal_rays=k)
+        for key in ("rgb", "opacity", "depth"):
+            torch.testing.assert_close(part[key], full[key])
+        for key in ("normal", "orientation"):
+            torch.testing.assert_close(part[key][:k], full[key][:k])
+            assert (part[key][k:] == 0).all()
+    # packed samples: the prefix of samples belonging to the first k rays
+    t_starts, t_ends, t_mid = stratified_samples(origins, directions, renderer.field.aabb, 6, jitter=False)
+    ray_indices = torch.arange(origins.shape[0]).repeat_interleave(6)
+    args = (origins, directions, background, ray_indices, t_starts.reshape(-1), t_ends.reshape(-1), True)
+    whole, prefix = renderer._shade_packed(*args), renderer._shade_packed(*args, split=7 * 6)
+    torch.testing.assert_close(prefix[0], whole[0])
+    torch.testing.assert_close(prefix[3][:7], whole[3][:7])
+    assert (prefix[3][7:] == 0).all()

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from recon.cli.main import main
+from recon.data.multiview import MultiViewDataset
+from recon.data.synth import SynthConfig, synthesize
+from recon.errors import ReconError
 from recon.guidance.checkpoints import load_zero123
 from recon.systems.cascade_training import (
     TrainConfig,
@@ -17,6 +22,7 @@ from recon.systems.cascade_training import (
     cascade_tokens,
     condition_dropout,
     ema_decay_at,
+    lr_factor,
     make_accelerator,
     sample_batch,
     self_prompt,
@@ -25,11 +31,6 @@ from recon.systems.cascade_training import (
     trainable_modules,
 )
 from recon.systems.checkpoint import list_checkpoints, read_checkpoint_file
-
-from recon.cli.main import main
-from recon.data.multiview import MultiViewDataset
-from recon.data.synth import SynthConfig, synthesize
-from recon.errors import ReconError
 
 NO_DROP = {"drop_tokens_p": 0.0, "drop_latent_p": 0.0, "drop_both_p": 0.0, "drop_extra_token_p": 0.0, "single_token_p": 0.0}
 
@@ -156,6 +157,14 @@ def test_time_budget_stops_with_a_checkpoint_and_no_final(data, tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_learning_rates_scale_with_the_process_count():
+    assert [lr_factor("none", 4), lr_factor("linear", 4), lr_factor("sqrt", 4)] == [1.0, 4.0, 2.0]
+    trainer = _trainer(TrainConfig(lr_scaling="linear", lr_unet=1e-4, lr_projection=1e-3, warmup_steps=1))
+    assert trainer.base_lrs == [1e-4, 1e-3]  # one process: linear scaling leaves the rates as given
+    with pytest.raises(ReconError, match="lr_scaling"):
+        TrainConfig(lr_scaling="quadratic")
+
+
 def test_bad_config_values_are_refused():
     with pytest.raises(ReconError, match="stage"):
         TrainConfig(stage="refiner")
@@ -209,8 +218,9 @@ def test_cli_train_cascade_stage_base(data, tmp_path):
     assert model.unet.config.in_channels == 8
 
 
-def test_two_processes_train_data_parallel(data, tmp_path):
-    """Data-parallel training (torchrun, DDP over gloo on the CPU): both processes step, the main one writes once."""
+def test_two_processes_train_data_parallel_and_resume_on_one(data, tmp_path):
+    """Data-parallel training (torchrun, DDP over gloo on the CPU): both processes step, the main one writes once;
+    the run then resumes in one process (another process count) from that checkpoint."""
     run = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "recon.cli.main",
@@ -227,6 +237,15 @@ def test_two_processes_train_data_parallel(data, tmp_path):
     trained = load_zero123(run / "final" / "base", "cpu", torch.float32)
     initial = load_zero123("random-tiny", "cpu", torch.float32, seed=0)
     assert any(not torch.equal(a, b) for a, b in zip(trained.unet.parameters(), initial.unet.parameters()))
+    launch = json.loads((run / "meta.json").read_text())["launches"][0]
+    assert launch["processes"] == 2 and launch["global_batch"] == 2 and launch["steps"] == [0, 2]
+
+    cfg = TrainConfig(stage="cascade", steps=3, batch_size=1, prompt_steps=1, lr_scaling="linear")
+    resumed = train(cfg, data, "random-tiny", run, device="cpu")
+    assert resumed.step == 3 and len(resumed.losses) == 1
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["processes"] == 1 and [x["processes"] for x in meta["launches"]] == [2, 1]
+    assert meta["launches"][1]["steps"] == [2, 3] and meta["launches"][1]["lr_factor"] == 1.0
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ script or analytics from the internet, and answers the Gradio client API
 """
 
 # No ``from __future__ import annotations``: Gradio reads the handlers' ``gr.Request`` annotation as an object.
+import functools
 import html
 import multiprocessing
 import os
@@ -98,6 +99,8 @@ def _fit_in_child(image: str, output: str, options: JobOptions, resume: bool, co
     from recon.api import fit
     from recon.errors import ReconError
 
+    # Cancel sends SIGINT; a server started in the background (nohup, `&`) passes SIGINT on as ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = fit(
             image, output, options.preset, options.overrides, model=options.model, formats=options.formats,
@@ -167,7 +170,8 @@ class Job:
                 time.sleep(0.1)
             if self.outcome is None:
                 self.process.terminate()
-                self.outcome = ("interrupted", None)
+                self.process.join()
+                self.outcome = ("failed", f"the job did not stop within {CANCEL_WAIT_S:.0f} s of Cancel and was killed; its checkpoints are kept")
 
 
 def _run_name(upload: Path, output: Path) -> str:
@@ -434,14 +438,36 @@ def build_app(command: AppCommand) -> Any:
         upload.change(show_cutout, cut_inputs, [cut, status], queue=False)
         ratio.release(show_cutout, cut_inputs, [cut, status], queue=False)
         remove_bg.change(show_cutout, cut_inputs, [cut, status], queue=False)
-        outputs = [status, preview, model, video, files]
+        # Gradio 6's Model3D does not draw a value that arrives at the end of a streamed (generator) event:
+        # a hidden copy of the GLB path is set again, after a clear, by two follow-up events.
+        glb_copy = gr.State()
+        outputs = [status, preview, model, video, files, glb_copy]
         run_event = start.click(
-            reconstruct, [upload, preset, mode, seed, steps, formats, ratio, remove_bg], outputs,
+            _with_glb_copy(reconstruct), [upload, preset, mode, seed, steps, formats, ratio, remove_bg], outputs,
             api_name="reconstruct", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
         )
-        resume_event = again.click(resume, None, outputs, api_name=False, concurrency_limit=1, concurrency_id="device", show_progress="minimal")
+        resume_event = again.click(
+            _with_glb_copy(resume), None, outputs, api_name=False, concurrency_limit=1, concurrency_id="device", show_progress="minimal"
+        )
+        for event in (run_event, resume_event):
+            event.then(lambda: None, None, model, api_name=False, queue=False).then(lambda glb: glb, glb_copy, model, api_name=False, queue=False)
         stop.click(cancel, None, [status], api_name=False, queue=False, cancels=[run_event, resume_event])
     return demo
+
+
+def _with_glb_copy(handler: Any) -> Any:
+    """``handler``'s updates with the GLB value repeated as a sixth output (see build_app)."""
+
+    @functools.wraps(handler)
+    def wrapped(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+        for update in handler(*args, **kwargs):
+            yield (*update, update[2])
+
+    return wrapped
+
+
+# Small renders (a 64 px cut-out, 128 px preview tiles) fill their panels instead of sitting at their pixel size.
+_CSS = "#cutout img, #preview img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 
 
 def launch(demo: Any, command: AppCommand, block: bool = True) -> Any:
@@ -462,4 +488,5 @@ def launch(demo: Any, command: AppCommand, block: bool = True) -> Any:
         footer_links=["api"],
         quiet=not block,
         theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
+        css=_CSS,
     )

@@ -48,34 +48,22 @@ class EvalNVSCommand:
 
     def run(self) -> int:
         """Evaluates and writes the report; returns the exit code."""
-        from recon.data.multiview import MultiViewDataset
-        from recon.guidance.checkpoints import load_zero123
-        from recon.guidance.sampling import native_size
+        from recon.api import evaluate_nvs
         from recon.progress import info, progress_bar, set_quiet
-        from recon.runtime import resolve_device
-        from recon.systems.evaluation import (
-            EvalConfig,
-            evaluate,
-            markdown_report,
-            write_report,
-        )
+        from recon.systems.evaluation import EvalConfig, markdown_report, write_report
 
         set_quiet(self.quiet)
-        device = resolve_device(self.device)
-        base = load_zero123(self.model, device)
-        refiner = None
-        if not self.no_cascade:
-            refiner = base if self.refiner in (None, self.model) else load_zero123(self.refiner, device)
-        dataset = MultiViewDataset(self.data, image_size=native_size(base))
         cfg = EvalConfig(
             steps=self.steps, guidance_scale=self.guidance_scale, input_view=self.input_view,
             max_objects=self.max_objects, consistency=self.consistency, batch=self.batch, group=self.group,
             seed=self.seed,
         )
         with progress_bar() as bar:
-            total = len(dataset) if self.max_objects <= 0 else min(self.max_objects, len(dataset))
-            task = bar.add_task("evaluating objects", total=total, rate="", status="")
-            report = evaluate(dataset, base, refiner, cfg, progress=lambda done, _: bar.update(task, completed=done))
+            task = bar.add_task("evaluating objects", total=None, rate="", status="")
+            report = evaluate_nvs(
+                self.data, self.model, cfg, refiner=self.refiner, cascade=not self.no_cascade, device=self.device,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
         json_path, md_path = write_report(report, self.output)
         info(markdown_report(report))
         info(f"wrote {md_path} and {json_path}")

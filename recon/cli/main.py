@@ -9,8 +9,14 @@ and returns the exit code. Only the chosen command's module is imported, so
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import tempfile
+import time
+import types
+import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -66,6 +72,24 @@ def _registry() -> ConstructorRegistry:
             str_from_instance=lambda rows: [",".join(f"{x:g}" for x in row) for row in rows],
         )
 
+    @registry.primitive_rule
+    def optional_scalar(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
+        """``str | None`` (and int, float, Path) shown as ``--model STR``, not ``--model {None}|STR``; None is the
+        default only (the field's docstring says what it means), never typed on the command line."""
+        members = typing.get_args(info.type)
+        if typing.get_origin(info.type) not in (typing.Union, types.UnionType) or len(members) != 2 or type(None) not in members:
+            return None
+        inner = next(m for m in members if m is not type(None))
+        if inner not in (str, int, float, Path):
+            return None
+        return PrimitiveConstructorSpec(
+            nargs=1,
+            metavar=inner.__name__.upper().replace("POSIXPATH", "PATH"),
+            instance_from_str=lambda args: inner(args[0]),
+            is_instance=lambda value: value is None or isinstance(value, inner),
+            str_from_instance=lambda value: ["None" if value is None else str(value)],
+        )
+
     return registry
 
 
@@ -73,11 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parses ``argv`` (default ``sys.argv[1:]``), runs one command and exits with its code."""
     import tyro
 
-    from recon.errors import ReconError
-    from recon.progress import error
+    from recon.errors import sigterm_as_interrupt
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args:  # no command: the usage on stderr and the usage-error code
+        print(_usage(), file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if args[0] == "--version":
@@ -97,16 +123,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog, rest = f"{prog} {rest[0]}", rest[1:]
     module_name, class_name, _ = COMMANDS[name]
     command_class = getattr(importlib.import_module(f"recon.cli.{module_name}"), class_name)
-    try:  # parsing builds the command's config dataclasses, whose validation raises ReconError
-        command = tyro.cli(command_class, args=rest, prog=prog, registry=_registry())
-        return int(command.run() or 0)
-    except ReconError as exc:
-        error(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        error("interrupted; the last checkpoint is kept (rerun with --resume)")
-        return 130
+    with sigterm_as_interrupt():
+        try:  # parsing builds the command's config dataclasses, whose validation raises ReconError
+            # one flag per bool: --resume / --no-remove-bg (never --no-resume for a default-off flag, --no-no-cascade)
+            command = tyro.cli(command_class, args=rest, prog=prog, registry=_registry(), config=(tyro.conf.FlagCreatePairsOff,))
+            return int(command.run() or 0)
+        except BaseException as exc:  # noqa: BLE001 - the one error boundary of the CLI
+            return report_failure(exc)
 
+
+def report_failure(exc: BaseException) -> int:
+    """Prints one line for ``exc`` and returns the exit code; the CLI's one error boundary.
+
+    Expected failures (:class:`ReconError`, files that cannot be read or
+    written, out of memory, Ctrl-C / SIGTERM) print their message. Anything
+    else prints its first line and where its full traceback was saved (the
+    run's ``error.log`` when it failed inside a run, else :func:`crash_log_path`).
+    ``SystemExit`` (``--help``, a bad flag) passes through.
+    """
+    from recon.errors import ReconError, Terminated, one_line, save_traceback
+    from recon.progress import error
+
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, ReconError):
+        from rich.markup import escape
+
+        error(escape(str(exc)))  # messages hold paths and pip extras such as ".[ray]", not markup
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        error(("terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted")
+              + "; the last checkpoint is kept (rerun with --resume)")
+        return 143 if isinstance(exc, Terminated) else 130
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)):
+        error(f"out of memory ({one_line(exc)}); lower the resolutions or batch sizes (--set), or use --preset fast / cpu")
+        return 5
+    if isinstance(exc, OSError) and exc.filename is not None:
+        error(f"{exc.filename}: {exc.strerror or one_line(exc)}")
+        return 2
+    log = getattr(exc, "recon_log", None) or save_traceback(exc, crash_log_path())
+    error(f"unexpected {type(exc).__name__}: {one_line(exc)}; full traceback saved in {log} (please report it)")
+    return 1
+
+
+def crash_log_path() -> Path:
+    """Where the traceback of an unexpected failure outside a run folder is saved: a new file in the temp folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.gettempdir()) / "recon-errors" / f"{stamp}-{os.getpid()}.log"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,8 @@ camera's distance. Zero-1-to-3's renders used Blender's 35 mm lens on a 32 mm
 sensor, a fixed field of view of 2 atan(16 / 35) = 49.13 deg.
 
 Both readers give the same :class:`ViewRecord` s, so training and evaluation
-do not care which layout a folder uses.
+do not care which layout a folder uses. Object folders and view files must lie
+inside the dataset root, symbolic links resolved (:mod:`recon.datapaths`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor
 
 from recon.cameras import position_to_spherical, spherical_to_position
+from recon.datapaths import resolve_inside
 from recon.errors import InputError
 from recon.fileio import read_json, write_json
 from recon.imageio import decode_image, resize_rgba, save_rgba_png
@@ -172,8 +174,14 @@ def detect_layout(folder: Path) -> Literal["recon", "objaverse"] | None:
     return None
 
 
-def read_object(folder: Path, layout: Layout = "auto", fovy_deg: float = OBJAVERSE_FOVY_DEG) -> ObjectRecord:
-    """The views of one object folder (PNGs without their pose file are skipped)."""
+def read_object(
+    folder: Path, layout: Layout = "auto", fovy_deg: float = OBJAVERSE_FOVY_DEG, root: Path | None = None
+) -> ObjectRecord:
+    """The views of one object folder (PNGs without their pose file are skipped).
+
+    Every view file must lie inside ``root`` (default ``folder``), symbolic links resolved.
+    """
+    root = folder if root is None else root
     kind = detect_layout(folder) if layout == "auto" else layout
     if kind is None:
         raise InputError(f"{folder}: no views (expected NNN.png with NNN.json, or NNN.png with NNN.npy)")
@@ -181,6 +189,8 @@ def read_object(folder: Path, layout: Layout = "auto", fovy_deg: float = OBJAVER
     for png in sorted(folder.iterdir(), key=lambda p: p.name):
         if not _VIEW_NAME.match(png.name):
             continue
+        for path in (png, png.with_suffix(".json" if kind == "recon" else ".npy")):
+            resolve_inside(root, path.relative_to(root) if path.is_relative_to(root) else path, folder)
         if kind == "recon" and png.with_suffix(".json").is_file():
             views.append(read_recon_view(png.with_suffix(".json")))
         elif kind == "objaverse" and png.with_suffix(".npy").is_file():
@@ -199,9 +209,10 @@ def scan_objects(root: Path, layout: Layout = "auto", min_views: int = 1, fovy_d
         raise InputError(f"{root}: dataset folder not found")
     objects = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        resolve_inside(root, folder.name, root)
         if (layout == "auto" and detect_layout(folder) is None):
             continue
-        record = read_object(folder, layout, fovy_deg)
+        record = read_object(folder, layout, fovy_deg, root)
         if len(record.views) >= min_views:
             objects.append(record)
     if not objects:

@@ -3,7 +3,8 @@
 Keys read: ``camera_angle_x`` (horizontal field of view, radians) or
 ``camera_angle_y``, or ``fl_x``/``fl_y`` with ``w``/``h`` (pixels); and
 ``frames[]`` with ``file_path`` (relative to the JSON's folder; NeRF-synthetic
-leaves out the ``.png``) and ``transform_matrix`` (4x4 camera-to-world, OpenGL
+leaves out the ``.png``; it must lie inside that folder, symbolic links
+resolved: :mod:`recon.datapaths`) and ``transform_matrix`` (4x4 camera-to-world, OpenGL
 camera axes: the camera looks down -Z, +Y up, as in :mod:`recon.cameras`).
 Per-frame intrinsics are not supported; the principal point is assumed centred.
 
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from recon.cameras import Cameras, fovy_from_fovx
+from recon.datapaths import outside_message, resolve_inside
 from recon.errors import InputError
 from recon.fileio import write_json
 from recon.imageio import IMAGE_EXTENSIONS, decode_image, save_rgba_png
@@ -71,15 +73,24 @@ def _load_json(path: Path) -> dict:
         raise InputError(f"{path}: transforms file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{path}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the transforms file ({exc.strerror or exc})") from exc
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object with 'frames'")
     return data
 
 
 def _fovy(data: dict, path: Path, width: int, height: int) -> float:
-    """Vertical field of view in radians from whichever intrinsics key the file has."""
+    """Vertical field of view in radians from whichever intrinsics key the file has, checked to be in (0, pi)."""
+    fovy = _read_fovy(data, path, width, height)
+    if not 0.0 < fovy < math.pi:
+        raise InputError(f"{path}: the field of view from the camera intrinsics is {math.degrees(fovy):g} degrees; expected (0, 180)")
+    return fovy
+
+
+def _read_fovy(data: dict, path: Path, width: int, height: int) -> float:
     try:
         if "camera_angle_y" in data:
             return float(data["camera_angle_y"])
@@ -89,20 +100,26 @@ def _fovy(data: dict, path: Path, width: int, height: int) -> float:
             return 2.0 * math.atan(0.5 * float(data.get("h", height)) / float(data["fl_y"]))
         if "fl_x" in data:
             return fovy_from_fovx(2.0 * math.atan(0.5 * float(data.get("w", width)) / float(data["fl_x"])), width, height)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{path}: camera intrinsics are not numbers ({exc})") from exc
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise InputError(f"{path}: camera intrinsics are not usable numbers ({exc})") from exc
     raise InputError(f"{path}: missing 'camera_angle_x' (or camera_angle_y / fl_x / fl_y)")
 
 
-def _image_file(folder: Path, file_path: str, json_path: Path) -> Path:
-    candidate = folder / file_path
-    if candidate.is_file():
-        return candidate
-    for ext in IMAGE_EXTENSIONS:
-        with_ext = candidate.with_name(candidate.name + ext)
-        if with_ext.is_file():
-            return with_ext
-    raise InputError(f"{json_path}: image {file_path!r} not found (looked for {candidate} and {candidate}.png)")
+def _image_file(folder: Path, file_path: str, json_path: Path, index: int) -> Path:
+    """The image a frame names: ``file_path`` itself or with an image extension, inside ``folder``.
+
+    Every candidate is checked to lie inside ``folder`` (symbolic links resolved)
+    before its existence is, so a path outside gets one message either way.
+    """
+    source = f"{json_path}: frame {index}: file_path"
+    for name in (file_path, *(file_path + ext for ext in IMAGE_EXTENSIONS)):
+        try:
+            path = resolve_inside(folder, name, source)
+        except InputError as exc:  # named as the frame wrote it, whichever extension was tried
+            raise InputError(outside_message(source, file_path, folder.resolve())) from exc
+        if path.is_file():
+            return path
+    raise InputError(f"{json_path}: frame {index}: image {file_path!r} not found in {folder} (also tried adding .png)")
 
 
 def _matrix(frame: dict, index: int, path: Path) -> np.ndarray:
@@ -110,7 +127,7 @@ def _matrix(frame: dict, index: int, path: Path) -> np.ndarray:
         raise InputError(f"{path}: frame {index} has no 'transform_matrix'")
     try:
         matrix = np.asarray(frame["transform_matrix"], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InputError(f"{path}: frame {index}: transform_matrix is not numeric") from exc
     if matrix.shape == (3, 4):
         matrix = np.vstack([matrix, [0.0, 0.0, 0.0, 1.0]])
@@ -140,7 +157,7 @@ def read_transforms(path: str | Path, split: str | None = None, max_frames: int 
     for index, frame in enumerate(frames):
         if not isinstance(frame, dict) or "file_path" not in frame:
             raise InputError(f"{json_path}: frame {index} has no 'file_path'")
-        image_path = _image_file(folder, str(frame["file_path"]), json_path)
+        image_path = _image_file(folder, str(frame["file_path"]), json_path, index)
         matrices.append(_matrix(frame, index, json_path))
         image = decode_image(image_path)
         if image.shape[2] == 3:

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recon.cameras import Cameras, generate_rays
 from recon.errors import ReconError
-from recon.field import RadianceField
+from recon.field import FieldOutput, RadianceField
 from recon.render.compositing import accumulate, compositing_weights, over_background
 from recon.render.samplers import (
     OccupancyGridSampler,
@@ -51,15 +51,16 @@ class RendererConfig:
     """Refresh the occupancy grid every this many training steps."""
     grid_warmup_steps: int = 256
     """Before this step every grid cell is re-evaluated on refresh; after it, a random quarter."""
-    chunk_rays: int = 8192
-    """Rays rendered at once; bounds memory at any image size."""
+    chunk_rays: int | None = None
+    """Rays rendered at once; bounds memory at any image size. None = 262144 with the occupancy-grid sampler
+    (a whole training step in one chunk: nothing recomputed), 8192 with the stratified one."""
     checkpoint_chunks: bool = True
     """With gradients and several chunks, recompute each chunk in backward instead of storing its graph."""
     near: float = 0.0
     """Samples start at least this far from the ray origin (world units)."""
 
     def __post_init__(self) -> None:
-        if self.samples_per_ray < 1 or self.chunk_rays < 1 or self.update_every < 1 or self.grid_resolution < 1:
+        if self.samples_per_ray < 1 or (self.chunk_rays is not None and self.chunk_rays < 1) or self.update_every < 1 or self.grid_resolution < 1:
             raise ReconError("renderer: samples_per_ray, chunk_rays, update_every and grid_resolution must be >= 1")
         if self.step_size is not None and self.step_size <= 0:
             raise ReconError(f"renderer.step_size must be > 0, got {self.step_size}")
@@ -89,6 +90,12 @@ class VolumeRenderer(nn.Module):
         if self.cfg.step_size is not None:
             return self.cfg.step_size
         return 2.0 * math.sqrt(3.0) * self.field.cfg.bound / 512
+
+    def chunk_rays(self, device: torch.device) -> int:
+        """Rays per chunk on ``device`` (``cfg.chunk_rays``, or its default for the sampler in use)."""
+        if self.cfg.chunk_rays is not None:
+            return self.cfg.chunk_rays
+        return 262144 if self.uses_nerfacc(device) else 8192
 
     def uses_nerfacc(self, device: torch.device) -> bool:
         """Whether rays on ``device`` go through nerfacc's occupancy grid."""
@@ -125,23 +132,32 @@ class VolumeRenderer(nn.Module):
         out = self.render_rays(origins.reshape(-1, 3), directions.reshape(-1, 3), background, normals)
         return {key: value.view(n, h, w, -1) for key, value in out.items()}
 
-    def render_rays(self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool = False) -> dict[str, Tensor]:
-        """Renders rays (R, 3) with unit directions; ``background`` (3,) or (R, 3); values (R, C)."""
+    def render_rays(
+        self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool = False, normal_rays: int | None = None
+    ) -> dict[str, Tensor]:
+        """Renders rays (R, 3) with unit directions; ``background`` (3,) or (R, 3); values (R, C).
+
+        ``normal_rays``: with ``normals``, only the first this many rays get normals (the field computes
+        none for the others' samples; their ``normal`` and ``orientation`` are 0); None = every ray.
+        """
         background = torch.as_tensor(background, dtype=origins.dtype, device=origins.device)
         if background.shape not in ((3,), (origins.shape[0], 3)):
             raise ValueError(f"background must be (3,) or ({origins.shape[0]}, 3), got {tuple(background.shape)}")
-        n_rays, chunk = origins.shape[0], self.cfg.chunk_rays
+        n_rays, chunk = origins.shape[0], self.chunk_rays(origins.device)
         use_checkpoint = self.cfg.checkpoint_chunks and torch.is_grad_enabled() and n_rays > chunk
         pieces: list[dict[str, Tensor]] = []
         for start in range(0, n_rays, chunk):
             end = min(start + chunk, n_rays)
             bg = background if background.ndim == 1 else background[start:end]
-            pieces.append(self._render_chunk(origins[start:end], directions[start:end], bg, normals, use_checkpoint))
+            wanted = None if normal_rays is None else min(max(normal_rays - start, 0), end - start)
+            pieces.append(self._render_chunk(origins[start:end], directions[start:end], bg, normals, use_checkpoint, wanted))
         if len(pieces) == 1:
             return pieces[0]
         return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
 
-    def _render_chunk(self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool, use_checkpoint: bool) -> dict[str, Tensor]:
+    def _render_chunk(
+        self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool, use_checkpoint: bool, normal_rays: int | None = None
+    ) -> dict[str, Tensor]:
         if self.uses_nerfacc(origins.device):
             ray_indices, t_starts, t_ends = self.occupancy.sample(
                 origins,
@@ -153,16 +169,20 @@ class VolumeRenderer(nn.Module):
                 stratified=self.training,
                 near=self.cfg.near,
             )
+            # samples come sorted by ray: those of the first normal_rays rays are a prefix
+            split = None if normal_rays is None or not normals else int(torch.searchsorted(ray_indices, normal_rays))
 
             def shade(o: Tensor, d: Tensor, bg: Tensor) -> tuple[Tensor, ...]:
-                return self._shade_packed(o, d, bg, ray_indices, t_starts, t_ends, normals)
+                return self._shade_packed(o, d, bg, ray_indices, t_starts, t_ends, normals, split)
         else:
             t_starts, t_ends, t_points = stratified_samples(
                 origins, directions, self.field.aabb.to(origins.dtype), self.cfg.samples_per_ray, self.training, self.cfg.near
             )
 
+            split = None if normal_rays is None else normal_rays * t_points.shape[1]
+
             def shade(o: Tensor, d: Tensor, bg: Tensor) -> tuple[Tensor, ...]:
-                return self._shade_dense(o, d, bg, t_starts, t_ends, t_points, normals)
+                return self._shade_dense(o, d, bg, t_starts, t_ends, t_points, normals, split)
 
         if use_checkpoint:
             values = checkpoint(shade, origins, directions, background, use_reentrant=False, preserve_rng_state=False)
@@ -171,12 +191,33 @@ class VolumeRenderer(nn.Module):
         keys = ("rgb", "opacity", "depth", "normal", "orientation") if normals else ("rgb", "opacity", "depth")
         return dict(zip(keys, values, strict=True))
 
+    def _evaluate(self, points: Tensor, normals: bool, split: int | None) -> FieldOutput:
+        """The field at points (P, 3); with ``normals``, normals for the first ``split`` points only (0 after; None = all)."""
+        if not normals or split is None or split >= points.shape[0]:
+            return self.field(points, with_normals=normals)
+        head = self.field(points[:split], with_normals=True) if split > 0 else None
+        tail = self.field(points[split:])
+        if head is None:
+            return FieldOutput(tail.density, tail.albedo, tail.albedo.new_zeros(tail.albedo.shape))
+        zeros = head.normal.new_zeros(tail.albedo.shape)
+        return FieldOutput(
+            torch.cat([head.density, tail.density]), torch.cat([head.albedo, tail.albedo]), torch.cat([head.normal, zeros])
+        )
+
     def _shade_dense(
-        self, origins: Tensor, directions: Tensor, background: Tensor, t_starts: Tensor, t_ends: Tensor, t_points: Tensor, normals: bool
+        self,
+        origins: Tensor,
+        directions: Tensor,
+        background: Tensor,
+        t_starts: Tensor,
+        t_ends: Tensor,
+        t_points: Tensor,
+        normals: bool,
+        split: int | None = None,
     ) -> tuple[Tensor, ...]:
         n_rays, n_samples = t_points.shape
         points = origins[:, None] + directions[:, None] * t_points[..., None]
-        field = self.field(points.reshape(-1, 3), with_normals=normals)
+        field = self._evaluate(points.reshape(-1, 3), normals, split)
         weights, _, _ = compositing_weights(field.density.view(n_rays, n_samples), t_ends - t_starts)
         opacity = accumulate(weights)
         rgb = over_background(accumulate(weights, field.albedo.view(n_rays, n_samples, 3)), opacity, background)
@@ -188,14 +229,22 @@ class VolumeRenderer(nn.Module):
         return rgb, opacity, depth, accumulate(weights, n), accumulate(weights.detach(), facing)
 
     def _shade_packed(
-        self, origins: Tensor, directions: Tensor, background: Tensor, ray_indices: Tensor, t_starts: Tensor, t_ends: Tensor, normals: bool
+        self,
+        origins: Tensor,
+        directions: Tensor,
+        background: Tensor,
+        ray_indices: Tensor,
+        t_starts: Tensor,
+        t_ends: Tensor,
+        normals: bool,
+        split: int | None = None,
     ) -> tuple[Tensor, ...]:
         from nerfacc import accumulate_along_rays, render_weight_from_density
 
         n_rays = origins.shape[0]
         t_mid = 0.5 * (t_starts + t_ends)
         ray_dirs = directions[ray_indices]
-        field = self.field(origins[ray_indices] + ray_dirs * t_mid[:, None], with_normals=normals)
+        field = self._evaluate(origins[ray_indices] + ray_dirs * t_mid[:, None], normals, split)
         if ray_indices.numel() > 0:
             weights, _, _ = render_weight_from_density(t_starts, t_ends, field.density, ray_indices=ray_indices, n_rays=n_rays)
         else:
