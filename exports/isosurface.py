@@ -125,6 +125,21 @@ def marching_cubes(grid: np.ndarray, aabb: torch.Tensor | np.ndarray, threshold:
     return trimesh.Trimesh(vertices=vertices, faces=faces[:, ::-1].astype(np.int64), process=False)
 
 
+def crop_to_surface(grid: np.ndarray, aabb: np.ndarray, level: float, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The part of ``grid`` (sampled over ``aabb`` as in :func:`sample_density_grid`) around its points at or above
+    ``level``, with ``margin`` grid points around them, and that part's box: the same grid spacing, less work
+    for what follows. A grid with no such point is returned whole."""
+    box = as_aabb(aabb)
+    occupied = np.nonzero(grid >= level)
+    if len(occupied[0]) == 0:
+        return grid, box
+    low = np.array([max(int(axis.min()) - margin, 0) for axis in occupied])
+    high = np.array([min(int(axis.max()) + margin, size - 1) for axis, size in zip(occupied, grid.shape)])
+    step = (box[1] - box[0]) / (np.array(grid.shape) - 1)
+    part = grid[low[0] : high[0] + 1, low[1] : high[1] + 1, low[2] : high[2] + 1]
+    return np.ascontiguousarray(part), np.stack([box[0] + low * step, box[0] + high * step])
+
+
 def _grid_points(axes: list[torch.Tensor], index: np.ndarray) -> torch.Tensor:
     """World points (P, 3) of grid indices ``index`` (P, 3) on per-axis coordinates ``axes``."""
     idx = torch.as_tensor(index)

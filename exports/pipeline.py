@@ -15,7 +15,7 @@ from recon.errors import ReconError
 from recon.exports.bake import bake_colours, point_lookup
 from recon.exports.cleanup import clean_mesh, mesh_report
 from recon.exports.config import ExportConfig
-from recon.exports.isosurface import as_aabb, marching_cubes, sample_density_near_surface
+from recon.exports.isosurface import as_aabb, crop_to_surface, marching_cubes, sample_density_near_surface
 from recon.exports.project import (
     ProjectionSettings,
     Projector,
@@ -114,14 +114,15 @@ def export_mesh(
     chosen = "automatic" if cfg.threshold is None else "set"
     stages.done("density", f"density grid {cfg.mc_resolution}^3 ({100 * evaluated:.0f}% evaluated), level {level:.4g} ({chosen})")
     solid_note, solid = "raw density", None
+    grid, grid_box = crop_to_surface(grid, box, level, cfg.hole_voxels + 2)
     if cfg.fill_interior:
         seen = None
         if cameras is not None and cfg.carve_unseen:
-            seen = seen_points(grid.shape, box, cameras, grid >= level, device)
+            seen = seen_points(grid.shape, grid_box, cameras, grid >= level, device)
         grid, stats = solid_grid(grid, level, cfg.hole_voxels, cfg.min_component_ratio, seen)
         solid = asdict(stats)
         solid_note = f"solid: {stats.filled} interior points filled, {stats.floaters} floater and {stats.unseen} unseen points dropped"
-    raw = marching_cubes(grid, box, level)
+    raw = marching_cubes(grid, grid_box, level)
     stages.done("marching_cubes", f"marching cubes: {len(raw.faces)} faces ({solid_note})")
     notes: list[str] = []
     mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
@@ -143,7 +144,7 @@ def export_mesh(
         def colour_fn(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
             return surface_colours(points, normals, projector, density_fn, albedo_fn, cfg.chunk_size)[0]
     elif cfg.bake == "normal":
-        probe = SolidProbe(grid, box, level, device)
+        probe = SolidProbe(grid, grid_box, level, device)
 
         def colour_fn(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
             return normal_colours(points, normals, density_fn, albedo_fn, band, cfg.bake_samples, probe, cfg.chunk_size, device)[0]

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import trimesh
+
 from recon.exports.cleanup import (
     basic_cleanup,
     clean_mesh,
@@ -55,3 +56,28 @@ def test_clean_mesh_pipeline():
     assert len(cleaned.faces) <= 1000
     assert cleaned.body_count == 1
     assert cleaned.volume > 0
+
+
+def test_a_step_that_opens_a_closed_mesh_is_undone_and_noted(monkeypatch):
+    from recon.exports import cleanup
+
+    sphere = trimesh.creation.icosphere(4)
+
+    def tearing_decimate(mesh, target_faces):
+        torn = mesh.copy()
+        torn.update_faces(np.arange(len(torn.faces)) % 7 != 0)  # holes everywhere: repair cannot close them
+        return torn
+
+    monkeypatch.setattr(cleanup, "decimate", tearing_decimate)
+    notes: list[str] = []
+    cleaned = clean_mesh(sphere, 0.05, target_faces=1000, smooth_iterations=2, notes=notes)
+    assert cleaned.is_watertight and cleaned.euler_number == 2 and len(cleaned.faces) == len(sphere.faces)
+    assert notes == [f"decimation opened the mesh; kept all {len(sphere.faces)} faces"]
+
+
+def test_closed_mesh_stays_closed_through_smoothing_and_decimation():
+    sphere = trimesh.creation.icosphere(5)
+    notes: list[str] = []
+    cleaned = clean_mesh(sphere, 0.05, target_faces=2000, smooth_iterations=5, notes=notes)
+    assert notes == [] and len(cleaned.faces) <= 2000
+    assert cleaned.is_watertight and cleaned.is_winding_consistent and cleaned.euler_number == 2 and cleaned.volume > 0

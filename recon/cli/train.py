@@ -14,8 +14,9 @@ from recon.systems.cascade_training import TrainConfig, train
 @dataclass
 class TrainCascadeCommand:
     """Train Base/Refiner Zero-1-to-3 by self-distillation on a multi-view dataset (recon or Objaverse
-    layout); rerunning the same command continues from the newest checkpoint. Multi-GPU:
-    `accelerate launch -m recon.cli.main train-cascade ...`."""
+    layout); rerunning the same command continues from the newest checkpoint, also on another number of GPUs.
+    Multi-GPU: `accelerate launch --multi_gpu --num_processes N -m recon.cli.main train-cascade ...` (global batch =
+    --batch-size x N; --lr-scaling; docs/TRAINING.md)."""
 
     data: Path
     """Multi-view dataset folder (recon layout from 'recon data synth', or Objaverse views_release)."""
