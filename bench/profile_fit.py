@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
 from recon.systems import fit as fit_module
 
 

@@ -271,7 +271,7 @@ def test_normals_for_the_first_rays_only_match_normals_for_all(monkeypatch):
             torch.testing.assert_close(part[key][:k], full[key][:k])
             assert (part[key][k:] == 0).all()
     # packed samples: the prefix of samples belonging to the first k rays
-    t_starts, t_ends, t_mid = stratified_samples(origins, directions, renderer.field.aabb, 6, jitter=False)
+    t_starts, t_ends, _ = stratified_samples(origins, directions, renderer.field.aabb, 6, jitter=False)
     ray_indices = torch.arange(origins.shape[0]).repeat_interleave(6)
     args = (origins, directions, background, ray_indices, t_starts.reshape(-1), t_ends.reshape(-1), True)
     whole, prefix = renderer._shade_packed(*args), renderer._shade_packed(*args, split=7 * 6)
