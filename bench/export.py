@@ -38,7 +38,7 @@ from recon.exports.raster import rasterize
 from recon.fileio import write_json
 from recon.runtime import resolve_device
 
-LEGACY = {"density_stride": 1, "fill_interior": False, "smooth_iterations": 0, "bake": "point", "chart_max_cost": 2.0}
+LEGACY = {"density_stride": 1, "fill_interior": False, "smooth_iterations": 0, "bake": "point"}
 
 
 def mesh_fidelity(mesh: trimesh.Trimesh, truth_points: np.ndarray, truth_area: float, diagonal: float) -> dict:

@@ -126,6 +126,14 @@ def export_mesh(
     stages.done("marching_cubes", f"marching cubes: {len(raw.faces)} faces ({solid_note})")
     notes: list[str] = []
     mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
+    if cfg.fill_interior and 0 < 2 * cfg.target_faces < len(mesh.faces):
+        # Decimation could not keep the solid's mesh closed: mesh every other grid point (closed by construction,
+        # a quarter of the faces) rather than hand xatlas a huge mesh.
+        step = (grid_box[1] - grid_box[0]) / (np.array(grid.shape) - 1)
+        coarse = np.ascontiguousarray(grid[::2, ::2, ::2])
+        coarse_box = np.stack([grid_box[0], grid_box[0] + (np.array(coarse.shape) - 1) * 2 * step])
+        notes.append(f"re-meshed the solid at half resolution ({len(mesh.faces)} faces after cleanup)")
+        mesh = clean_mesh(marching_cubes(coarse, coarse_box, level), cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
     report = mesh_report(mesh)
     report.update(cleanup_notes=notes, solid=solid)
     closed = "closed" if report["is_watertight"] else "NOT closed (watertight False)"

@@ -130,11 +130,12 @@ def per_triangle_atlas(vertices: np.ndarray, faces: np.ndarray, normals: np.ndar
     )
 
 
-def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s: float = 600.0, max_cost: float = 4.0) -> UVMesh:
+def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s: float = 600.0, max_cost: float = 2.0) -> UVMesh:
     """UV-unwraps a ``trimesh.Trimesh`` with xatlas in a subprocess; never crashes the caller.
 
-    ``max_cost``: xatlas' chart growth cost limit (its default is 2; higher
-    gives fewer, larger charts with a little more stretch).
+    ``max_cost``: xatlas' chart growth cost limit (its default 2). The first
+    packing aims at a texel density that fills :data:`FILL` of the atlas (one
+    pass); only if that overflows does xatlas search for the density itself.
 
     Attempt 1: xatlas on the mesh. Attempt 2 (after a crash/timeout): xatlas
     on the mesh decimated to 90 % of its faces, which breaks the exact

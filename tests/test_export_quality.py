@@ -11,6 +11,8 @@ the true albedo (recon.data.primitives).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,16 @@ def test_solidify_fills_unreachable_space_and_closes_small_holes():
     assert solidify(grid, 5.0, hole_voxels=0)[1] == 0  # the flood gets in
     # Closed: the interior and the inner point of the hole are filled (the outer one stays a dimple).
     assert solidify(grid, 5.0, hole_voxels=1)[1] == 8**3 + 1
+
+
+def test_when_decimation_cannot_keep_it_closed_the_solid_is_meshed_at_half_resolution(tmp_path, monkeypatch):
+    from recon.exports import cleanup
+
+    monkeypatch.setattr(cleanup, "_decimate_closed", lambda mesh, target: None)
+    cfg = ExportConfig(formats=["ply"], mc_resolution=64, threshold=100.0, target_faces=500, bake="point")
+    result = export_mesh(shell_density, surface_albedo, BOX, tmp_path, cfg)
+    notes = result.report["cleanup_notes"]
+    assert any(note.startswith("re-meshed the solid at half resolution") for note in notes), notes
+    assert result.report["is_watertight"] and result.report["euler_characteristic"] == 2
+    full = export_mesh(shell_density, surface_albedo, BOX, tmp_path / "full", replace(cfg, target_faces=0))
+    assert result.report["faces"] < 0.4 * full.report["faces"]

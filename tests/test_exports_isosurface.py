@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+
+from recon.cameras import orbit
+from recon.errors import ReconError
 from recon.exports.config import ExportConfig
 from recon.exports.frame import (
     EXPORT_ROTATIONS,
@@ -13,9 +16,6 @@ from recon.exports.frame import (
 )
 from recon.exports.isosurface import auto_threshold, extract_mesh, sample_density_grid
 from recon.exports.pipeline import export_field
-
-from recon.cameras import orbit
-from recon.errors import ReconError
 
 BOX = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
 

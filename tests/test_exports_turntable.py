@@ -3,6 +3,7 @@
 import imageio.v3 as iio
 import numpy as np
 import pytest
+
 from recon.exports import turntable
 from recon.exports.turntable import render_turntable
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import trimesh
 from PIL import Image
+
 from recon.exports import uv
 from recon.exports.bake import bake_texture, dilate, rasterize_uv
 from recon.exports.uv import unwrap_uv

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+
+from recon.errors import ReconError
 from recon.exports import (
     ExportConfig,
     bake_texture,
@@ -18,8 +20,6 @@ from recon.exports import (
     write_obj,
     write_ply,
 )
-
-from recon.errors import ReconError
 
 BOX = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
 

@@ -38,6 +38,8 @@ class FitViewsCommand:
     """Config override key.path=value (repeatable), e.g. --set rays_per_batch=8192."""
     resume: bool = False
     """Continue the run in --output from its newest checkpoint."""
+    overwrite: bool = False
+    """Redo the run in --output from scratch (deletes only the files that run wrote)."""
     export: bool = True
     """Export a textured mesh when training ends."""
     quiet: bool = False
@@ -67,6 +69,7 @@ class FitViewsCommand:
             seed=self.seed,
             device=self.device,
             resume=self.resume,
+            overwrite=self.overwrite,
             export=self.export,
         )
         if metrics:
