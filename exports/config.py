@@ -86,6 +86,9 @@ class ExportConfig:
     """The scene's up axis in world coordinates: +y (recon's frame: single-image fits) or +z (Blender /
     NeRF-synthetic captures; rotated so the files are +Y up with the front at +Z, as glTF and Blender's
     importers expect); fit-views' 'auto' picks it from the cameras' up vectors."""
+    note: str = ""
+    """Text written into every mesh file (GLB asset.extras.recon_note, a comment in the OBJ and MTL), e.g. the
+    random-weights warning of a smoke-test run; empty = none."""
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]

@@ -168,9 +168,9 @@ def export_mesh(
         report["atlas_utilisation"] = round(utilisation, 4)
         stages.done("bake", f"texture bake ({cfg.bake}) {cfg.texture_resolution}x{cfg.texture_resolution}: {100 * utilisation:.0f}% of texels used")
         if "glb" in cfg.formats:
-            paths["glb"] = write_glb(uv_mesh, texture, out_dir / f"{stem}.glb", cfg.up_axis)
+            paths["glb"] = write_glb(uv_mesh, texture, out_dir / f"{stem}.glb", cfg.up_axis, cfg.note)
         if "obj" in cfg.formats:
-            paths["obj"] = write_obj(uv_mesh, texture, out_dir / f"{stem}.obj", cfg.up_axis)
+            paths["obj"] = write_obj(uv_mesh, texture, out_dir / f"{stem}.obj", cfg.up_axis, cfg.note)
     if "ply" in cfg.formats:
         vertices, normals = np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals)
         paths["ply"] = write_ply(vertices, mesh.faces, colour_fn(vertices, normals), out_dir / f"{stem}.ply", normals, cfg.up_axis)

@@ -32,12 +32,13 @@ def _texture_image(texture: np.ndarray) -> Image.Image:
     return Image.fromarray(texture[..., :3], mode="RGB")
 
 
-def write_glb(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str = "+y") -> Path:
+def write_glb(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str = "+y", note: str = "") -> Path:
     """Writes a binary glTF with vertex normals, UVs and a PBR material (base-colour texture, metallic 0, roughness 1).
 
     ``texture`` (H, W, 3) uint8 or float in [0, 1], row 0 at v = 1. The node
     and mesh are named after the file stem. ``up_axis``: the scene's up in
-    world coordinates (:func:`exports.frame.to_export_frame`). Returns ``path``.
+    world coordinates (:func:`exports.frame.to_export_frame`). ``note`` (e.g.
+    a random-weights warning) goes into ``asset.extras.recon_note``. Returns ``path``.
     """
     path = Path(path)
     vertices, normals = to_export_frame(mesh.vertices, mesh.normals, up_axis)
@@ -57,7 +58,12 @@ def write_glb(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str 
         process=False,
     )
     scene = trimesh.Scene(geometry={path.stem: tri})
-    data = trimesh.exchange.gltf.export_glb(scene, include_normals=True)
+
+    def label(tree: dict) -> None:
+        if note:
+            tree.setdefault("asset", {}).setdefault("extras", {})["recon_note"] = note
+
+    data = trimesh.exchange.gltf.export_glb(scene, include_normals=True, tree_postprocessor=label)
     write_bytes(path, data)
     return path
 
@@ -68,18 +74,23 @@ def obj_sidecars(path: str | Path) -> tuple[Path, Path, str]:
     return path.with_suffix(".mtl"), path.with_name(f"{path.stem}_albedo.png"), f"{path.stem}_material"
 
 
+def _comment(note: str) -> str:
+    """``note`` as OBJ/MTL comment lines (empty for no note)."""
+    return "".join(f"# {line}\n" for line in note.splitlines())
+
+
 def _rows(array: np.ndarray, fmt: str) -> str:
     buffer = io.StringIO()
     np.savetxt(buffer, array, fmt=fmt)
     return buffer.getvalue()
 
 
-def write_obj(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str = "+y") -> Path:
+def write_obj(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str = "+y", note: str = "") -> Path:
     """Writes ``path`` (.obj with v, vt, vn, f v/vt/vn) plus its .mtl and ``<stem>_albedo.png`` beside it.
 
     The MTL and PNG are referenced by bare file names (relative paths). The
     texture and MTL are written first, so an existing .obj always has them.
-    ``up_axis`` as in :func:`write_glb`. Returns the .obj path.
+    ``up_axis`` and ``note`` (a comment line in the .obj and .mtl) as in :func:`write_glb`. Returns the .obj path.
     """
     path = Path(path)
     mtl_path, png_path, material = obj_sidecars(path)
@@ -87,7 +98,7 @@ def write_obj(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str 
         _texture_image(texture).save(tmp, format="PNG")
     write_text(
         mtl_path,
-        f"# recon material for {path.name}\n"
+        f"# recon material for {path.name}\n{_comment(note)}"
         f"newmtl {material}\n"
         "Ka 1.000000 1.000000 1.000000\nKd 1.000000 1.000000 1.000000\nKs 0.000000 0.000000 0.000000\n"
         "Ns 0.000000\nd 1.000000\nillum 1\nPr 1.000000\nPm 0.000000\n"
@@ -97,7 +108,7 @@ def write_obj(mesh: UVMesh, texture: np.ndarray, path: str | Path, up_axis: str 
     index = mesh.faces + 1
     corners = np.repeat(index, 3, axis=1)
     text = (
-        f"# recon export\nmtllib {mtl_path.name}\no {path.stem}\n"
+        f"# recon export\n{_comment(note)}mtllib {mtl_path.name}\no {path.stem}\n"
         + _rows(vertices, "v %.6f %.6f %.6f")
         + _rows(mesh.uv, "vt %.6f %.6f")
         + _rows(_unit(normals), "vn %.6f %.6f %.6f")

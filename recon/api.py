@@ -76,6 +76,8 @@ def build_config(
         cfg = resolve_config(to_plain(cfg), flags)
     if steps is not None:
         cfg = scale_steps(cfg, steps)
+    if cfg.guidance.model.startswith("random-") and not cfg.export.note:  # every mesh file says so as it is written
+        cfg.export.note = SMOKE_TEST_TEXT.format(model=cfg.guidance.model).strip()
     return cfg
 
 
@@ -306,74 +308,74 @@ def fit(
     or one per GPU), see :mod:`recon.systems.ray_batch`.
     """
     from recon.imageio import list_images
-    from recon.progress import set_quiet
+    from recon.progress import quiet_while
     from recon.runtime import resolve_device
 
-    set_quiet(quiet)
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{output}: is a file; --output takes the folder that holds one run folder per image")
-    paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-    image_list = list_images(paths)
-    scale_out = gpus is not None or workers is not None or ray is not None
-    if batch is None or scale_out:
-        batch = scale_out or len(image_list) != 1 or any(Path(p).is_dir() for p in paths)
-    cfg = build_config(
-        preset, overrides, model=model, formats=formats, seed=seed, foreground_ratio=foreground_ratio,
-        remove_bg=remove_bg, steps=steps, elevation=elevation,
-    )
-    dev = resolve_device(device)
-    if dev.type == "cpu" and str(preset) in ("default", "fast", "stable-zero123"):
-        from recon.progress import warn
+    with quiet_while(quiet):
+        output = Path(output)
+        if output.exists() and not output.is_dir():
+            raise InputError(f"{output}: is a file; --output takes the folder that holds one run folder per image")
+        paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+        image_list = list_images(paths)
+        scale_out = gpus is not None or workers is not None or ray is not None
+        if batch is None or scale_out:
+            batch = scale_out or len(image_list) != 1 or any(Path(p).is_dir() for p in paths)
+        cfg = build_config(
+            preset, overrides, model=model, formats=formats, seed=seed, foreground_ratio=foreground_ratio,
+            remove_bg=remove_bg, steps=steps, elevation=elevation,
+        )
+        dev = resolve_device(device)
+        if dev.type == "cpu" and str(preset) in ("default", "fast", "stable-zero123"):
+            from recon.progress import warn
 
-        warn(f"--preset {preset} is made for a GPU and no GPU is in use: it would take hours on the CPU; "
-             "use --preset cpu for a run of minutes")
-    models = Models(dev)
+            warn(f"--preset {preset} is made for a GPU and no GPU is in use: it would take hours on the CPU; "
+                 "use --preset cpu for a run of minutes")
+        models = Models(dev)
 
-    def one(image: Path, run_dir: Path) -> dict[str, Any]:
-        return fit_image(image, run_dir, cfg, dev, models, resume=resume, overwrite=overwrite)
+        def one(image: Path, run_dir: Path) -> dict[str, Any]:
+            return fit_image(image, run_dir, cfg, dev, models, resume=resume, overwrite=overwrite)
 
-    if not batch:
-        from recon.systems.batch import is_finished, run_names
+        if not batch:
+            from recon.systems.batch import is_finished, run_names
 
-        run_dir = output / run_names(image_list)[0]
-        result = ImageResult(image=image_list[0], run_dir=run_dir)
-        start = time.perf_counter()
-        if is_finished(run_dir) and not overwrite:
-            from recon.progress import info
+            run_dir = output / run_names(image_list)[0]
+            result = ImageResult(image=image_list[0], run_dir=run_dir)
+            start = time.perf_counter()
+            if is_finished(run_dir) and not overwrite:
+                from recon.progress import info
 
-            info(f"{run_dir}: already finished; skipped (--overwrite to redo)")
-            result.status = "skipped"
+                info(f"{run_dir}: already finished; skipped (--overwrite to redo)")
+                result.status = "skipped"
+            else:
+                outcome = one(image_list[0], run_dir)
+                result.status = "finished"
+                result.exports = {k: str(v) for k, v in outcome["exports"].items()}
+                result.timings_s = outcome["timings_s"]
+            result.seconds = round(time.perf_counter() - start, 3)
+            return [result]
+        if scale_out:
+            from functools import partial
+
+            factory = partial(batch_worker, cfg, resume, overwrite)
+            if ray is not None:
+                from recon.systems.ray_batch import run_ray
+
+                if gpus is not None:
+                    raise ReconError("--gpus and --ray do not combine: on Ray each worker gets one GPU of the cluster (--workers N to limit them)")
+                results = run_ray(image_list, output, factory, ray, device, workers, overwrite)
+            else:
+                from recon.systems.workers import local_workers, run_pool
+
+                results = run_pool(image_list, output, factory, local_workers(gpus, workers, device), overwrite)
         else:
-            outcome = one(image_list[0], run_dir)
-            result.status = "finished"
-            result.exports = {k: str(v) for k, v in outcome["exports"].items()}
-            result.timings_s = outcome["timings_s"]
-        result.seconds = round(time.perf_counter() - start, 3)
-        return [result]
-    if scale_out:
-        from functools import partial
+            results = run_batch(image_list, output, one, overwrite=overwrite)
+            save_summary(output, results)
+        print_summary(results)
+        from recon.progress import info
+        from recon.systems.report import write_report
 
-        factory = partial(batch_worker, cfg, resume, overwrite)
-        if ray is not None:
-            from recon.systems.ray_batch import run_ray
-
-            if gpus is not None:
-                raise ReconError("--gpus and --ray do not combine: on Ray each worker gets one GPU of the cluster (--workers N to limit them)")
-            results = run_ray(image_list, output, factory, ray, device, workers, overwrite)
-        else:
-            from recon.systems.workers import local_workers, run_pool
-
-            results = run_pool(image_list, output, factory, local_workers(gpus, workers, device), overwrite)
-    else:
-        results = run_batch(image_list, output, one, overwrite=overwrite)
-        save_summary(output, results)
-    print_summary(results)
-    from recon.progress import info
-    from recon.systems.report import write_report
-
-    info(f"report: {write_report(output)}")
-    return results
+        info(f"report: {write_report(output)}")
+        return results
 
 
 def export(

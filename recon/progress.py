@@ -39,6 +39,17 @@ def set_quiet(quiet: bool) -> None:
     console.quiet = quiet
 
 
+@contextlib.contextmanager
+def quiet_while(quiet: bool) -> Iterator[None]:
+    """:func:`set_quiet` for the duration of a block, then the previous state again (for library calls)."""
+    previous = console.quiet
+    console.quiet = quiet
+    try:
+        yield
+    finally:
+        console.quiet = previous
+
+
 def info(message: str) -> None:
     """Prints one status line to stderr (suppressed by ``--quiet``)."""
     console.print(message)

@@ -277,6 +277,29 @@ def test_random_weights_run_is_labelled_before_anything_else(tmp_path):
     assert listed.index(SMOKE_TEST_NOTE) < listed.index("input.png") and (run.root / SMOKE_TEST_NOTE).is_file()
 
 
+def test_random_weights_note_is_inside_every_mesh_file(tmp_path):
+    import trimesh
+
+    from recon.api import build_config
+    from recon.exports.uv import UVMesh
+    from recon.exports.writers import write_glb, write_obj
+
+    cfg = build_config("cpu", TINY, model="random-tiny")
+    assert "random guidance weights" in cfg.export.note and build_config("cpu", TINY).export.note == ""
+    sphere = trimesh.creation.icosphere(1)
+    mesh = UVMesh(sphere.vertices, sphere.faces, np.zeros((len(sphere.vertices), 2)), sphere.vertex_normals, "test")
+    texture = np.zeros((4, 4, 3), np.uint8)
+    glb = write_glb(mesh, texture, tmp_path / "mesh.glb", note=cfg.export.note)
+    length = int.from_bytes(glb.read_bytes()[12:16], "little")
+    tree = json.loads(glb.read_bytes()[20 : 20 + length])
+    assert tree["asset"]["extras"]["recon_note"] == cfg.export.note
+    obj = write_obj(mesh, texture, tmp_path / "mesh.obj", note=cfg.export.note)
+    assert f"# {cfg.export.note}" in obj.read_text().splitlines()[:3]
+    assert f"# {cfg.export.note}" in (tmp_path / "mesh.mtl").read_text()
+    plain = write_glb(mesh, texture, tmp_path / "plain.glb")
+    assert b"recon_note" not in plain.read_bytes()
+
+
 # ------------------------------------------------------------------ 9. alpha inputs
 def test_transparent_and_all_opaque_alpha_messages(tmp_path):
     from recon.preprocess import load_reference
@@ -336,6 +359,15 @@ def test_meta_keeps_the_timings_of_earlier_processes(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ 13. no wrapping off a terminal
+def test_a_quiet_library_call_restores_the_console():
+    from recon.progress import console, quiet_while
+
+    assert not console.quiet
+    with quiet_while(True):
+        assert console.quiet
+    assert not console.quiet
+
+
 def test_messages_do_not_wrap_when_stderr_is_not_a_terminal(capsys):
     from recon.progress import _console
 
