@@ -91,7 +91,7 @@ def make_images(folder: Path, count: int, size: int = 256) -> None:
 
 def bench_batch(images: Path, weights: Path, gpus: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One `recon batch --gpus` run: wall, processing wall, images/min, GPU use."""
-    out = work / f"out_gpus{gpus}"
+    out = work / f"out_{images.name}_gpus{gpus}"  # the warm-up writes elsewhere: its run must not count as skipped
     command = [sys.executable, "-m", "recon.cli.main", "batch", str(images), "-o", str(out), "--gpus", gpus, "--preset", args.preset,
                "--model", str(weights), "--steps", str(args.steps), "--format", "glb", "--set", "turntable=false", "--quiet"]
     for item in args.set:
