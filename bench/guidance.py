@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+
+from recon.fileio import write_json
 from recon.guidance.checkpoints import load_zero123
 from recon.guidance.config import GuidanceConfig
 from recon.guidance.interface import DTYPES, Zero123Guidance, make_guidance
-
-from recon.fileio import write_json
 from recon.preprocess import ReferenceView
 
 

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from recon.guidance.sampling import ddim_sample, to_8bit_levels
 from torch import Tensor
 
 from recon.cameras import relative_pose, spherical_to_position
 from recon.fileio import atomic_path, read_json, write_json
+from recon.guidance.sampling import ddim_sample, to_8bit_levels
 
 if TYPE_CHECKING:
     from recon.guidance.model import Zero123Model

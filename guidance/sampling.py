@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from recon.guidance.model import Zero123Model
 from torch import Tensor
 
 from recon.cameras import relative_pose
+from recon.guidance.model import Zero123Model
 
 
 def native_size(model: Zero123Model) -> int:

@@ -17,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
 from recon.guidance.checkpoints import ema_key, load_zero123, save_diffusers
 from recon.guidance.model import Zero123Model
-from torch import Tensor
 
 TINY_SIZE = 64  # image side the tiny VAE is built for (latent 8x8)
 
@@ -206,3 +207,17 @@ def save_ldm_checkpoint(model: Zero123Model, path: Path, ema_unet=None) -> Path:
     else:
         torch.save({"state_dict": state, "global_step": 105000, "epoch": 3}, path)
     return path
+
+
+def probe_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed (images, noisy latents, poses, timesteps) for comparing two tiny models' guided noise predictions."""
+    g = torch.Generator().manual_seed(11)
+    return tiny_images(2, seed=3), torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 1, 4, generator=g), torch.tensor([700, 90])
+
+
+def guided(m, probe) -> torch.Tensor:
+    """Classifier-free guided epsilon of model ``m`` on :func:`probe_inputs` (scale 3)."""
+    image, noisy, pose, t = probe
+    with torch.no_grad():
+        return m.eps_cfg(noisy, t, m.context(m.clip_embed(image)[:, None], pose), m.cond_latent(image), 3.0)
+

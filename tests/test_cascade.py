@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from guidance_fixtures import tiny_images, tiny_model
+
 from recon.guidance.cascade import (
     Conditions,
     angular_distance_deg,
@@ -20,7 +21,6 @@ from recon.guidance.cascade import (
 )
 from recon.guidance.config import GuidanceConfig
 from recon.guidance.interface import Zero123Guidance
-
 from recon.preprocess import ReferenceView
 
 S45 = math.sqrt(0.5)

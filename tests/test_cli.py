@@ -77,9 +77,8 @@ def test_data_synth_min_primitives_follows_max_primitives(monkeypatch, tmp_path,
 
 
 def test_train_cascade_flags_fill_the_train_config(monkeypatch, tmp_path):
-    from recon.systems.cascade_training import TrainConfig
-
     from recon.cli.train import TrainCascadeCommand
+    from recon.systems.cascade_training import TrainConfig
 
     command = _parsed(monkeypatch, TrainCascadeCommand, [
         "train-cascade", "--data", str(tmp_path / "data"), "--init", "random-tiny", "-o", str(tmp_path / "run"),

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from recon.exports.config import parse_formats
-from recon.systems.checkpoint import save_checkpoint
 
 from recon.cli.export import parse_threshold
 from recon.cli.main import main
 from recon.config import to_plain
 from recon.encoding import HashGridConfig
 from recon.errors import ReconError
+from recon.exports.config import parse_formats
 from recon.field import FieldConfig, RadianceField
 from recon.runs import RunDir
+from recon.systems.checkpoint import save_checkpoint
 
 FIELD = FieldConfig(
     encoding=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4, backend="torch"),

@@ -16,12 +16,12 @@ import torch
 import trimesh
 import yaml
 from PIL import Image
-from recon.systems import losses
-from recon.systems.fit import Trainer, resolve_config, scale_steps
 
 from recon.cli.main import main
 from recon.config import preset_names, presets_folder, read_preset, to_plain
 from recon.progress import PhaseTimer
+from recon.systems import losses
+from recon.systems.fit import Trainer, resolve_config, scale_steps
 
 TINY = [
     "field.encoding.n_levels=4",
@@ -339,9 +339,8 @@ def test_nan_loss_rolls_back_to_the_last_checkpoint_and_finishes(tmp_path, share
 
 
 def test_public_api_fits_images_one_at_a_time_with_shared_models(tmp_path, monkeypatch):
-    from recon.guidance import interface
-
     import recon
+    from recon.guidance import interface
     from recon.runtime import resolve_device
 
     built = []
@@ -370,11 +369,10 @@ class FakeGuidance:
 
 
 def make_trainer(tmp_path, *overrides):
-    from recon.systems.fit import Trainer
-
     from recon.api import build_config
     from recon.preprocess import ReferenceView
     from recon.runs import RunDir
+    from recon.systems.fit import Trainer
 
     cfg = build_config("cpu", [*TINY, *overrides])
     y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")

@@ -7,9 +7,6 @@ import math
 
 import pytest
 import torch
-from recon.exports.frame import EXPORT_ROTATIONS
-from recon.systems.checkpoint import load_latest
-from recon.systems.fit_views import FitViewsConfig, FitViewsTrainer, load_views
 
 from recon.cameras import Cameras
 from recon.cli.main import main
@@ -17,7 +14,10 @@ from recon.config import resolve
 from recon.data.primitives import random_object, render_object
 from recon.data.transforms_json import estimate_scene, read_transforms, write_transforms
 from recon.errors import InputError
+from recon.exports.frame import EXPORT_ROTATIONS
 from recon.runs import RunDir
+from recon.systems.checkpoint import load_latest
+from recon.systems.fit_views import FitViewsConfig, FitViewsTrainer, load_views
 
 # A field and renderer small enough for a CPU test.
 TINY = [
@@ -235,9 +235,8 @@ def test_fit_views_nerfacc_sampler_on_cuda(tmp_path):
 def test_export_up_axis_is_taken_from_the_cameras_unless_set():
     from dataclasses import replace
 
-    from recon.systems.fit_views import resolve_scene
-
     from recon.cameras import orbit
+    from recon.systems.fit_views import resolve_scene
 
     y_up = orbit(6, 25.0, 4.0, 40.0, 32)
     # The same rig in a Blender-style Z-up world (x, y, z) -> (x, -z, y).

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from guidance_fixtures import (
+    guided,
     ldm_state_dict,
     save_ldm_checkpoint,
     save_tiny_diffusers,
-    tiny_images,
     tiny_model,
 )
 from safetensors.torch import load_file
@@ -21,24 +21,6 @@ from recon.guidance.checkpoints import (
     read_state_dict,
     save_diffusers,
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def probe():
-    """Fixed inputs for comparing two models' guided noise predictions."""
-    g = torch.Generator().manual_seed(11)
-    return tiny_images(2, seed=3), torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 1, 4, generator=g), torch.tensor([700, 90])
-
-
-def guided(m, probe):
-    image, noisy, pose, t = probe
-    with torch.no_grad():
-        return m.eps_cfg(noisy, t, m.context(m.clip_embed(image)[:, None], pose), m.cond_latent(image), 3.0)
 
 
 def assert_same_weights(a, b):

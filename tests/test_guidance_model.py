@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from guidance_fixtures import tiny_images, tiny_model
+
+from recon.cameras import relative_pose
 from recon.guidance.architectures import build_components
 from recon.guidance.model import Zero123Model
 from recon.guidance.sampling import encode_relative_views
-
-from recon.cameras import relative_pose
 
 OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

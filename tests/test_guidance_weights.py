@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from guidance_fixtures import ldm_state_dict, save_ldm_checkpoint, save_tiny_diffusers, tiny_images, tiny_model
+from guidance_fixtures import guided, ldm_state_dict, save_ldm_checkpoint, save_tiny_diffusers, tiny_images, tiny_model
 from safetensors import safe_open
 
 from recon.errors import InputError
@@ -23,23 +23,6 @@ from recon.guidance.lightning import Opaque, read_torch_zip
 from recon.preprocess import ReferenceView
 
 STABLE_MIN, STABLE_MAX = [50, 0.7, 0.3, 200], [50, 0.98, 0.8, 200]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def probe():
-    g = torch.Generator().manual_seed(11)
-    return tiny_images(2, seed=3), torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 1, 4, generator=g), torch.tensor([700, 90])
-
-
-def guided(m, probe):
-    image, noisy, pose, t = probe
-    with torch.no_grad():
-        return m.eps_cfg(noisy, t, m.context(m.clip_embed(image)[:, None], pose), m.cond_latent(image), 3.0)
 
 
 def published_folder(model, folder: Path, layout: str) -> Path:

@@ -5,11 +5,11 @@ import pytest
 import torch
 from guidance_fixtures import tiny_images, tiny_model
 from PIL import Image
-from recon.guidance.sampling import encode_relative_views, sample_views
 
 from recon.cli.main import main
 from recon.cli.novel_view import make_grid, output_paths, pair_poses
 from recon.errors import ReconError
+from recon.guidance.sampling import encode_relative_views, sample_views
 
 
 @pytest.fixture(scope="module")

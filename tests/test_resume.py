@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import torch
-from recon.systems.checkpoint import list_checkpoints, load_latest
-from recon.systems.fit import Trainer
 from test_fit import fit_args, make_rgba, shared_models  # noqa: F401 - shared_models is a fixture
 
 from recon.cli.main import main
 from recon.runs import RunDir
+from recon.systems.checkpoint import list_checkpoints, load_latest
+from recon.systems.fit import Trainer
 
 FAST = ["--format", "ply", "--set", "turntable=false", "--set", "preview_every=0"]
 

@@ -7,8 +7,16 @@ import random
 
 import numpy as np
 import pytest
-import recon.systems.checkpoint as checkpoint_module
 import torch
+from torch import nn
+
+import recon.systems.checkpoint as checkpoint_module
+from recon.config import to_plain
+from recon.encoding import HashGridConfig
+from recon.errors import InputError, ReconError
+from recon.field import FieldConfig, RadianceField
+from recon.metrics import chamfer_distance, psnr, ssim
+from recon.runs import RunDir, StepReporter
 from recon.systems.checkpoint import (
     SceneTransform,
     list_checkpoints,
@@ -16,14 +24,6 @@ from recon.systems.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from torch import nn
-
-from recon.config import to_plain
-from recon.encoding import HashGridConfig
-from recon.errors import InputError, ReconError
-from recon.field import FieldConfig, RadianceField
-from recon.metrics import chamfer_distance, psnr, ssim
-from recon.runs import RunDir, StepReporter
 
 TINY_FIELD = FieldConfig(
     encoding=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4, backend="torch"), mlp_width=16, mlp_hidden_layers=1

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from recon.guidance.config import GuidanceConfig
 
 from recon.config import resolve
 from recon.errors import ReconError
+from recon.guidance.config import GuidanceConfig
 from recon.schedule import validate_schedule, value_at
 
 

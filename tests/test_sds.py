@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from guidance_fixtures import tiny_images, tiny_model
+
+from recon.cameras import relative_pose
 from recon.guidance.config import GuidanceConfig
 from recon.guidance.interface import Zero123Guidance
 from recon.guidance.sds import (
@@ -16,8 +18,6 @@ from recon.guidance.sds import (
     timestep_range,
     timestep_weight,
 )
-
-from recon.cameras import relative_pose
 from recon.preprocess import ReferenceView
 from recon.schedule import value_at
 

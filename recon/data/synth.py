@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 
