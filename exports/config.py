@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from recon.errors import ReconError
@@ -50,6 +50,11 @@ class ExportConfig:
     """Decimate to at most this many faces before UV unwrapping (0 = no decimation); bounds xatlas time."""
     texture_resolution: int = 1024
     """Side of the square base-colour texture, in pixels."""
+    cpu_max_mc_resolution: int = 128
+    """On the CPU, mc_resolution is capped at this (0 = no cap): the field evaluations of a GPU-sized grid take
+    minutes there; say --set export.cpu_max_mc_resolution=0 to keep the full grid."""
+    cpu_max_texture_resolution: int = 512
+    """On the CPU, texture_resolution is capped at this (0 = no cap): the bake renders the field per texel."""
     texture_padding: int = 4
     """Gutter between UV charts and seam dilation of the baked texture, in pixels."""
     chart_max_cost: float = 2.0
@@ -89,6 +94,20 @@ class ExportConfig:
     note: str = ""
     """Text written into every mesh file (GLB asset.extras.recon_note, a comment in the OBJ and MTL), e.g. the
     random-weights warning of a smoke-test run; empty = none."""
+
+    def for_device(self, device: str | object) -> ExportConfig:
+        """This config as it runs on ``device``: on the CPU, the grid and texture capped (see the cpu_max_* fields)."""
+        if str(device).split(":")[0] != "cpu":
+            return self
+        capped = {
+            name: limit
+            for name, limit in (
+                ("mc_resolution", self.cpu_max_mc_resolution),
+                ("texture_resolution", self.cpu_max_texture_resolution),
+            )
+            if 0 < limit < getattr(self, name)
+        }
+        return replace(self, **capped) if capped else self
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]

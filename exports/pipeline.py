@@ -102,7 +102,14 @@ def export_mesh(
     the mesh is closed (``is_watertight``) and lists cleanup steps undone
     because they would have opened it (``cleanup_notes``).
     """
-    cfg = cfg or ExportConfig()
+    requested = cfg or ExportConfig()
+    cfg = requested.for_device(device)
+    if cfg is not requested:
+        info(
+            f"export on the CPU: grid {cfg.mc_resolution}^3 (asked {requested.mc_resolution}), texture "
+            f"{cfg.texture_resolution} px (asked {requested.texture_resolution}); "
+            "--set export.cpu_max_mc_resolution=0 / cpu_max_texture_resolution=0 keeps the full size"
+        )
     if cfg.up_axis == "auto":
         raise ReconError("export.up_axis=auto is decided by fit-views from its cameras; set +y or +z")
     box = as_aabb(aabb)

@@ -252,3 +252,13 @@ def test_when_decimation_cannot_keep_it_closed_the_solid_is_meshed_at_half_resol
     assert result.report["is_watertight"] and result.report["euler_characteristic"] == 2
     full = export_mesh(shell_density, surface_albedo, BOX, tmp_path / "full", replace(cfg, target_faces=0))
     assert result.report["faces"] < 0.4 * full.report["faces"]
+
+
+def test_cpu_exports_cap_the_grid_and_texture():
+    cfg = ExportConfig(mc_resolution=256, texture_resolution=1024)
+    on_cpu = cfg.for_device("cpu")
+    assert (on_cpu.mc_resolution, on_cpu.texture_resolution) == (128, 512)
+    assert cfg.for_device("cuda:0") is cfg
+    assert ExportConfig(mc_resolution=96, texture_resolution=256).for_device("cpu").mc_resolution == 96
+    uncapped = ExportConfig(mc_resolution=256, cpu_max_mc_resolution=0, cpu_max_texture_resolution=0).for_device("cpu")
+    assert (uncapped.mc_resolution, uncapped.texture_resolution) == (256, 1024)
