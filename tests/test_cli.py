@@ -114,3 +114,11 @@ def test_train_cascade_set_applies_over_the_flags(monkeypatch, tmp_path):
     argv = ["train-cascade", "--data", str(tmp_path), "--init", "tiny", "-o", str(tmp_path / "run"), "--steps", "5", "--ema-decay", "0.9", "--quiet"]
     assert main([*argv, "--set", "ema_decay=0.5", "--set", "nearby_views=[[0,10,0]]"]) == 0
     assert trained[0].steps == 5 and trained[0].ema_decay == 0.5 and trained[0].nearby_views == [[0.0, 10.0, 0.0]]
+
+
+def test_version_names_the_distribution(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"recon {version('recon-zero123')}"
+

@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tyro
 
     from recon.errors import sigterm_as_interrupt
+    from recon.progress import quiet_while
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:  # no command: the usage on stderr and the usage-error code
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] == "--version":
         from importlib.metadata import version
 
-        print(f"recon {version('recon')}")
+        print(f"recon {version('recon-zero123')}")
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog, rest = f"{prog} {rest[0]}", rest[1:]
     module_name, class_name, _ = COMMANDS[name]
     command_class = getattr(importlib.import_module(f"recon.cli.{module_name}"), class_name)
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), quiet_while(False):  # --quiet lasts for this command only
         try:  # parsing builds the command's config dataclasses, whose validation raises ReconError
             # one flag per bool: --resume / --no-remove-bg (never --no-resume for a default-off flag, --no-no-cascade)
             command = tyro.cli(command_class, args=rest, prog=prog, registry=_registry(), config=(tyro.conf.FlagCreatePairsOff,))
