@@ -383,13 +383,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the Markdown tables, writes JSON to --out, returns the record."""
-    from recon.api import Models
-    from recon.progress import set_quiet
-    from recon.runtime import resolve_device
+    from recon.progress import quiet_while
 
     args = parse_args(argv)
+    with quiet_while(args.quiet):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark for parsed ``args`` (see :func:`main`)."""
+    from recon.api import Models
+    from recon.runtime import resolve_device
+
     start = time.perf_counter()
-    set_quiet(args.quiet)
     device = resolve_device(args.device)
     preset = args.preset or ("fast" if device.type == "cuda" else "cpu")
     configs = method_configs(preset, args.overrides, args.model, args.steps)
