@@ -54,7 +54,7 @@ def validate_schedule(schedule: Any, name: str = "schedule") -> None:
         _number(schedule, name)
 
 
-def value_at(schedule: Any, step: int) -> float:
+def value_at(schedule: ScheduleValue, step: int) -> float:
     """The value of ``schedule`` (any of the module's spellings) at optimisation ``step``."""
     validate_schedule(schedule)
     if isinstance(schedule, Mapping):
