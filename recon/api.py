@@ -147,13 +147,11 @@ def cutout(image: str | os.PathLike[str], cfg: FitConfig) -> Any:
     return load_reference(Path(image), cfg.preprocess.foreground_ratio, cfg.preprocess.remove_bg, cfg.preprocess.size)
 
 
-def _create_run(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, timer: Any) -> RunDir:
-    """Preprocesses ``image`` and makes the run folder with the input files, config.yaml, meta.json, progress.json."""
+def _create_run(image: Path, reference: Any, run_dir: Path, cfg: FitConfig, device: torch.device) -> RunDir:
+    """Makes the run folder for ``image`` (its :func:`cutout` is ``reference``): input files, config.yaml, meta.json, progress.json."""
     from recon import fileio
     from recon.progress import warn
 
-    with timer.phase("preprocess"):
-        reference = cutout(image, cfg)
     random_weights = cfg.guidance.model.startswith("random-")
     run = RunDir.create(
         run_dir,
@@ -219,8 +217,11 @@ def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, 
     reset_peak_memory(device)
     image, run_dir = Path(image), Path(run_dir)
     cfg, resuming = _existing_run(run_dir, cfg, resume, overwrite)
+    if not resuming:  # a bad image fails before the models load
+        with timer.phase("preprocess"):
+            cut = cutout(image, cfg)
     guidance = models.get(cfg, timer)  # before the run folder exists: missing weights leave nothing behind
-    run = RunDir.open(run_dir) if resuming else _create_run(image, run_dir, cfg, device, timer)
+    run = RunDir.open(run_dir) if resuming else _create_run(image, cut, run_dir, cfg, device)
     try:
         reference = load_reference_png(run.root / "input_rgba.png", cfg.cameras.reference_elevation_deg)
         seed_everything(cfg.seed)

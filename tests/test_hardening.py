@@ -196,6 +196,18 @@ def test_expected_failures_print_one_line(tmp_path, capsys, case, expected):
     assert not (out / "disc").exists()
 
 
+def test_a_corrupt_image_fails_before_the_models_load(tmp_path, capsys, monkeypatch):
+    from recon.api import Models
+
+    image = make_rgba(tmp_path / "disc.png")
+    image.write_bytes(image.read_bytes()[:100])
+    monkeypatch.setattr(Models, "get", lambda *a, **k: pytest.fail("models loaded for an unreadable image"))
+    assert main(fit_args(image, tmp_path / "out")) == 2
+    err = _err(capsys)
+    assert f"{image}: truncated or corrupt image file" in err and err.count("error:") == 1
+    assert not (tmp_path / "out" / "disc").exists()
+
+
 def test_pickle_bin_weights_are_refused_in_one_line(tmp_path, capsys):
     from recon.guidance.checkpoints import random_model, save_diffusers
 
@@ -267,11 +279,11 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path, capsys, shared_models, monkeyp
 
 # ------------------------------------------------------------------ 8. random weights labelled from the start
 def test_random_weights_run_is_labelled_before_anything_else(tmp_path):
-    from recon.api import SMOKE_TEST_NOTE, _create_run, build_config
-    from recon.progress import PhaseTimer
+    from recon.api import SMOKE_TEST_NOTE, _create_run, build_config, cutout
 
     cfg = build_config("cpu", TINY, model="random-tiny")
-    run = _create_run(make_rgba(tmp_path / "disc.png"), tmp_path / "run", cfg, torch.device("cpu"), PhaseTimer())
+    image = make_rgba(tmp_path / "disc.png")
+    run = _create_run(image, cutout(image, cfg), tmp_path / "run", cfg, torch.device("cpu"))
     assert run.read_meta()["random_weights"] is True
     listed = json.loads(run.manifest_path.read_text())["files"]
     assert listed.index(SMOKE_TEST_NOTE) < listed.index("input.png") and (run.root / SMOKE_TEST_NOTE).is_file()
