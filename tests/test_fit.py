@@ -19,7 +19,6 @@ from PIL import Image
 
 from recon.cli.main import main
 from recon.config import preset_names, presets_folder, read_preset, to_plain
-from recon.progress import PhaseTimer
 from recon.systems import losses
 from recon.systems.fit import Trainer, resolve_config, scale_steps
 
@@ -270,17 +269,17 @@ def test_fit_end_to_end_writes_meshes_and_run_files(tmp_path, shared_models, cap
 
 
 def test_rgb_input_goes_through_background_removal(tmp_path):
-    from recon.api import _create_run, build_config
+    from recon.api import _create_run, build_config, cutout
 
-    image = make_rgb(tmp_path / "photo.jpg".replace(".jpg", ".png"))
+    image = make_rgb(tmp_path / "photo.png")
     cfg = build_config("cpu", TINY, model="random-tiny")
-    run = _create_run(image, tmp_path / "run", cfg, torch.device("cpu"), PhaseTimer())
+    run = _create_run(image, cutout(image, cfg), tmp_path / "run", cfg, torch.device("cpu"))
     meta = json.loads(run.meta_path.read_text())
     assert meta["background_method"] in ("rembg", "grabcut")
     alpha = np.asarray(Image.open(run.root / "input_rgba.png"))[..., 3]
     assert alpha.min() == 0 and alpha.max() == 255
     cfg_no_bg = build_config("cpu", TINY, model="random-tiny", remove_bg=False)
-    run = _create_run(image, tmp_path / "run2", cfg_no_bg, torch.device("cpu"), PhaseTimer())
+    run = _create_run(image, cutout(image, cfg_no_bg), tmp_path / "run2", cfg_no_bg, torch.device("cpu"))
     assert json.loads(run.meta_path.read_text())["background_method"] == "none"
 
 
