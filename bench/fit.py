@@ -1,6 +1,6 @@
 """Times `recon fit` end to end (load + coarse + fine + export + turntable) with full-size Zero123 weights.
 
-    python bench/fit.py IMAGE [--preset default] [--device auto] [--out bench-fit.json] [--set key=value ...]
+    python bench/fit.py IMAGE [--preset default] [--device auto] [--steps N] [--out bench-fit.json] [--set key=value ...]
 
 By default the full-size random models (random weights cost exactly what
 real Zero123 weights cost: same shapes, same kernels) are first saved once
@@ -38,8 +38,10 @@ def save_weights(folder: Path) -> Path:
     from recon.guidance.checkpoints import random_model, save_diffusers
 
     if not (folder / "model_index.json").is_file():
-        model = random_model("full").to(dtype=torch.float16)
-        save_diffusers(model, folder, overwrite=True)
+        # initialised on the GPU when there is one (seconds instead of ~20 s of CPU init); random either way
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = random_model("full")
+        save_diffusers(model.to(dtype=torch.float16), folder, overwrite=True)
     return folder
 
 
@@ -53,6 +55,7 @@ class StepTimer:
 
     def __init__(self) -> None:
         self.steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.training_peak = 0  # bytes: peak allocated GPU memory up to the end of the last training step
 
     def install(self) -> None:
         """Wraps the trainer class (for this process)."""
@@ -92,6 +95,7 @@ class StepTimer:
             loss = original(trainer, stage_name, stage, local_step)
             trainer._bench_events["end"] = event()
             timer.steps[stage_name].append(trainer._bench_events)
+            timer.training_peak = torch.cuda.max_memory_allocated()  # a host-side allocator statistic: no sync
             return loss
 
         Trainer.train_step = train_step
@@ -118,15 +122,17 @@ class StepTimer:
         return result
 
 
-def run(image: Path, preset: str, device: str, overrides: list[str], model: str, output: Path, timer: StepTimer | None = None) -> dict[str, Any]:
+def run(
+    image: Path, preset: str, device: str, overrides: list[str], model: str, output: Path, timer: StepTimer | None = None, steps: int | None = None
+) -> dict[str, Any]:
     """Fits ``image`` once and returns the benchmark record (phases, rates, parts, memory, config summary)."""
     import torch
 
     from recon.api import build_config, fit
 
-    cfg = build_config(preset, overrides, model=model)
+    cfg = build_config(preset, overrides, model=model, steps=steps)
     start = time.perf_counter()
-    results = fit(image, output, preset, overrides, model=model, device=device, overwrite=True, batch=False)
+    results = fit(image, output, preset, overrides, model=model, device=device, overwrite=True, batch=False, steps=steps)
     wall = time.perf_counter() - start
     parts = timer.summary() if timer is not None and timer.steps else {}
     meta = read_json(results[0].run_dir / "meta.json")
@@ -149,6 +155,7 @@ def run(image: Path, preset: str, device: str, overrides: list[str], model: str,
         "preset": preset,
         "model": model,
         "overrides": overrides,
+        "steps": cfg.total_steps,
         "device": meta.get("device"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and meta.get("device", "").startswith("cuda") else None,
         "host": platform.node(),
@@ -157,6 +164,7 @@ def run(image: Path, preset: str, device: str, overrides: list[str], model: str,
         "phases_s": timings,
         "stages": stages,
         "peak_gpu_memory_gib": meta.get("peak_gpu_memory_gib"),
+        "peak_gpu_memory_until_end_of_training_gib": round(timer.training_peak / 2**30, 3) if timer is not None and timer.steps else None,
         "exports": results[0].exports,
     }
 
@@ -168,7 +176,8 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         f"## recon fit benchmark: preset `{record['preset']}`, model `{record['model']}`",
         "",
-        f"device: {record['device']} {record['gpu'] or ''}  |  wall time: {record['wall_seconds']:.1f} s  |  peak GPU memory: {memory}",
+        f"device: {record['device']} {record['gpu'] or ''}  |  wall time: {record['wall_seconds']:.1f} s  |  peak GPU memory: {memory} "
+        + f"(until the end of training: {record.get('peak_gpu_memory_until_end_of_training_gib')} GiB)",
         "",
         "| phase | seconds |",
         "|---|---:|",
@@ -198,6 +207,7 @@ def main() -> None:
     )
     parser.add_argument("--weights-dir", type=Path, default=Path(tempfile.gettempdir()) / "recon-bench-zero123-full-fp16")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key.path=value (repeatable)")
+    parser.add_argument("--steps", type=int, default=None, help="total steps (stages and schedules scale, as `recon fit --steps`); default: the preset's")
     parser.add_argument("--output", type=Path, default=None, help="run folder parent (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     args = parser.parse_args()
@@ -210,7 +220,7 @@ def main() -> None:
     if timer is not None:
         timer.install()
     with tempfile.TemporaryDirectory(prefix="recon-bench-fit-") as scratch:
-        record = run(args.image, args.preset, args.device, args.overrides, model, args.output or Path(scratch), timer)
+        record = run(args.image, args.preset, args.device, args.overrides, model, args.output or Path(scratch), timer, args.steps)
     record["weights_from_disk"] = model != args.model
     print(markdown(record))
     if args.out is not None:

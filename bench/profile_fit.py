@@ -41,13 +41,14 @@ def main() -> None:
     def timed_step(self, stage_name, stage, local_step):
         original_sds = self.guidance.sds
 
+        sds_events = []
+
         def timed_sds(*a, **k):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             out = original_sds(*a, **k)
             end.record()
-            torch.cuda.synchronize()
-            sds_ms[stage_name].append(start.elapsed_time(end))
+            sds_events.append((start, end))  # read after the step: no sync inside it
             return out
 
         self.guidance.sds = timed_sds
@@ -61,12 +62,15 @@ def main() -> None:
                 torch.cuda.synchronize()
             print(f"\n### {stage_name} step {local_step}: top operators by CUDA time")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+            print(f"\n### {stage_name} step {local_step}: top operators by host (CPU) time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         else:
             loss = original_step(self, stage_name, stage, local_step)
         end.record()
         torch.cuda.synchronize()
         if not profile:  # the profiler's own overhead stays out of the means
             step_ms[stage_name].append(start.elapsed_time(end))
+            sds_ms[stage_name].extend(a.elapsed_time(b) for a, b in sds_events)
         self.guidance.sds = original_sds
         return loss
 

@@ -66,7 +66,7 @@ class GuidanceConfig:
     """Model weights and compute: 'auto' (fp16 on CUDA, fp32 on the CPU), 'fp16', 'bf16' or 'fp32'."""
     cfg_chunk: int = 0
     """At most this many views per UNet call (each costs 2 UNet samples with CFG, more in the
-    training-free cascade); 0 = the whole batch in one call."""
+    training-free cascade) and per VAE encode with gradients (checkpointed); 0 = the whole batch in one call."""
     cuda_graphs: bool = True
     """Replay CUDA graphs for the UNet's gradient-free calls (CUDA only; removes kernel-launch gaps,
     several times faster at the batch sizes SDS uses; one graph per batch shape)."""

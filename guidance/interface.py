@@ -143,12 +143,21 @@ class Zero123Guidance:
         """Renders (B, 3, H, W) in [0, 1] -> fp32 diffusion latents at the model's latent size, with grad.
 
         The VAE encoder runs at ``vae_grad_resolution`` (capped at the model's
-        size); smaller latents are upsampled bilinearly.
+        size); smaller latents are upsampled bilinearly. With ``cfg_chunk`` it
+        encodes that many views at a time, gradient-checkpointed.
         """
         size = self.image_size
         resolution = min(self.cfg.vae_grad_resolution, size)
         x = _resize(images.to(self.device), resolution)
-        latents = self.model.encode(x).float()
+        chunk = self.cfg.cfg_chunk
+        if chunk and x.shape[0] > chunk and torch.is_grad_enabled():
+            # bounded memory (low-vram): one chunk's encoder activations at a time, recomputed in backward
+            from torch.utils.checkpoint import checkpoint
+
+            parts = [checkpoint(self.model.encode, part, use_reentrant=False) for part in x.split(chunk)]
+            latents = torch.cat(parts).float()
+        else:
+            latents = self.model.encode(x).float()
         return _resize(latents, size // self.model.latent_scale)
 
     def sds(

@@ -231,19 +231,7 @@ def test_nerfacc_agrees_with_stratified_on_a_smooth_field():
     assert field.mlp[-1].weight.grad.abs().sum() > 0
 
 
-def _segment_weights(t_starts, t_ends, sigmas, ray_indices=None, n_rays=None):
-    """Packed compositing weights in plain torch (stands in for nerfacc's CUDA version)."""
-    optical = sigmas * (t_ends - t_starts)
-    before = torch.cumsum(optical, 0) - optical
-    first = torch.zeros(n_rays, dtype=optical.dtype).scatter_reduce(0, ray_indices, before, "amin", include_self=False)
-    transmittance = torch.exp(-(before - first[ray_indices]))
-    alphas = 1.0 - torch.exp(-optical)
-    return transmittance * alphas, transmittance, alphas
-
-
-def test_packed_shading_matches_dense_shading(monkeypatch):
-    nerfacc = pytest.importorskip("nerfacc")
-    monkeypatch.setattr(nerfacc, "render_weight_from_density", _segment_weights)
+def test_packed_shading_matches_dense_shading():
     renderer = _renderer(samples_per_ray=6)
     origins, directions = (t.reshape(-1, 3) for t in generate_rays(_camera(5)))
     t_starts, t_ends, t_mid = stratified_samples(origins, directions, renderer.field.aabb, 6, jitter=False)
@@ -255,10 +243,8 @@ def test_packed_shading_matches_dense_shading(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_normals_for_the_first_rays_only_match_normals_for_all(monkeypatch):
+def test_normals_for_the_first_rays_only_match_normals_for_all():
     # the batched training render asks for normals on the random views' rays only (a prefix of the ray set)
-    nerfacc = pytest.importorskip("nerfacc")
-    monkeypatch.setattr(nerfacc, "render_weight_from_density", _segment_weights)
     renderer = _renderer(samples_per_ray=6)
     origins, directions = (t.reshape(-1, 3) for t in generate_rays(_camera(5)))
     background = torch.rand(origins.shape[0], 3)

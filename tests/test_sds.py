@@ -167,16 +167,22 @@ def test_same_seed_same_loss(guidance):
 
 
 def test_cfg_chunk_does_not_change_the_result(model):
-    images = tiny_images(3, 64)
-    losses = []
+    # chunks also split the VAE encode (gradient-checkpointed): same loss, same gradient to the renders
+    losses, grads = [], []
     for chunk in (0, 2):
+        images = tiny_images(3, 64).requires_grad_()
         g = Zero123Guidance(GuidanceConfig(model="random-tiny", cfg_chunk=chunk), model)
         g.prepare(make_reference())
         out = g.sds(
             images, torch.zeros(3), torch.tensor([0.0, 90.0, 180.0]), 3.8, step=0, generator=torch.Generator().manual_seed(0)
         )
+        out.loss.backward()
         losses.append(out.loss.item())
+        grads.append(images.grad)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    scale = grads[0].abs().max()
+    assert scale > 0
+    torch.testing.assert_close(grads[1] / scale, grads[0] / scale, rtol=0, atol=1e-4)
 
 
 def test_sds_before_prepare_is_an_error(model):

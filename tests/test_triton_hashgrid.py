@@ -132,3 +132,38 @@ def test_field_normals_and_their_training_gradients_match_the_torch_field():
     for got, expected in zip(grads[1], grads[0], strict=True):
         scale = expected.abs().max()
         torch.testing.assert_close(got.double().cpu() / scale, expected / scale, atol=1e-4, rtol=0)
+
+
+def test_masked_levels_are_skipped_with_the_same_features_and_gradients():
+    # coarse-to-fine: with k active levels the fused backend looks up only those; the encoding's
+    # output, table gradient and normals' second-order terms equal the all-level lookup times the mask
+    from recon.encoding.hashgrid import HashGridEncoding
+
+    cfg = HashGridConfig(n_levels=5, n_features_per_level=2, log2_hashmap_size=9, base_resolution=4, per_level_scale=1.6, backend="torch")
+    reference = HashGridEncoding(cfg).double()
+    fused = HashGridEncoding(cfg)
+    fused.backend = TritonHashGrid(cfg)
+    with torch.no_grad():
+        reference.backend.table.normal_()
+        fused.backend.table.copy_(reference.backend.table.float())
+    fused = fused.to(DEVICE)
+    x = torch.rand(200, 3, dtype=torch.float64)
+    upstream = torch.randn(200, 10, dtype=torch.float64)
+    for encoding in (reference, fused):
+        encoding.set_active_levels(2)
+    assert fused.backend.active_levels == 2
+    raw = fused.backend(x.float().to(DEVICE))
+    assert (raw[:, 4:] == 0).all() and (raw[:, :4] != 0).any()  # inactive levels are never looked up
+    results = []
+    for encoding, cast in ((reference, torch.Tensor.double), (fused, lambda t: t.float().to(DEVICE))):
+        point = cast(x).requires_grad_()
+        out = encoding(point)
+        (grad_x,) = torch.autograd.grad(out, point, cast(upstream), create_graph=True)
+        ((out * cast(upstream)).sum() + grad_x.square().sum()).backward()
+        results.append((out.detach(), encoding.backend.table.grad))
+    for got, expected in zip(results[1], results[0], strict=True):
+        scale = expected.abs().max()
+        torch.testing.assert_close(got.double().cpu() / scale, expected / scale, atol=1e-4, rtol=0)
+    # a loaded state (whose mask may open more levels) makes the backend look up every level again
+    fused.load_state_dict(fused.state_dict())
+    assert fused.backend.active_levels == 5

@@ -86,6 +86,7 @@ class HashGridEncoding(nn.Module):
         self.backend_name = resolve_backend(cfg.backend)
         self.backend = BACKENDS[self.backend_name](cfg)
         self.register_buffer("level_mask", torch.ones(cfg.n_levels * cfg.n_features_per_level))
+        self.register_load_state_dict_post_hook(_lookup_every_level)
 
     @property
     def n_levels(self) -> int:
@@ -108,6 +109,8 @@ class HashGridEncoding(nn.Module):
         mask = torch.zeros(self.cfg.n_levels, self.cfg.n_features_per_level, device=self.level_mask.device)
         mask[:k] = 1.0
         self.level_mask.copy_(mask.view(-1))
+        if hasattr(self.backend, "set_active_levels"):  # a fused backend skips the masked levels' lookups
+            self.backend.set_active_levels(k)
 
     def forward(self, x: Tensor) -> Tensor:
         """(P, 3) points in [0, 1] -> (P, output_dim) features."""
@@ -137,3 +140,10 @@ class HashGridEncoding(nn.Module):
 def make_encoding(cfg: HashGridConfig) -> HashGridEncoding:
     """Builds the hash-grid encoding with the backend ``cfg.backend`` resolves to."""
     return HashGridEncoding(cfg)
+
+
+def _lookup_every_level(module: HashGridEncoding, _keys: object) -> None:
+    """After loading a state dict (whose level mask may differ) a fused backend looks up every level again:
+    a superset of the active ones is always right, the mask zeroes the rest."""
+    if hasattr(module.backend, "set_active_levels"):
+        module.backend.set_active_levels(module.cfg.n_levels)

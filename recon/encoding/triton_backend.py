@@ -64,11 +64,13 @@ def _layout_args(grid: TritonHashGrid) -> tuple:
 def _gather(x: Tensor, table: Tensor, grid: TritonHashGrid, v: Tensor | None = None) -> Tensor:
     """(P, L * F) per-level sums over the cell corners of u_c T[row_c]: u_c = trilinear weights, or their derivative along ``v`` (P, 3)."""
     n_points, cfg = x.shape[0], grid.cfg
-    out = torch.empty(n_points, cfg.n_levels * cfg.n_features_per_level, device=x.device, dtype=torch.float32)
+    # levels past the active ones are not written: zeros, as the level mask makes them anyway
+    alloc = torch.empty if grid.active_levels == cfg.n_levels else torch.zeros
+    out = alloc(n_points, cfg.n_levels * cfg.n_features_per_level, device=x.device, dtype=torch.float32)
     if n_points:
         _kernels().forward_kernel[_grid(n_points)](
             x, table.contiguous(), out, x if v is None else v.contiguous().float(), *_layout_args(grid),
-            n_points, cfg.n_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK, DIRECTIONAL=v is not None,
+            n_points, cfg.n_levels, grid.active_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK, DIRECTIONAL=v is not None,
         )
     return out
 
@@ -82,7 +84,7 @@ def _scatter(x: Tensor, grad_out: Tensor, grid: TritonHashGrid, v: Tensor | None
     if n_points:
         _kernels().scatter_kernel[_grid(n_points)](
             x, grad_out.contiguous().float(), buffer, x if v is None else v.contiguous().float(), *_layout_args(grid),
-            n_points, grid.cfg.n_levels, rows, grid.private_levels, private_rows, max(copies, 1),
+            n_points, grid.cfg.n_levels, grid.active_levels, rows, grid.private_levels, private_rows, max(copies, 1),
             F=n_features, BLOCK_P=BLOCK, DIRECTIONAL=v is not None,
         )
     grad = buffer[:rows]
@@ -121,7 +123,7 @@ class _InputGradient(torch.autograd.Function):
         if n_points:
             _kernels().input_grad_kernel[_grid(n_points)](
                 x, table.contiguous(), grad_out, grad_x, *_layout_args(grid),
-                n_points, cfg.n_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK,
+                n_points, cfg.n_levels, grid.active_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK,
             )
         return grad_x
 
@@ -171,6 +173,11 @@ class TritonHashGrid(TorchHashGrid):
         self.private_levels = count if private_copies > 0 else 0
         self.private_copies = private_copies if self.private_levels else 0
         self.private_rows = sum(lay.size for lay in layouts[: self.private_levels])
+        self.active_levels = cfg.n_levels
+
+    def set_active_levels(self, k: int) -> None:
+        """Only levels 0..k-1 are looked up (the encoding masks the others); ``k`` in [0, n_levels]."""
+        self.active_levels = max(0, min(int(k), self.cfg.n_levels))
 
     def forward(self, x: Tensor) -> Tensor:
         """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) float32."""

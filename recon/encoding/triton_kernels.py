@@ -4,7 +4,9 @@ Imported only when the Triton backend runs, so Triton stays optional. One
 program handles BLOCK_P points across all levels; the table layout and hash
 are those of recon.encoding.hashgrid.TorchHashGrid.
 
-Three passes share one corner walk (:func:`_corner`):
+Three passes share one corner walk (:func:`_corner`). Each walks the first
+``n_active`` of the ``n_levels`` levels only: coarse-to-fine schedules mask
+the others (zero features, zero gradients), so they cost nothing.
 
 * :func:`forward_kernel`: out[p, l] = sum_c w_c T[row_c] (a gather), also used
   with another table or per-corner weights for the second-order terms;
@@ -86,7 +88,7 @@ def _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale):
 @triton.jit
 def forward_kernel(
     x_ptr, table_ptr, out_ptr, v_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
-    n_points, n_levels, F: tl.constexpr, BLOCK_P: tl.constexpr, DIRECTIONAL: tl.constexpr,
+    n_points, n_levels, n_active, F: tl.constexpr, BLOCK_P: tl.constexpr, DIRECTIONAL: tl.constexpr,
 ):
     """out (P, n_levels * F) = per level, sum over the 8 corners of the point's cell of u_c T[row_c]:
     the trilinear weights u_c = w_c (the encoding), or with DIRECTIONAL their derivative along v (P, 3)
@@ -98,7 +100,7 @@ def forward_kernel(
     if DIRECTIONAL:
         v0, v1, v2 = _load_unit_points(v_ptr, points, valid)
         v0, v1, v2 = v0 * _inside(r0), v1 * _inside(r1), v2 * _inside(r2)
-    for level in range(n_levels):
+    for level in range(n_active):
         scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
         i0, f0 = _cell(r0, scale)
         i1, f1 = _cell(r1, scale)
@@ -120,7 +122,7 @@ def forward_kernel(
 @triton.jit
 def input_grad_kernel(
     x_ptr, table_ptr, grad_out_ptr, grad_x_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
-    n_points, n_levels, F: tl.constexpr, BLOCK_P: tl.constexpr,
+    n_points, n_levels, n_active, F: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad_x (P, 3) = d<grad_out, out>/dx: per level and corner, (T[row_c] . grad_out) times the
     trilinear weight's derivative; 0 on axes where x was clamped. A gather: no atomics."""
@@ -131,7 +133,7 @@ def input_grad_kernel(
     g0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     g1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     g2 = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for level in range(n_levels):
+    for level in range(n_active):
         scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
         i0, f0 = _cell(r0, scale)
         i1, f1 = _cell(r1, scale)
@@ -155,7 +157,7 @@ def input_grad_kernel(
 @triton.jit
 def scatter_kernel(
     x_ptr, grad_out_ptr, grad_ptr, v_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
-    n_points, n_levels, table_rows, n_private_levels, private_rows, copies,
+    n_points, n_levels, n_active, table_rows, n_private_levels, private_rows, copies,
     F: tl.constexpr, BLOCK_P: tl.constexpr, DIRECTIONAL: tl.constexpr,
 ):
     """grad[row_c] += u_c grad_out[p, l] for every point, level and corner (relaxed atomic adds).
@@ -175,7 +177,7 @@ def scatter_kernel(
         v0, v1, v2 = _load_unit_points(v_ptr, points, valid)
         v0, v1, v2 = v0 * _inside(r0), v1 * _inside(r1), v2 * _inside(r2)
     replica = table_rows + (pid % copies).to(tl.int64) * private_rows
-    for level in range(n_levels):
+    for level in range(n_active):
         scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
         i0, f0 = _cell(r0, scale)
         i1, f1 = _cell(r1, scale)

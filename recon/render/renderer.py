@@ -1,7 +1,9 @@
 """Volume renderer: cameras or rays -> composited colour, opacity, depth (and normals).
 
-One interface over two samplers (see :mod:`recon.render.samplers`): nerfacc's
-occupancy grid on CUDA, a stratified PyTorch sampler elsewhere. Rays are
+One interface over three samplers: an occupancy grid in plain PyTorch
+(:mod:`recon.render.occupancy`, the default on CUDA), nerfacc's CUDA version
+of the same grid (optional, needs its one-time build) and a stratified
+PyTorch sampler (:mod:`recon.render.samplers`, the default on the CPU). Rays are
 processed in chunks; with gradients enabled and more than one chunk each
 chunk is gradient-checkpointed, so memory is bounded by one chunk's graph
 whatever the image size.
@@ -22,38 +24,37 @@ from recon.cameras import Cameras, generate_rays
 from recon.errors import ReconError
 from recon.field import FieldOutput, RadianceField
 from recon.render.compositing import accumulate, compositing_weights, over_background
-from recon.render.samplers import (
-    OccupancyGridSampler,
-    nerfacc_available,
-    stratified_samples,
-)
+from recon.render.occupancy import TorchOccupancyGrid, accumulate_packed, packed_weights
+from recon.render.samplers import OccupancyGridSampler, stratified_samples
 
 
 @dataclass
 class RendererConfig:
     """Volume rendering: sampler, sample counts, occupancy grid, chunking."""
 
-    sampler: Literal["auto", "nerfacc", "stratified"] = "auto"
-    """Ray sampler: auto (nerfacc on CUDA when it imports, else stratified), nerfacc or stratified."""
+    sampler: Literal["auto", "grid", "nerfacc", "stratified"] = "auto"
+    """Ray sampler: auto (grid on CUDA, stratified on the CPU), grid (occupancy grid in PyTorch: no
+    compiler), nerfacc (the same grid with nerfacc's CUDA kernels, built on first use) or stratified."""
     samples_per_ray: int = 128
     """Samples per ray of the stratified sampler."""
     step_size: float | None = None
-    """nerfacc marching step in world units; None = 2 * sqrt(3) * bound / 512."""
+    """Occupancy-grid marching step in world units; None = 2 * sqrt(3) * bound / 512."""
     grid_resolution: int = 64
-    """Cells per axis of the occupancy grid (nerfacc)."""
+    """Cells per axis of the occupancy grid (grid, nerfacc)."""
     occupancy_threshold: float = 0.01
-    """A grid cell is occupied when density * step_size exceeds this (nerfacc)."""
+    """A grid cell is occupied when density * step_size exceeds this (grid, nerfacc)."""
     alpha_threshold: float = 0.0
-    """nerfacc drops samples whose alpha is below this (0 keeps all)."""
+    """The grid samplers drop samples whose alpha is below this (0 keeps all)."""
     early_stop_eps: float = 1e-4
-    """nerfacc stops marching a ray once its transmittance falls below this."""
+    """The grid samplers stop marching a ray once its transmittance falls below this."""
     update_every: int = 16
     """Refresh the occupancy grid every this many training steps."""
     grid_warmup_steps: int = 256
     """Before this step every grid cell is re-evaluated on refresh; after it, a random quarter."""
     chunk_rays: int | None = None
-    """Rays rendered at once; bounds memory at any image size. None = 262144 with the occupancy-grid sampler
-    (a whole training step in one chunk: nothing recomputed), 8192 with the stratified one."""
+    """Rays rendered at once; bounds memory at any image size. None = with an occupancy-grid sampler 262144
+    while training (a whole training step in one chunk: nothing recomputed) and 65536 without gradients
+    (previews, turntable: a quarter of the transient memory, same pixels); 8192 with the stratified one."""
     checkpoint_chunks: bool = True
     """With gradients and several chunks, recompute each chunk in backward instead of storing its graph."""
     near: float = 0.0
@@ -80,13 +81,16 @@ class VolumeRenderer(nn.Module):
         super().__init__()
         self.field = field
         self.cfg = cfg
-        use_grid = cfg.sampler == "nerfacc" or (cfg.sampler == "auto" and torch.cuda.is_available() and nerfacc_available())
-        self.occupancy = OccupancyGridSampler(field.aabb.cpu(), cfg.grid_resolution) if use_grid else None
+        self.occupancy: TorchOccupancyGrid | OccupancyGridSampler | None = None
+        if cfg.sampler == "nerfacc":
+            self.occupancy = OccupancyGridSampler(field.aabb.cpu(), cfg.grid_resolution)
+        elif cfg.sampler == "grid" or (cfg.sampler == "auto" and torch.cuda.is_available()):
+            self.occupancy = TorchOccupancyGrid(field.aabb.cpu(), cfg.grid_resolution)
         self.register_load_state_dict_pre_hook(_match_occupancy_keys)
 
     @property
     def step_size(self) -> float:
-        """nerfacc marching step (world units)."""
+        """Occupancy-grid marching step (world units)."""
         if self.cfg.step_size is not None:
             return self.cfg.step_size
         return 2.0 * math.sqrt(3.0) * self.field.cfg.bound / 512
@@ -95,17 +99,21 @@ class VolumeRenderer(nn.Module):
         """Rays per chunk on ``device`` (``cfg.chunk_rays``, or its default for the sampler in use)."""
         if self.cfg.chunk_rays is not None:
             return self.cfg.chunk_rays
-        return 262144 if self.uses_nerfacc(device) else 8192
+        if self.uses_grid(device):
+            return 262144 if torch.is_grad_enabled() else 65536
+        return 8192
 
-    def uses_nerfacc(self, device: torch.device) -> bool:
-        """Whether rays on ``device`` go through nerfacc's occupancy grid."""
+    def uses_grid(self, device: torch.device) -> bool:
+        """Whether rays on ``device`` go through an occupancy grid (grid or nerfacc sampler)."""
         if self.cfg.sampler == "nerfacc" and device.type != "cuda":
-            raise ReconError("renderer.sampler 'nerfacc' needs CUDA; use sampler stratified or auto on the CPU")
-        return self.occupancy is not None and device.type == "cuda"
+            raise ReconError("renderer.sampler 'nerfacc' needs CUDA; use sampler grid, stratified or auto on the CPU")
+        if self.cfg.sampler == "nerfacc":
+            return True
+        return self.occupancy is not None and (self.cfg.sampler == "grid" or device.type == "cuda")
 
     @torch.no_grad()
     def update_occupancy(self, step: int) -> None:
-        """Refreshes nerfacc's occupancy grid every ``update_every`` steps while training (no-op otherwise)."""
+        """Refreshes the occupancy grid every ``update_every`` steps while training (no-op otherwise)."""
         if self.occupancy is None or not self.training:
             return
         self.occupancy.update(
@@ -158,7 +166,7 @@ class VolumeRenderer(nn.Module):
     def _render_chunk(
         self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool, use_checkpoint: bool, normal_rays: int | None = None
     ) -> dict[str, Tensor]:
-        if self.uses_nerfacc(origins.device):
+        if self.uses_grid(origins.device):
             ray_indices, t_starts, t_ends = self.occupancy.sample(
                 origins,
                 directions,
@@ -239,32 +247,28 @@ class VolumeRenderer(nn.Module):
         normals: bool,
         split: int | None = None,
     ) -> tuple[Tensor, ...]:
-        from nerfacc import accumulate_along_rays, render_weight_from_density
-
         n_rays = origins.shape[0]
         t_mid = 0.5 * (t_starts + t_ends)
         ray_dirs = directions[ray_indices]
         field = self._evaluate(origins[ray_indices] + ray_dirs * t_mid[:, None], normals, split)
-        if ray_indices.numel() > 0:
-            weights, _, _ = render_weight_from_density(t_starts, t_ends, field.density, ray_indices=ray_indices, n_rays=n_rays)
-        else:
-            weights = field.density * 0.0
-        opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
-        rgb = over_background(accumulate_along_rays(weights, field.albedo, ray_indices, n_rays), opacity, background)
-        depth = accumulate_along_rays(weights, t_mid[:, None], ray_indices, n_rays)
+        weights = packed_weights(t_starts, t_ends, field.density, ray_indices)
+        opacity = accumulate_packed(weights, None, ray_indices, n_rays)
+        rgb = over_background(accumulate_packed(weights, field.albedo, ray_indices, n_rays), opacity, background)
+        depth = accumulate_packed(weights, t_mid[:, None], ray_indices, n_rays)
         if not normals:
             return rgb, opacity, depth
         facing = F.relu((field.normal * ray_dirs).sum(-1, keepdim=True)) ** 2
-        normal = accumulate_along_rays(weights, field.normal, ray_indices, n_rays)
-        return rgb, opacity, depth, normal, accumulate_along_rays(weights.detach(), facing, ray_indices, n_rays)
+        normal = accumulate_packed(weights, field.normal, ray_indices, n_rays)
+        return rgb, opacity, depth, normal, accumulate_packed(weights.detach(), facing, ray_indices, n_rays)
 
 
 def _match_occupancy_keys(module: VolumeRenderer, state_dict: dict, prefix: str, *_args) -> None:
     """Lets a checkpoint load whether or not it (or this renderer) has an occupancy grid.
 
-    A grid saved by a nerfacc renderer is dropped by a stratified one; a
-    nerfacc renderer loading a checkpoint without a grid keeps its current
-    grid (the next refresh rebuilds it).
+    The grid and nerfacc samplers keep the same keys (``occupancy.estimator.occs``
+    and ``binaries``), so either loads the other's grid; a stratified renderer
+    drops it; a grid renderer loading a checkpoint without a grid keeps its
+    current grid (the next refresh rebuilds it).
     """
     grid_prefix = prefix + "occupancy."
     if module.occupancy is None:
