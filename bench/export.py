@@ -7,12 +7,15 @@ F-score at 1 % of the bounding-box diagonal, area ratio, and the PSNR of
 renders of the exported textured GLB (exports/raster.py) against exact
 albedo renders from held-out views. The defaults (a 256^3 grid) decimate to
 50k faces and bake a 1024 px texture. ``--bakes normal,project,point`` runs
-the new pipeline once per texture bake; ``--legacy`` also runs the settings
+the new pipeline once per texture bake; ``--reference`` also runs each of them
+with the reference paths of the fast ones (a normal-bake ray per texel, xatlas
+on the whole mesh in one piece); ``--legacy`` also runs the settings
 that approximate the old pipeline (dense grid, no solid, no smoothing,
 point-lookup bake, xatlas' default chart cost). Writes the front view of
 each exported mesh and its texture atlas as PNGs beside ``--out``.
 
     python bench/export.py --legacy --out bench_export.json
+    python bench/export.py --reference --out bench_export.json
     python bench/export.py --device cpu --mc-resolution 128 --target-faces 20000 --texture 512
 """
 
@@ -39,6 +42,8 @@ from recon.fileio import write_json
 from recon.runtime import resolve_device
 
 LEGACY = {"density_stride": 1, "fill_interior": False, "smooth_iterations": 0, "bake": "point"}
+REFERENCE = {"bake_rays": "texels", "uv_piece_faces": 0}
+"""The reference paths of the fast ones: a normal-bake ray per texel, xatlas on the whole mesh in one piece."""
 
 
 def mesh_fidelity(mesh: trimesh.Trimesh, truth_points: np.ndarray, truth_area: float, diagonal: float) -> dict:
@@ -67,11 +72,12 @@ def true_area(obj: PrimitiveObject, device: torch.device, resolution: int = 384)
     return float(marching_cubes(solid_grid(grid, level, 0)[0], box, level).area)
 
 
-def textured_psnr(mesh: trimesh.Trimesh, obj: PrimitiveObject, cameras: Cameras) -> tuple[float, np.ndarray]:
-    """PSNR of renders of a textured mesh (nearest texel) against the true albedo where both cover; and view 0's image."""
+def textured_psnr(mesh: trimesh.Trimesh, obj: PrimitiveObject, cameras: Cameras, shading: str = "albedo") -> tuple[float, np.ndarray]:
+    """PSNR of renders of a textured mesh (nearest texel) against the true albedo (or, ``shading="lambert"``, the
+    true colour under render_object's fixed light) where both cover; and view 0's image."""
     texture = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"), dtype=np.float64) / 255.0
     size = texture.shape[0]
-    truth = render_object(obj, cameras, shading="albedo")
+    truth = render_object(obj, cameras, shading=shading)
     errors, first = [], None
     for k in range(len(cameras)):
         raster = rasterize(cameras[k], mesh.vertices, mesh.faces)
@@ -83,7 +89,8 @@ def textured_psnr(mesh: trimesh.Trimesh, obj: PrimitiveObject, cameras: Cameras)
         image = np.ones((*face.shape, 3))
         image[hit] = texture[rows, cols]
         both = hit & (truth["rgba"][k, ..., 3].numpy() > 0.999)
-        errors.append(((image - truth["albedo"][k].numpy()) ** 2)[both])
+        reference = truth["albedo"][k] if shading == "albedo" else truth["rgba"][k, ..., :3]
+        errors.append(((image - reference.numpy()) ** 2)[both])
         first = image if first is None else first
     return float(-10 * np.log10(np.concatenate(errors).mean())), first
 
@@ -117,6 +124,7 @@ def main() -> None:
     parser.add_argument("--target-faces", type=int, default=50_000)
     parser.add_argument("--texture", type=int, default=1024, help="texture side in pixels")
     parser.add_argument("--legacy", action="store_true", help="also run the old pipeline's settings")
+    parser.add_argument("--reference", action="store_true", help="also run the new pipeline with its reference paths (bake ray per texel, xatlas in one piece)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (PNGs beside it)")
     args = parser.parse_args()
@@ -131,6 +139,8 @@ def main() -> None:
     base = ExportConfig(formats=["glb"], mc_resolution=args.mc_resolution, target_faces=args.target_faces, texture_resolution=args.texture, threshold=100.0)
     bakes = [b.strip() for b in args.bakes.split(",") if b.strip()]
     runs = {("new" if len(bakes) == 1 else f"new-{b}"): replace(base, bake=b) for b in bakes}
+    if args.reference:
+        runs.update({f"{name}-reference": replace(cfg, **REFERENCE) for name, cfg in list(runs.items())})
     if args.legacy:
         runs["legacy"] = replace(base, **LEGACY)
     rows = {}

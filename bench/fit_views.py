@@ -5,10 +5,17 @@ for NeRF-synthetic size) of a primitive object with recon/data/primitives.py,
 fits ``--steps`` steps with each sampler on the current device and reports
 steps/s, rays/s, held-out PSNR/SSIM after those steps and peak GPU memory, as
 a Markdown table on stdout and JSON (``--out``). Each fitted field is then
-exported (exports.pipeline.export_mesh) and the mesh compared with the true
-surface: Chamfer distance, F-score at 1 % of the bounding-box diagonal and
-area ratio (bench/export.py's mesh_fidelity); ``--export-legacy`` also
-exports with the old pipeline's settings for a before/after comparison.
+exported and the mesh compared with the true
+surface (a fine marching-cubes mesh of the analytic robot, see true_surface): Chamfer distance, F-score at 1 % of the bounding-box diagonal, area
+ratio, watertightness, Euler characteristic, and texture PSNR from held-out
+views (bench/export.py's mesh_fidelity and textured_psnr), for the field's
+bake and for the bake from the training photos. ``--before-exports DIR``
+also exports with an old exports package for a before/after comparison on the
+same field; make DIR from a commit without touching the checkout:
+
+    mkdir -p .baseline12 && git archive 8470f0f exports | tar -x -C .baseline12
+    mv .baseline12/exports .baseline12/exports_before
+    sed -i 's/recon\\.exports\\./exports_before./g' .baseline12/exports_before/*.py
 
 The first ``--warmup`` steps of each sampler are timed apart (they include
 nerfacc's one-off CUDA compile, ~75 s on a fresh machine). Each sampler
@@ -17,18 +24,21 @@ stays bounded; the table says how many steps were done.
 
     python bench/fit_views.py --out bench_fit_views.json
     python bench/fit_views.py --size 800 --steps 1000
+    python bench/fit_views.py --samplers stratified --before-exports .baseline12 --out fv.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import trimesh
 
 from recon.cameras import Cameras
 from recon.config import resolve
@@ -120,19 +130,56 @@ def bench_sampler(sampler: str, transforms: Path, args: argparse.Namespace, devi
     }
 
 
-def export_metrics(trainer: FitViewsTrainer, args: argparse.Namespace, folder: Path, device: torch.device) -> dict:
-    """Exports the trained field (and with --export-legacy the old pipeline's settings) in the scene's units, with
-    the training cameras, and measures each mesh against the toy robot: Chamfer, F-score, area ratio, and the
-    PSNR of renders of the textured mesh against the true albedo from four views (bench/export.py).
-    With --out, each mesh's front render and texture atlas are written as PNGs beside it."""
-    import sys
+def welded_topology(mesh: trimesh.Trimesh) -> dict:
+    """Watertightness, Euler characteristic and pieces of a mesh reloaded from a GLB (vertices split along UV
+    seams are welded first), so meshes written by any version of the pipeline are judged alike."""
+    welded = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    welded.merge_vertices(merge_tex=True, merge_norm=True)
+    labels = trimesh.graph.connected_component_labels(welded.face_adjacency, node_count=len(welded.faces))
+    return {"faces": len(welded.faces), "is_watertight": bool(welded.is_watertight),
+            "euler_characteristic": int(welded.euler_number), "components": int(labels.max()) + 1 if len(labels) else 0}
 
-    import trimesh
+
+def true_surface(obj, device: torch.device, resolution: int = 384, count: int = 50_000) -> tuple[np.ndarray, float]:
+    """``count`` points (count, 3) uniform on ``obj``'s outer surface and its area, from a fine marching-cubes mesh of
+    its sharp density (bench/export.py's true_area; PrimitiveObject.sample_surface covers only part of the toy robot)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from export import robot_field
+
+    from recon.exports.isosurface import marching_cubes, sample_density_near_surface
+    from recon.exports.solidify import solid_grid
+
+    box = np.full((2, 3), 1.05 * obj.bounding_radius()) * [[-1], [1]]
+    grid, level, _ = sample_density_near_surface(robot_field(obj)[0], box, resolution, 100.0, device=device)
+    mesh = marching_cubes(solid_grid(grid, level, 0)[0], box, level)
+    return np.asarray(trimesh.sample.sample_surface(mesh, count, seed=1)[0]), float(mesh.area)
+
+
+def import_before(folder: Path):
+    """The ``export_field`` and ``ExportConfig`` of the old exports package copied into ``folder``/exports_before."""
+    import importlib
+
+    sys.path.insert(0, str(folder.resolve()))
+    pipeline = importlib.import_module("exports_before.pipeline")
+    config = importlib.import_module("exports_before.config")
+    return pipeline.export_field, config.ExportConfig
+
+
+def export_metrics(trainer: FitViewsTrainer, args: argparse.Namespace, folder: Path, device: torch.device) -> dict:
+    """Exports the trained field and measures each mesh against the toy robot: Chamfer, F-score at 1 % of the
+    diagonal, area ratio, topology, and the PSNR of renders of the textured mesh (nearest texel) against the true
+    albedo and against the true Lambert-shaded colour the photos show, from four held-out views (bench/export.py).
+
+    Exports: ``after`` (this checkout's pipeline, training cameras given, the field's bake), ``after_photos``
+    (the same with the texture projected from the training photos), and with ``--before-exports`` ``before``
+    (the old exports package, called as the old fit-views called it: density in field units, no cameras). With
+    --out, each mesh's front render and texture atlas are written as PNGs beside it."""
     from PIL import Image
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from export import LEGACY, mesh_fidelity, textured_psnr, true_area
+    from export import mesh_fidelity, textured_psnr
 
+    from recon.data.transforms_json import PosedImages
     from recon.exports.config import ExportConfig
     from recon.exports.pipeline import export_mesh
 
@@ -144,31 +191,44 @@ def export_metrics(trainer: FitViewsTrainer, args: argparse.Namespace, folder: P
     world_c2w = cameras.c2w.clone()
     world_c2w[:, :3, 3] = world_c2w[:, :3, 3] / scale + center.cpu()
     cameras = Cameras(world_c2w, cameras.fovy, cameras.height, cameras.width)
+    photos = PosedImages(trainer.train.images, cameras, trainer.train.paths)
     obj = toy_robot()
-    truth = obj.sample_surface(50_000, seed=1)[0].numpy()
-    truth_area = true_area(obj, device)
+    truth, truth_area = true_surface(obj, device)
+    diagonal = float(np.linalg.norm(truth.max(0) - truth.min(0)))
     views = Cameras.from_spherical(torch.tensor([10.0, 35.0, -20.0, 60.0]), torch.tensor([0.0, 100.0, 200.0, 300.0]), torch.full((4,), 3.0), 35.0, 256)
-    settings = {"new": {}}
-    if args.export_legacy:
-        settings["legacy"] = LEGACY
+    aabb = (field.aabb.float() / scale + center).cpu()
+
+    def density_scene(p: torch.Tensor) -> torch.Tensor:  # the field's density is per field unit; per scene unit scale x larger
+        return field.density((p - center) * scale) * scale
+
+    def albedo(p: torch.Tensor) -> torch.Tensor:
+        return field.albedo((p - center) * scale)
+
+    def export(name: str) -> tuple[Path, dict]:
+        if name == "before":
+            export_field, BeforeConfig = import_before(args.before_exports)
+            paths = export_field(lambda p: field.density((p - center) * scale), albedo, aabb, folder / name,
+                                 BeforeConfig(formats=["glb"], mc_resolution=args.mc_resolution), device=device)
+            return paths["glb"], {}
+        cfg = ExportConfig(formats=["glb"], mc_resolution=args.mc_resolution)
+        extra = {"photos": photos} if name == "after_photos" else {}
+        result = export_mesh(density_scene, albedo, aabb, folder / name, cfg, device=device, cameras=cameras, **extra)
+        report = {k: result.report.get(k) for k in ("charts", "atlas_utilisation", "cleanup_notes", "solid", "photo_coverage")}
+        return result.paths["glb"], {**report, "stages_s": result.timings_s}
+
+    names = [n for n in args.exports.split(",") if n and (n != "before" or args.before_exports)]
     results = {}
-    for name, extra in settings.items():
-        cfg = ExportConfig(formats=["glb"], mc_resolution=args.mc_resolution, **extra)
+    for name in names:
         start = time.perf_counter()
-        # The field's density is per field unit; per scene unit it is scale times larger.
-        result = export_mesh(
-            lambda p: field.density((p - center) * scale) * scale, lambda p: field.albedo((p - center) * scale),
-            (field.aabb.float() / scale + center).cpu(), folder / name, cfg, device=device,
-            cameras=None if name == "legacy" else cameras,
-        )
+        glb, report = export(name)
         seconds = time.perf_counter() - start
-        mesh = trimesh.load(result.paths["glb"], force="mesh")
-        fidelity = mesh_fidelity(mesh, truth, truth_area, float(np.linalg.norm(truth.max(0) - truth.min(0))))
-        texture_psnr, front = textured_psnr(mesh, obj, views)
-        results[f"export_{name}"] = {"seconds": round(seconds, 2), **fidelity, "texture_psnr": round(texture_psnr, 2),
-                                     **{k: result.report.get(k) for k in ("faces", "is_watertight", "euler_characteristic", "components", "charts",
-                                                                          "atlas_utilisation", "cleanup_notes")},
-                                     "stages_s": result.timings_s}
+        mesh = trimesh.load(glb, force="mesh")
+        albedo_psnr, front = textured_psnr(mesh, obj, views)
+        shaded_psnr, _ = textured_psnr(mesh, obj, views, shading="lambert")
+        results[f"export_{name}"] = {"seconds": round(seconds, 2), **mesh_fidelity(mesh, truth, truth_area, diagonal),
+                                     **welded_topology(mesh), "texture_psnr_albedo": round(albedo_psnr, 2),
+                                     "texture_psnr_shaded": round(shaded_psnr, 2), **report}
+        print(json.dumps({name: results[f"export_{name}"]}), flush=True)
         if args.out:
             stem = args.out.with_name(f"{args.out.stem}_{folder.name}_{name}")
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +270,9 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=100.0, help="stop a sampler after this many steady-state seconds")
     parser.add_argument("--samplers", default="nerfacc,stratified", help="comma-separated samplers to run")
     parser.add_argument("--mc-resolution", type=int, default=256, help="marching-cubes resolution of the exports")
-    parser.add_argument("--export-legacy", action="store_true", help="also export with the old pipeline's settings")
+    parser.add_argument("--before-exports", type=Path, default=None,
+                        help="folder holding an old exports package as exports_before/ (see the module docstring): also export with it")
+    parser.add_argument("--exports", default="before,after,after_photos", help="comma-separated exports to measure (see export_metrics)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ filtering and mip-mapping do not pull in the background along seams.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,13 +89,33 @@ def dilate(image: np.ndarray, mask: np.ndarray, pixels: int) -> tuple[np.ndarray
 ColourFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def bake_colours(mesh: UVMesh, colour_fn: ColourFn, resolution: int = 1024, padding: int = 4) -> tuple[np.ndarray, float]:
+@dataclass
+class SurfaceLookup:
+    """Colour at the surface the field renders, found from the mesh's vertices (see :func:`bake_colours`).
+
+    ``offsets`` (V,) or (V, Q): signed distances along each vertex normal from the vertex to that surface (world
+    units, > 0 outside; NaN = unknown; Q points whose colours are averaged, e.g. quantiles of the ray's
+    termination from :func:`exports.project.surface_offsets`); ``colour_fn`` gives the colour at points on it
+    (typically :func:`point_lookup` of the albedo).
+    """
+
+    offsets: np.ndarray
+    colour_fn: ColourFn
+
+
+def bake_colours(
+    mesh: UVMesh, colour_fn: ColourFn, resolution: int = 1024, padding: int = 4, surface: SurfaceLookup | None = None
+) -> tuple[np.ndarray, float]:
     """The texture (H, W, 3) uint8 of ``mesh`` (H = W = ``resolution``, row 0 at v = 1) and the atlas
     utilisation (fraction of texels covered by a triangle).
 
     ``colour_fn(points (P, 3), normals (P, 3)) -> (P, 3)`` in [0, 1] gives the
     colour at the world positions of the covered texel centres (normals are the
-    interpolated vertex normals, unit). Charts are dilated by ``padding``
+    interpolated vertex normals, unit). With ``surface``, a texel whose
+    triangle has offsets at all three vertices is instead moved along its
+    normal by the offset interpolated there and coloured by
+    ``surface.colour_fn`` (one point lookup, no ray); ``colour_fn`` colours
+    the rest. Charts are dilated by ``padding``
     texels; texels still empty after that take the mean colour, so nothing
     black bleeds in at low mip levels.
     """
@@ -103,10 +124,23 @@ def bake_colours(mesh: UVMesh, colour_fn: ColourFn, resolution: int = 1024, padd
     image = np.zeros((resolution, resolution, 3), dtype=np.float64)
     if mask.any():
         corners = mesh.faces[face_index[mask]]
-        points = np.einsum("pk,pkc->pc", barycentric[mask], mesh.vertices[corners])
-        normals = np.einsum("pk,pkc->pc", barycentric[mask], mesh.normals[corners])
+        weights = barycentric[mask]
+        points = np.einsum("pk,pkc->pc", weights, mesh.vertices[corners])
+        normals = np.einsum("pk,pkc->pc", weights, mesh.normals[corners])
         normals /= np.linalg.norm(normals, axis=1, keepdims=True).clip(1e-12)
-        image[mask] = np.nan_to_num(colour_fn(points, normals), nan=0.0).clip(0.0, 1.0)
+        colours = np.zeros_like(points)
+        rest = np.ones(len(points), dtype=bool)
+        if surface is not None:
+            offsets = surface.offsets.reshape(len(surface.offsets), -1)[corners]  # (T, 3 corners, Q)
+            rest = ~np.isfinite(offsets).all(axis=(1, 2))
+            known = ~rest
+            along = np.einsum("pk,pkq->pq", weights[known], offsets[known])
+            for q in range(along.shape[1]):
+                moved = points[known] + along[:, q : q + 1] * normals[known]
+                colours[known] += surface.colour_fn(moved, normals[known]) / along.shape[1]
+        if rest.any():
+            colours[rest] = colour_fn(points[rest], normals[rest])
+        image[mask] = np.nan_to_num(colours, nan=0.0).clip(0.0, 1.0)
         image, filled = dilate(image, mask, padding)
         image[~filled] = image[filled].mean(axis=0)
     return np.round(image * 255.0).astype(np.uint8), float(mask.mean())

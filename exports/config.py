@@ -44,6 +44,18 @@ class ExportConfig:
     carve_unseen: bool = True
     """With cameras given (fit-views' training cameras), occupied grid points outside every camera's view are
     emptied before meshing: the field there was never constrained."""
+    carve_free_space: bool = True
+    """With fill_interior: the flood of empty space from outside passes only where some camera sees free space in
+    front of the surface the field renders (exports.carve), so holes in a fitted field's shell do not let it into
+    the unseen interior (deep tunnels: handles and inner surfaces)."""
+    carve_views: int = 24
+    """Free-space carving without cameras (single-image fits, recon export of such runs): this many viewpoints on a
+    sphere around the box (fit-views uses its training cameras)."""
+    carve_resolution: int = 128
+    """Side of the depth maps rendered for free-space carving, in pixels."""
+    photo_bake: bool = True
+    """With the training photos (fit-views): texels that some photo sees take the photos' colour there
+    (exports.photo_bake, view-angle weighted, depth-tested against the mesh); the rest get the field's bake."""
     smooth_iterations: int = 10
     """Taubin smoothing passes on the marching-cubes mesh before decimation (0 = none)."""
     target_faces: int = 50_000
@@ -64,6 +76,16 @@ class ExportConfig:
     """Texture colour: normal (the field volume-rendered along each texel's normal from just outside the mesh:
     the colour where the field's rays terminate), project (rendered from bake_views views onto the surface,
     visibility- and angle-weighted) or point (albedo looked up at each texel's point on the mesh)."""
+    bake_rays: Literal["auto", "vertices", "texels"] = "auto"
+    """Where the normal bake casts its rays: texels (a ray per texel, bake_samples density calls each: the
+    reference), vertices (a ray per mesh vertex finds how far along the normal the field's surface lies; each
+    texel takes the albedo at that offset interpolated across its triangle, bake_surface_points field calls:
+    about 5x faster on the CPU, ~0.5 dB lower texture PSNR on bench/export.py's robot) or auto (vertices on the
+    CPU, texels on a GPU, where the per-texel rays take about a second)."""
+    bake_surface_points: int = 2
+    """With bake_rays=vertices: albedo calls per texel, at that many quantiles of the vertex rays' termination
+    (averaged: 1 = the median termination only, fastest; 2 blends across a soft or grazing surface as the
+    rendered colour does)."""
     bake_views: int = 32
     """Viewpoints around the object used by the projection bake."""
     bake_views_per_texel: int = 1
@@ -77,6 +99,10 @@ class ExportConfig:
     """Side of the depth maps that decide visibility in the projection bake, in pixels."""
     chunk_size: int = 262_144
     """Points per call of the density/albedo functions (bounds memory)."""
+    uv_piece_faces: int = 8000
+    """xatlas charts the mesh in pieces of about this many faces (flat cuts; at most 16 pieces), in parallel
+    threads, and packs all their charts into one atlas: on 50k faces several times faster than one piece, with
+    about as many charts (0 = the whole mesh as one piece, the reference)."""
     uv_timeout_s: float = 600.0
     """Time limit of one xatlas unwrap in its subprocess; on timeout the fallback atlas is used."""
     turntable_frames: int = 60
@@ -96,18 +122,20 @@ class ExportConfig:
     random-weights warning of a smoke-test run; empty = none."""
 
     def for_device(self, device: str | object) -> ExportConfig:
-        """This config as it runs on ``device``: on the CPU, the grid and texture capped (see the cpu_max_* fields)."""
-        if str(device).split(":")[0] != "cpu":
-            return self
-        capped = {
-            name: limit
-            for name, limit in (
-                ("mc_resolution", self.cpu_max_mc_resolution),
-                ("texture_resolution", self.cpu_max_texture_resolution),
+        """This config as it runs on ``device``: bake_rays auto decided; on the CPU, the grid and texture capped
+        (see the cpu_max_* fields)."""
+        cpu = str(device).split(":")[0] == "cpu"
+        changes: dict = {"bake_rays": "vertices" if cpu else "texels"} if self.bake_rays == "auto" else {}
+        if cpu:
+            changes.update(
+                (name, limit)
+                for name, limit in (
+                    ("mc_resolution", self.cpu_max_mc_resolution),
+                    ("texture_resolution", self.cpu_max_texture_resolution),
+                )
+                if 0 < limit < getattr(self, name)
             )
-            if 0 < limit < getattr(self, name)
-        }
-        return replace(self, **capped) if capped else self
+        return replace(self, **changes) if changes else self
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -123,9 +151,17 @@ class ExportConfig:
             raise ReconError(f"export.up_axis {self.up_axis!r}: choose one of {', '.join(UP_AXES)} (or auto in fit-views)")
         if self.bake not in ("normal", "project", "point"):
             raise ReconError(f"export.bake {self.bake!r}: choose normal, project or point")
+        if self.bake_rays not in ("auto", "vertices", "texels"):
+            raise ReconError(f"export.bake_rays {self.bake_rays!r}: choose auto, vertices or texels")
         if self.bake_band <= 0:
             raise ReconError(f"export.bake_band must be > 0 grid steps, got {self.bake_band}")
         if min(self.density_stride, self.bake_views, self.bake_views_per_texel, self.bake_samples, self.bake_view_resolution) < 1:
             raise ReconError("export.density_stride and export.bake_views / views_per_texel / samples / view_resolution must be >= 1")
+        if min(self.carve_views, self.carve_resolution - 1) < 0:
+            raise ReconError("export.carve_views must be >= 0 and export.carve_resolution >= 1")
+        if self.bake_surface_points < 1:
+            raise ReconError(f"export.bake_surface_points must be >= 1, got {self.bake_surface_points}")
+        if self.uv_piece_faces < 0:
+            raise ReconError(f"export.uv_piece_faces must be >= 0, got {self.uv_piece_faces}")
         if self.target_faces < 0 or self.texture_padding < 0 or self.smooth_iterations < 0 or self.hole_voxels < 0:
             raise ReconError("export.target_faces, texture_padding, smooth_iterations and hole_voxels must be >= 0")

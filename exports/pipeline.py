@@ -9,13 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import zoom
 
 from recon.cameras import Cameras
+from recon.data.transforms_json import PosedImages
 from recon.errors import ReconError
 from recon.exports.bake import bake_colours, point_lookup
+from recon.exports.carve import seen_free
 from recon.exports.cleanup import clean_mesh, mesh_report
 from recon.exports.config import ExportConfig
 from recon.exports.isosurface import as_aabb, crop_to_surface, marching_cubes, sample_density_near_surface
+from recon.exports.photo_bake import PhotoProjector, PhotoSettings, with_photos
 from recon.exports.project import (
     ProjectionSettings,
     Projector,
@@ -23,14 +27,20 @@ from recon.exports.project import (
     normal_colours,
     sphere_viewpoints,
     surface_colours,
+    vertex_surface,
 )
-from recon.exports.raster import project
+from recon.exports.raster import look_at_box, project
 from recon.exports.solidify import solid_grid
 from recon.exports.uv import count_charts, unwrap_uv
 from recon.exports.writers import write_glb, write_obj, write_ply
 from recon.progress import info
 
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
+
+CARVE_MARGIN = 1.0
+"""Free-space carving counts a grid point as seen free this many grid steps in front of the rendered surface."""
+CARVE_REGROW = 2
+"""...and grows the outside back by this many grid steps into the band in front of the surface it left out."""
 
 
 @dataclass
@@ -84,6 +94,7 @@ def export_mesh(
     device: torch.device | str = "cpu",
     view_origins: np.ndarray | None = None,
     cameras: Cameras | None = None,
+    photos: PosedImages | None = None,
 ) -> ExportResult:
     """Exports a radiance field as mesh files ``out_dir/<stem>.<format>`` for each format in ``cfg.formats``.
 
@@ -93,6 +104,9 @@ def export_mesh(
     ``cameras``: the views the field was fitted to, in the same world frame
     (fit-views' training cameras); with ``cfg.carve_unseen`` what none of them
     sees is not meshed, and their centres are the projection bake's views.
+    ``photos``: the posed training images in the same world frame; with
+    ``cfg.photo_bake`` the texture is taken from them where they see the
+    surface (:mod:`exports.photo_bake`), the field's bake elsewhere.
     ``view_origins`` (K, 3): camera centres for the projection bake (default
     the cameras' centres, else ``cfg.bake_views`` points on a sphere around the
     box). Every format gets the same mesh and colours. OBJ sidecars
@@ -104,7 +118,7 @@ def export_mesh(
     """
     requested = cfg or ExportConfig()
     cfg = requested.for_device(device)
-    if cfg is not requested:
+    if (cfg.mc_resolution, cfg.texture_resolution) != (requested.mc_resolution, requested.texture_resolution):
         info(
             f"export on the CPU: grid {cfg.mc_resolution}^3 (asked {requested.mc_resolution}), texture "
             f"{cfg.texture_resolution} px (asked {requested.texture_resolution}); "
@@ -126,21 +140,27 @@ def export_mesh(
         seen = None
         if cameras is not None and cfg.carve_unseen:
             seen = seen_points(grid.shape, grid_box, cameras, grid >= level, device)
-        grid, stats = solid_grid(grid, level, cfg.hole_voxels, cfg.min_component_ratio, seen)
+        carve = None
+        if cfg.carve_free_space and (cameras is not None or cfg.carve_views > 0):
+            views = cameras if cameras is not None else look_at_box(box, sphere_viewpoints(box, cfg.carve_views), cfg.carve_resolution)
+            margin = CARVE_MARGIN * float(np.min((grid_box[1] - grid_box[0]) / (np.array(grid.shape) - 1)))
+
+            def carve(cleaned: np.ndarray) -> np.ndarray:
+                return seen_free(cleaned, grid_box, level, views, margin, cfg.carve_resolution, device)
+        grid, stats = solid_grid(grid, level, cfg.hole_voxels, cfg.min_component_ratio, seen, carve, CARVE_REGROW)
         solid = asdict(stats)
         solid_note = f"solid: {stats.filled} interior points filled, {stats.floaters} floater and {stats.unseen} unseen points dropped"
     raw = marching_cubes(grid, grid_box, level)
     stages.done("marching_cubes", f"marching cubes: {len(raw.faces)} faces ({solid_note})")
     notes: list[str] = []
     mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
-    if cfg.fill_interior and 0 < 2 * cfg.target_faces < len(mesh.faces):
-        # Decimation could not keep the solid's mesh closed: mesh every other grid point (closed by construction,
-        # a quarter of the faces) rather than hand xatlas a huge mesh.
-        step = (grid_box[1] - grid_box[0]) / (np.array(grid.shape) - 1)
-        coarse = np.ascontiguousarray(grid[::2, ::2, ::2])
-        coarse_box = np.stack([grid_box[0], grid_box[0] + (np.array(coarse.shape) - 1) * 2 * step])
-        notes.append(f"re-meshed the solid at half resolution ({len(mesh.faces)} faces after cleanup)")
-        mesh = clean_mesh(marching_cubes(coarse, coarse_box, level), cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
+    if cfg.fill_interior and 0 < cfg.target_faces < len(mesh.faces):
+        # Decimation could not keep the solid's mesh closed: mesh the solid resampled on a coarser grid (closed by
+        # construction, faces ~ 1 / step^2) sized for about 0.9 x target_faces, rather than hand xatlas a huge mesh.
+        factor = float(np.clip(np.sqrt(0.9 * cfg.target_faces / len(raw.faces)), 0.25, 0.95))
+        coarse = zoom(grid, factor, order=1, mode="nearest")
+        notes.append(f"re-meshed the solid at {factor:.2f} x the grid resolution ({len(mesh.faces)} faces after cleanup)")
+        mesh = clean_mesh(marching_cubes(coarse, grid_box, level), cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
     report = mesh_report(mesh)
     report.update(cleanup_notes=notes, solid=solid)
     closed = "closed" if report["is_watertight"] else "NOT closed (watertight False)"
@@ -165,14 +185,26 @@ def export_mesh(
             return normal_colours(points, normals, density_fn, albedo_fn, band, cfg.bake_samples, probe, cfg.chunk_size, device)[0]
     else:
         colour_fn = point_lookup(albedo_fn, cfg.chunk_size, device)
+    use_photos = photos is not None and cfg.photo_bake and len(photos) > 0
+    coverage: list[float] = []
+    if use_photos:
+        settings = PhotoSettings(depth_tolerance=2.0 * voxel)
+        photo_projector = PhotoProjector(np.asarray(mesh.vertices), np.asarray(mesh.faces), photos.images, photos.cameras, settings, device)
+        colour_fn = with_photos(photo_projector, colour_fn, coverage)
+        stages.done("photos", f"photo bake: {len(photos)} photos depth-tested against the mesh")
 
     paths: dict[str, Path] = {}
     if "glb" in cfg.formats or "obj" in cfg.formats:
-        uv_mesh = unwrap_uv(mesh, cfg.texture_resolution, cfg.texture_padding, cfg.uv_timeout_s, cfg.chart_max_cost)
+        uv_mesh = unwrap_uv(mesh, cfg.texture_resolution, cfg.texture_padding, cfg.uv_timeout_s, cfg.chart_max_cost, cfg.uv_piece_faces)
         report.update(uv_method=uv_mesh.method, charts=count_charts(uv_mesh))
         stages.done("uv", f"UV atlas ({uv_mesh.method}): {report['charts']} charts, {len(uv_mesh.vertices)} vertices")
-        texture, utilisation = bake_colours(uv_mesh, colour_fn, cfg.texture_resolution, cfg.texture_padding)
+        surface = None
+        if cfg.bake == "normal" and cfg.bake_rays == "vertices" and not use_photos:
+            surface = vertex_surface(uv_mesh, density_fn, albedo_fn, band, cfg.bake_samples, probe, cfg.chunk_size, device, cfg.bake_surface_points)
+        texture, utilisation = bake_colours(uv_mesh, colour_fn, cfg.texture_resolution, cfg.texture_padding, surface)
         report["atlas_utilisation"] = round(utilisation, 4)
+        if coverage:
+            report["photo_coverage"] = round(coverage[0], 4)
         stages.done("bake", f"texture bake ({cfg.bake}) {cfg.texture_resolution}x{cfg.texture_resolution}: {100 * utilisation:.0f}% of texels used")
         if "glb" in cfg.formats:
             paths["glb"] = write_glb(uv_mesh, texture, out_dir / f"{stem}.glb", cfg.up_axis, cfg.note)

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recon.exports.bake import SurfaceLookup, point_lookup
 from recon.exports.raster import look_at_box, project, rasterize
+from recon.exports.uv import UVMesh
 from recon.render.compositing import compositing_weights
 
 FieldFn = Callable[[Tensor], Tensor]
@@ -179,13 +181,45 @@ class SolidProbe:
         box = torch.as_tensor(np.asarray(aabb, dtype=np.float32), device=device)
         self.low, self.size, self.level = box[0], box[1] - box[0], float(level)
 
-    def inside(self, points: Tensor) -> Tensor:
-        """(P,) bool: the interpolated grid value at ``points`` (P, 3) is at or above the level (outside the box: False)."""
+    def values(self, points: Tensor) -> Tensor:
+        """(P,) the grid trilinearly interpolated at ``points`` (P, 3) (0 outside the box)."""
         unit = (points.to(self.low) - self.low) / self.size * 2.0 - 1.0
         # grid_sample's last coordinate indexes the first axis of the volume: (x, y, z) grid -> (z, y, x) order.
-        coords = unit.flip(-1).view(1, 1, 1, -1, 3)
-        values = torch.nn.functional.grid_sample(self.volume, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return values.view(-1) >= self.level
+        coords = unit.flip(-1).reshape(1, 1, 1, -1, 3)
+        return torch.nn.functional.grid_sample(self.volume, coords, mode="bilinear", padding_mode="zeros", align_corners=True).view(-1)
+
+    def inside(self, points: Tensor) -> Tensor:
+        """(P,) bool: the interpolated grid value at ``points`` (P, 3) is at or above the level (outside the box: False)."""
+        return self.values(points) >= self.level
+
+
+def _normal_rays(
+    p: Tensor, n: Tensor, density_fn: FieldFn, band: float, samples: int, probe: SolidProbe | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Marches the rays of :func:`normal_colours` for points ``p`` (R, 3) with unit normals ``n`` (R, 3):
+    sample positions (R, S, 3), their signed offsets from the point along the normal (R, S; > 0 outside) and
+    compositing weights (R, S)."""
+    outside = torch.full((len(p),), band, dtype=torch.float32, device=p.device)
+    if probe is not None:
+        for fraction in (0.5, 0.25):
+            blocked = probe.inside(p + outside[:, None] * n)
+            outside = torch.where(blocked, band * fraction, outside)
+    length = outside + band
+    # Rays of different lengths: sample each over its own length (compositing takes per-sample widths).
+    t = (torch.arange(samples, device=p.device, dtype=torch.float32) + 0.5) / samples
+    offsets = outside[:, None] - t[None] * length[:, None]
+    positions = p[:, None] + n[:, None] * offsets[..., None]
+    sigma = density_fn(positions.reshape(-1, 3)).reshape(len(p), samples).float().nan_to_num(0.0).clamp_min(0.0)
+    weights, _, _ = compositing_weights(sigma, (length / samples)[:, None].expand(-1, samples).contiguous())
+    return positions, offsets, weights
+
+
+def _chunks(points: np.ndarray, normals: np.ndarray, rays: int, device: torch.device | str):
+    """Yields (start, points (R, 3), unit normals (R, 3)) tensors on ``device``, ``rays`` at a time."""
+    for start in range(0, len(points), rays):
+        p = torch.as_tensor(np.asarray(points[start : start + rays], dtype=np.float32), device=device)
+        n = torch.as_tensor(np.asarray(normals[start : start + rays], dtype=np.float32), device=device)
+        yield start, p, torch.nn.functional.normalize(n, dim=-1)
 
 
 @torch.no_grad()
@@ -212,24 +246,11 @@ def normal_colours(
     """
     colours = torch.zeros(len(points), 3, dtype=torch.float32)
     found = torch.zeros(len(points), dtype=torch.int64)
-    rays_per_chunk = max(1, chunk_size // samples)
-    for start in range(0, len(points), rays_per_chunk):
-        p = torch.as_tensor(np.asarray(points[start : start + rays_per_chunk], dtype=np.float32), device=device)
-        n = torch.nn.functional.normalize(torch.as_tensor(np.asarray(normals[start : start + rays_per_chunk], dtype=np.float32), device=device), dim=-1)
-        outside = torch.full((len(p),), band, dtype=torch.float32, device=device)
-        if probe is not None:
-            for fraction in (0.5, 0.25):
-                blocked = probe.inside(p + outside[:, None] * n)
-                outside = torch.where(blocked, band * fraction, outside)
-        length = outside + band
-        # Rays of different lengths: sample each over its own length (compositing takes per-sample widths).
-        t = (torch.arange(samples, device=device, dtype=torch.float32) + 0.5) / samples
-        positions = p[:, None] + n[:, None] * (outside[:, None] - t[None] * length[:, None])[..., None]
-        sigma = density_fn(positions.reshape(-1, 3)).reshape(len(p), samples).float().nan_to_num(0.0).clamp_min(0.0)
-        weights, _, _ = compositing_weights(sigma, (length / samples)[:, None].expand(-1, samples).contiguous())
+    for start, p, n in _chunks(points, normals, max(1, chunk_size // samples), device):
+        positions, _, weights = _normal_rays(p, n, density_fn, band, samples, probe)
         opacity = weights.sum(dim=1)
         used = (weights > 1e-4 * opacity.clamp_min(1e-12)[:, None]).reshape(-1)
-        albedo = torch.zeros(len(p) * samples, 3, device=device)
+        albedo = torch.zeros(len(p) * samples, 3, device=p.device)
         if used.any():
             albedo[used] = albedo_fn(positions.reshape(-1, 3)[used]).reshape(-1, 3).float().nan_to_num(0.0)
         colour = ((weights[..., None] * albedo.view(len(p), samples, 3)).sum(dim=1) / opacity.clamp_min(1e-8)[:, None]).clamp(0.0, 1.0)
@@ -239,3 +260,103 @@ def normal_colours(
         colours[start : start + len(p)] = colour.cpu()
         found[start : start + len(p)] = hit.long().cpu()
     return colours.numpy().astype(np.float64), found.numpy()
+
+
+def _quantile_offsets(offsets: Tensor, weights: Tensor, quantiles: int) -> tuple[Tensor, Tensor]:
+    """(R, Q) offsets of the first samples whose accumulated weight reaches (k + 0.5) / Q of each ray's opacity,
+    and the opacities (R,)."""
+    opacity = weights.sum(dim=1)
+    fractions = (torch.arange(quantiles, dtype=weights.dtype, device=weights.device) + 0.5) / quantiles
+    reached = weights.cumsum(dim=1)[:, None, :] >= (fractions[None, :, None] * opacity[:, None, None])
+    return offsets.gather(1, reached.float().argmax(dim=2)), opacity
+
+
+def _guided_offsets(
+    p: Tensor, n: Tensor, density_fn: FieldFn, band: float, samples: int, probe: SolidProbe, quantiles: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`surface_offsets` for one chunk, the field evaluated only near where the density grid puts the
+    surface: the ray is marched through ``probe``'s grid first (no field calls), then the field at ``samples // 2``
+    points over the half of the ray centred on the grid's median termination (the full ray's sample spacing).
+    Rays whose window starts inside the surface or holds no surface are marched in full. (R, Q) offsets and (R,)
+    opacities."""
+    outside = torch.full((len(p),), band, dtype=torch.float32, device=p.device)
+    for fraction in (0.5, 0.25):
+        outside = torch.where(probe.inside(p + outside[:, None] * n), band * fraction, outside)
+    length = outside + band
+    coarse = 2 * samples
+    t = (torch.arange(coarse, device=p.device, dtype=torch.float32) + 0.5) / coarse
+    offsets = outside[:, None] - t[None] * length[:, None]
+    sigma = probe.values((p[:, None] + n[:, None] * offsets[..., None]).reshape(-1, 3)).reshape(len(p), coarse).clamp_min(0.0)
+    weights, _, _ = compositing_weights(sigma, (length / coarse)[:, None].expand(-1, coarse).contiguous())
+    centre, _ = _quantile_offsets(offsets, weights, 1)
+    fine = max(2, samples // 2)
+    half = 0.5 * band
+    step = 2.0 * half / fine
+    window = centre + half - (torch.arange(fine, device=p.device, dtype=torch.float32) + 0.5)[None] * step
+    sigma = density_fn((p[:, None] + n[:, None] * window[..., None]).reshape(-1, 3)).reshape(len(p), fine).float().nan_to_num(0.0).clamp_min(0.0)
+    weights, _, _ = compositing_weights(sigma, torch.full_like(sigma, step))
+    depth, opacity = _quantile_offsets(window, weights, quantiles)
+    # The window must start in free space and end behind the surface: else the full ray.
+    redo = torch.nonzero((weights[:, 0] > 0.5 * opacity) | (opacity < 0.5)).reshape(-1)
+    if len(redo):
+        _, full_offsets, full_weights = _normal_rays(p[redo], n[redo], density_fn, band, samples, probe)
+        depth[redo], opacity[redo] = _quantile_offsets(full_offsets, full_weights, quantiles)
+    return depth, opacity
+
+
+@torch.no_grad()
+def surface_offsets(
+    points: np.ndarray,
+    normals: np.ndarray,
+    density_fn: FieldFn,
+    band: float,
+    samples: int = 16,
+    probe: SolidProbe | None = None,
+    chunk_size: int = 262_144,
+    device: torch.device | str = "cpu",
+    quantiles: int = 1,
+    guided: bool = False,
+) -> np.ndarray:
+    """Where the rays of :func:`normal_colours` terminate: (P, ``quantiles``) signed distances along the outward
+    ``normals`` (P, 3) from ``points`` (P, 3) (world units, > 0 outside the mesh) at which the accumulated
+    compositing weight reaches the fractions (k + 0.5) / quantiles of the ray's opacity (1: the median
+    termination, on one of the surfaces a ray meets, where a mean would fall between two); NaN where the ray
+    finds no opaque surface (opacity < 0.05).
+
+    Only density is evaluated: ``samples`` calls per point, or with ``guided`` (and a ``probe``, whose grid
+    holds the density near the surface) about half as many, on the half of the ray where the grid puts the
+    surface. :func:`exports.bake.bake_colours` interpolates these offsets, found at a mesh's vertices,
+    across its triangles and averages the colour at the quantiles: ``quantiles`` albedo calls per texel
+    instead of a ray.
+    """
+    result = np.full((len(points), quantiles), np.nan, dtype=np.float64)
+    for start, p, n in _chunks(points, normals, max(1, chunk_size // samples), device):
+        if guided and probe is not None:
+            depth, opacity = _guided_offsets(p, n, density_fn, band, samples, probe, quantiles)
+        else:
+            _, offsets, weights = _normal_rays(p, n, density_fn, band, samples, probe)
+            depth, opacity = _quantile_offsets(offsets, weights, quantiles)
+        depth = torch.where((opacity > 0.05)[:, None], depth, torch.full_like(depth, float("nan")))
+        result[start : start + len(p)] = depth.double().cpu().numpy()
+    return result
+
+
+def vertex_surface(
+    mesh: UVMesh,
+    density_fn: FieldFn,
+    albedo_fn: FieldFn,
+    band: float,
+    samples: int = 16,
+    probe: SolidProbe | None = None,
+    chunk_size: int = 262_144,
+    device: torch.device | str = "cpu",
+    quantiles: int = 1,
+    guided: bool = True,
+) -> SurfaceLookup:
+    """The normal bake's rays cast once per vertex of ``mesh`` (vertices split along UV seams are cast once):
+    :func:`surface_offsets` at its vertices (``guided`` by the probe's grid) and a point lookup of
+    ``albedo_fn``, for :func:`exports.bake.bake_colours`."""
+    rows = np.concatenate([np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.normals, dtype=np.float64)], axis=1)
+    unique, inverse = np.unique(rows, axis=0, return_inverse=True)
+    offsets = surface_offsets(unique[:, :3], unique[:, 3:], density_fn, band, samples, probe, chunk_size, device, quantiles, guided)
+    return SurfaceLookup(offsets[inverse.reshape(-1)], point_lookup(albedo_fn, chunk_size, device))

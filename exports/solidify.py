@@ -17,25 +17,36 @@ reached region is then grown back into the empty space it came from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import binary_dilation, binary_erosion, generate_binary_structure, label
 
+Carve = Callable[[np.ndarray], np.ndarray]
+"""Grid (R, R, R) -> (R, R, R) bool mask of seen-free points, as :func:`exports.carve.seen_free` gives it."""
 
-def outside_region(occupied: np.ndarray, hole_voxels: int = 1) -> np.ndarray:
+
+def outside_region(occupied: np.ndarray, hole_voxels: int = 1, free: np.ndarray | None = None, regrow: int = 0) -> np.ndarray:
     """Grid points (R, R, R) bool reachable from outside the box through empty (not ``occupied``) points.
 
     Points beyond the box count as empty. Passages narrower than
     ``2 * hole_voxels + 1`` points are closed (0 = any 6-connected path).
+    With ``free`` (R, R, R) bool (e.g. :func:`exports.carve.seen_free`), the
+    flood passes only through free points, then grows back into the empty
+    points around what it reached by ``regrow`` more steps (the band in
+    front of the surface that ``free`` leaves out; a hole in the shell
+    becomes a dimple at most ``hole_voxels + regrow`` steps deep).
     """
     empty = np.pad(~occupied, 1, constant_values=True)
     passable = binary_erosion(empty, iterations=hole_voxels, border_value=1) if hole_voxels > 0 else empty
+    if free is not None:
+        passable &= np.pad(free, 1, constant_values=True)
     labels, _ = label(passable)
     # The padding layer is passable and connected, so its label is the outside.
     reached = labels == labels[0, 0, 0]
-    if hole_voxels > 0:
-        reached = binary_dilation(reached, iterations=hole_voxels, mask=empty)
+    if hole_voxels + regrow > 0:
+        reached = binary_dilation(reached, iterations=hole_voxels + regrow, mask=empty)
     return reached[1:-1, 1:-1, 1:-1]
 
 
@@ -78,14 +89,17 @@ class SolidStats:
 
 
 def solid_grid(
-    grid: np.ndarray, level: float, hole_voxels: int = 1, min_ratio: float = 0.0, seen: np.ndarray | None = None
+    grid: np.ndarray, level: float, hole_voxels: int = 1, min_ratio: float = 0.0, seen: np.ndarray | None = None,
+    carve: Carve | None = None, regrow: int = 0,
 ) -> tuple[np.ndarray, SolidStats]:
     """``grid`` (R, R, R) changed so that its points at or above ``level`` are exactly one solid.
 
     The solid: the occupied points (``grid >= level``) inside ``seen`` (R, R, R)
     bool, the points some camera sees; None = all), kept only in the largest
     26-connected piece and pieces of at least ``min_ratio`` x its size, plus
-    everything that outside empty space cannot reach (:func:`outside_region`).
+    everything that outside empty space cannot reach (:func:`outside_region`). With ``carve``, a function of
+    the grid without the dropped pieces returning the free mask of :func:`exports.carve.seen_free`, outside
+    space passes only through free points and grows back ``regrow`` steps.
     Values keep their sub-voxel information: solid points get at least a hair
     above ``level``, all others at most a hair below it (dropped pieces: 0),
     so marching cubes at ``level`` meshes exactly the solid's boundary.
@@ -98,10 +112,15 @@ def solid_grid(
         occupied &= seen
     kept = largest_pieces(occupied, min_ratio)
     floaters = int(occupied.sum() - kept.sum())
-    inside = ~outside_region(kept, hole_voxels) & ~kept
     above, below = level + max(1e-4 * abs(level), 1e-6), level - max(1e-4 * abs(level), 1e-6)
     result = np.minimum(grid, below).astype(np.float32)
     result[occupied & ~kept] = min(0.0, below)
     result[kept] = np.maximum(grid[kept], above)
+    free = None
+    if carve is not None:
+        # Without the dropped pieces' 2-point halo of sub-level density, which would still stop the carving rays.
+        halo = binary_dilation(occupied & ~kept, iterations=2) & ~binary_dilation(kept, iterations=2)
+        free = carve(np.where(halo, 0.0, result).astype(np.float32))
+    inside = ~outside_region(kept, hole_voxels, free, regrow if carve is not None else 0) & ~kept
     result[inside] = max(2.0 * level, level + 1.0)
     return result, SolidStats(unseen, floaters, int(inside.sum()))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-FILL = 0.6
-"""Fraction of the atlas the first packing attempt aims to cover (xatlas fills ~0.8 of it at best)."""
+MAX_PIECES = 16
+"""Most pieces :func:`split_faces` cuts a mesh into for xatlas."""
 
 
 @dataclass
@@ -43,37 +43,62 @@ class UVMesh:
     method: str
 
 
+def split_faces(vertices: np.ndarray, faces: np.ndarray, piece_faces: int) -> list[np.ndarray]:
+    """Indices of ``faces`` (F, 3) in pieces of about ``piece_faces`` faces (at most :data:`MAX_PIECES`): the
+    face centroids split again and again at the median of their longest extent (flat cuts through the mesh).
+    ``piece_faces`` 0 or a mesh that small: one piece. Deterministic."""
+    count = min(MAX_PIECES, max(1, round(len(faces) / piece_faces))) if piece_faces > 0 else 1
+    centroids = np.asarray(vertices, dtype=np.float64)[np.asarray(faces, dtype=np.int64)].mean(axis=1)
+
+    def split(index: np.ndarray, pieces: int) -> list[np.ndarray]:
+        if pieces <= 1:
+            return [index]
+        points = centroids[index]
+        axis = int(np.argmax(points.max(axis=0) - points.min(axis=0)))
+        order = index[np.argsort(points[:, axis], kind="stable")]
+        half = len(order) * (pieces // 2) // pieces
+        return split(order[:half], pieces // 2) + split(order[half:], pieces - pieces // 2)
+
+    return split(np.arange(len(faces)), count)
+
+
 def _child_main(argv: list[str]) -> int:
-    """Child entry point: ``uv.py IN.npz OUT.npz ATTEMPT``; writes vmapping, indices, uv."""
+    """Child entry point: ``uv.py IN.npz OUT.npz ATTEMPT``; writes vmapping, faces, uv."""
     src, dst = argv[0], argv[1]
     import xatlas
 
     data = np.load(src)
     positions = np.ascontiguousarray(data["vertices"], dtype=np.float32)
-    indices = np.ascontiguousarray(data["faces"], dtype=np.uint32)
-    resolution = int(data["resolution"])
-    corners = positions[indices.astype(np.int64)].astype(np.float64)
-    area = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=1).sum()
-    # xatlas searches for the texel density that fills the atlas by packing again and again; a density that
-    # fills FILL of it is packed once (half the time), and only if that overflows does the search run.
-    scale = float(np.sqrt(FILL * resolution**2 / area)) if area > 0 and resolution > 0 else 0.0
-    for texels_per_unit, size in ((scale, resolution), (0.0, resolution), (0.0, 0)):
-        atlas = xatlas.Atlas()
-        atlas.add_mesh(positions, indices)
-        pack = xatlas.PackOptions()
-        pack.resolution = size
-        pack.texels_per_unit = texels_per_unit
-        pack.padding = int(data["padding"])
-        pack.bilinear = True
-        charts = xatlas.ChartOptions()
-        # A higher cost limit grows charts further before a new one starts: few, large, paintable islands.
-        charts.max_cost = float(data["max_cost"])
-        pack.rotate_charts = True
-        atlas.generate(charts, pack)
-        if atlas.atlas_count == 1:
-            break
-    vmapping, faces, uv = atlas[0]
-    np.savez(dst, vmapping=vmapping.astype(np.int64), faces=faces.astype(np.int64), uv=uv.astype(np.float64))
+    indices = np.ascontiguousarray(data["faces"], dtype=np.int64)
+    resolution, padding = int(data["resolution"]), int(data["padding"])
+    charts = xatlas.ChartOptions()
+    # A higher cost limit grows charts further before a new one starts: few, large, paintable islands.
+    charts.max_cost = float(data["max_cost"])
+    # Each piece is a separate xatlas mesh: xatlas charts them in parallel threads (and charting time grows
+    # faster than the face count), then packs all their charts into one atlas.
+    atlas = xatlas.Atlas()
+    pieces = split_faces(positions, indices, int(data["piece_faces"]))
+    originals = []
+    for piece in pieces:
+        used, local = np.unique(indices[piece], return_inverse=True)
+        atlas.add_mesh(positions[used], local.reshape(-1, 3).astype(np.uint32))
+        originals.append(used)
+    # xatlas searches for the texel density that fills a texture-sized atlas (packing only, the charts are made
+    # once); its atlas can come out a little larger, so it is scaled to the texture, and the padding asked for
+    # is one texel more to stay at least `padding` texels after that.
+    pack = xatlas.PackOptions()
+    pack.resolution = resolution
+    pack.texels_per_unit = 0.0
+    pack.padding = padding + 1
+    pack.bilinear = True
+    pack.rotate_charts = True
+    atlas.generate(charts, pack)
+    outputs = [atlas.get_mesh(i) for i in range(len(pieces))]
+    vmapping = np.concatenate([originals[i][out[0].astype(np.int64)] for i, out in enumerate(outputs)])
+    offsets = np.cumsum([0] + [len(out[0]) for out in outputs])
+    faces = np.concatenate([out[1].astype(np.int64) + offsets[i] for i, out in enumerate(outputs)])
+    uv = np.concatenate([out[2] for out in outputs]).astype(np.float64) * np.array([atlas.width, atlas.height]) / max(atlas.width, atlas.height)
+    np.savez(dst, vmapping=vmapping.astype(np.int64), faces=faces, uv=uv)
     return 0
 
 
@@ -83,12 +108,13 @@ def child_command(src: Path, dst: Path, attempt: int) -> list[str]:
 
 
 def _run_xatlas(
-    vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int, timeout_s: float, attempt: int, max_cost: float
+    vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int, timeout_s: float, attempt: int, max_cost: float,
+    piece_faces: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
     """(vmapping, faces, uv) from a child xatlas run, or a string saying why it failed."""
     with tempfile.TemporaryDirectory(prefix="recon-xatlas-") as folder:
         src, dst = Path(folder) / "in.npz", Path(folder) / "out.npz"
-        np.savez(src, vertices=vertices, faces=faces, resolution=resolution, padding=padding, max_cost=max_cost)
+        np.savez(src, vertices=vertices, faces=faces, resolution=resolution, padding=padding, max_cost=max_cost, piece_faces=piece_faces)
         command = child_command(src, dst, attempt)
         try:
             result = subprocess.run(command, capture_output=True, timeout=timeout_s, check=False)
@@ -130,12 +156,17 @@ def per_triangle_atlas(vertices: np.ndarray, faces: np.ndarray, normals: np.ndar
     )
 
 
-def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s: float = 600.0, max_cost: float = 2.0) -> UVMesh:
+def unwrap_uv(
+    mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s: float = 600.0, max_cost: float = 2.0, piece_faces: int = 0
+) -> UVMesh:
     """UV-unwraps a ``trimesh.Trimesh`` with xatlas in a subprocess; never crashes the caller.
 
-    ``max_cost``: xatlas' chart growth cost limit (its default 2). The first
-    packing aims at a texel density that fills :data:`FILL` of the atlas (one
-    pass); only if that overflows does xatlas search for the density itself.
+    ``max_cost``: xatlas' chart growth cost limit (its default 2).
+    ``piece_faces`` > 0: the mesh is cut into pieces of about that many faces
+    (:func:`split_faces`), charted by xatlas in parallel threads and packed
+    into one atlas (0 = one piece, the reference: several times slower on
+    50k faces). xatlas packs the charts at the texel density that fills the
+    texture (its search: packing only); the atlas is scaled to the texture.
 
     Attempt 1: xatlas on the mesh. Attempt 2 (after a crash/timeout): xatlas
     on the mesh decimated to 90 % of its faces, which breaks the exact
@@ -151,7 +182,7 @@ def unwrap_uv(mesh, texture_resolution: int = 1024, padding: int = 4, timeout_s:
         method, current = candidates[attempt]
         vertices = np.asarray(current.vertices, dtype=np.float64)
         faces = np.asarray(current.faces, dtype=np.int64)
-        result = _run_xatlas(vertices, faces, texture_resolution, padding, timeout_s, attempt, max_cost)
+        result = _run_xatlas(vertices, faces, texture_resolution, padding, timeout_s, attempt, max_cost, piece_faces)
         if not isinstance(result, str):
             vmapping, new_faces, uv = result
             normals = np.asarray(current.vertex_normals, dtype=np.float64)

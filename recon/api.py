@@ -303,8 +303,9 @@ def fit(
     :class:`ReconError`; otherwise each image's failure is recorded, the
     batch goes on, and ``output/batch_summary.json`` is written. Returns one
     :class:`ImageResult` per image. Scale-out (always a batch): ``gpus``
-    (``all``, ``2``, ``0,2``: a worker process per GPU) or ``workers`` with
-    ``device="cpu"`` (CPU worker processes), see :mod:`recon.systems.workers`;
+    (``all``, ``2``, ``0,2``: a worker process per GPU, or ``workers`` of them
+    spread over the GPUs) or ``workers`` with ``device="cpu"`` (CPU worker
+    processes), see :mod:`recon.systems.workers`;
     ``ray`` (``local``, ``auto`` or an address: Ray actors, ``workers`` of them
     or one per GPU), see :mod:`recon.systems.ray_batch`.
     """
@@ -461,7 +462,7 @@ def fit_views(
         if export:
             timer = PhaseTimer()
             with timer.phase("export"):
-                export_run(run, cfg.export, torch_device)
+                export_run(run, cfg.export, torch_device, photos=views.train)
             run.record_timings(timer.seconds)
     except Exception as exc:
         if not isinstance(exc, ReconError):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from recon.cameras import Cameras
+from recon.data.transforms_json import PosedImages
 from recon.exports.config import ExportConfig
 from recon.exports.pipeline import export_mesh
 from recon.runs import RunDir
@@ -37,7 +38,9 @@ def cameras_from_record(record: dict[str, Any]) -> Cameras:
     return Cameras(c2w, torch.tensor(record["fovy"], dtype=torch.float32), int(record["height"]), int(record["width"]))
 
 
-def export_run(run: RunDir, cfg: ExportConfig, device: torch.device, out_dir: Path | None = None) -> dict[str, Path]:
+def export_run(
+    run: RunDir, cfg: ExportConfig, device: torch.device, out_dir: Path | None = None, photos: PosedImages | None = None
+) -> dict[str, Path]:
     """Exports the run's field (newest checkpoint) with ``cfg`` into ``out_dir`` (default the run's exports/).
 
     The mesh comes out in the run's output frame: config.yaml ``scene`` maps it
@@ -46,7 +49,8 @@ def export_run(run: RunDir, cfg: ExportConfig, device: torch.device, out_dir: Pa
     multiplied by the scene scale, and ``cfg.threshold`` (like the reported
     ``level``) stays in the field's own units. The training cameras recorded
     in meta.json ``train_cameras`` (fit-views) carve what they never saw and
-    are the projection bake's views. Records the files, the checkpoint step
+    are the projection bake's views; ``photos`` (fit-views' training images,
+    in the output frame) texture the surface they see (``cfg.photo_bake``). Records the files, the checkpoint step
     and the mesh report (faces, is_watertight, euler_characteristic, charts,
     atlas_utilisation, seconds per stage) in meta.json.
     """
@@ -69,7 +73,7 @@ def export_run(run: RunDir, cfg: ExportConfig, device: torch.device, out_dir: Pa
     target = run.exports if out_dir is None else out_dir
     if out_dir is None:  # listed in the run's manifest before they exist
         run.register(*(target / name for fmt in cfg.formats for name in _FILES[fmt]))
-    result = export_mesh(density_fn, albedo_fn, aabb, target, cfg, device=device, cameras=cameras)
+    result = export_mesh(density_fn, albedo_fn, aabb, target, cfg, device=device, cameras=cameras, photos=photos)
     report = dict(result.report, level=result.report["level"] / transform.scale)
     run.update_meta(
         exports={

@@ -1,0 +1,124 @@
+"""Free space seen by cameras: which grid points some camera sees in front of the surface the field renders.
+
+A fitted field is only constrained where cameras look; behind its opaque
+surface the density is arbitrary, and where it dips below the surface level
+the thresholded shell has holes that open the unseen interior to the
+outside. A flood fill of empty space from the box boundary then runs in
+through those holes and marching cubes meshes the insides as deep tunnels:
+handles (negative Euler characteristic) and inner surface area.
+
+Here each camera renders the density grid as a depth map (the distance
+along each pixel's ray where the accumulated opacity first reaches one
+half: the median termination of volume rendering), and a grid point counts
+as *seen free* when some camera sees it at least ``margin`` in front of its
+pixel's depth. Points behind the rendered surface in every view that sees
+them are never seen free, so a flood through seen-free space
+(:func:`exports.solidify.solid_grid`) cannot enter the unseen interior
+through a hole in the shell, whatever the hole's size; concavities that the
+cameras look into stay open.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from recon.cameras import Cameras, generate_rays
+from recon.exports.raster import project
+
+
+def _ray_box(origins: Tensor, directions: Tensor, box: Tensor) -> tuple[Tensor, Tensor]:
+    """Entry and exit distances (R,) of rays with the axis-aligned ``box`` (2, 3); exit < entry = miss."""
+    safe = torch.where(directions.abs() > 1e-9, directions, torch.full_like(directions, 1e-9))
+    t0, t1 = (box[0] - origins) / safe, (box[1] - origins) / safe
+    near = torch.minimum(t0, t1).amax(dim=-1).clamp_min(0.0)
+    far = torch.maximum(t0, t1).amin(dim=-1)
+    return near, far
+
+
+@torch.no_grad()
+def depth_maps(
+    grid: np.ndarray, aabb: np.ndarray, cameras: Cameras, resolution: int = 128, opacity: float = 0.5,
+    device: torch.device | str = "cpu", rays_per_chunk: int = 16_384,
+) -> tuple[Cameras, Tensor]:
+    """Median-termination depth maps of a density grid seen by ``cameras``.
+
+    ``grid`` (X, Y, Z) density per world unit on the points spanning ``aabb``
+    (2, 3) corner to corner (as :func:`exports.isosurface.sample_density_grid`);
+    the cameras are rendered at ``resolution`` pixels on their longer side.
+    Each ray is marched in steps of half a grid step through the box with
+    trilinear density; its depth is the distance from the camera centre
+    where the accumulated opacity first reaches ``opacity`` (inf where it
+    never does). Returns the resized cameras and the depths (N, H, W).
+    """
+    scale = resolution / max(cameras.height, cameras.width)
+    small = cameras.resized(max(1, round(cameras.height * scale)), max(1, round(cameras.width * scale))).to(device)
+    volume = torch.as_tensor(np.ascontiguousarray(grid), dtype=torch.float32, device=device).clamp_min(0.0)
+    # grid_sample wants (N, C, D, H, W) with x indexing W: put the grid's z, y, x axes as D, H, W.
+    volume = volume.permute(2, 1, 0)[None, None]
+    box = torch.as_tensor(aabb, dtype=torch.float32, device=device)
+    step = 0.5 * float(((box[1] - box[0]) / (torch.tensor(grid.shape, device=device) - 1)).min())
+    length = float((box[1] - box[0]).norm())
+    samples = max(2, int(np.ceil(length / step)))
+    origins, directions = generate_rays(small)
+    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+    depth = torch.full((len(origins),), float("inf"), device=device)
+    offsets = (torch.arange(samples, device=device, dtype=torch.float32) + 0.5) * step
+    threshold = -float(np.log(1.0 - opacity))
+    for start in range(0, len(origins), rays_per_chunk):
+        o, d = origins[start : start + rays_per_chunk], directions[start : start + rays_per_chunk]
+        near, far = _ray_box(o, d, box)
+        hit = far > near
+        if not hit.any():
+            continue
+        o, d, near, far = o[hit], d[hit], near[hit], far[hit]
+        t = near[:, None] + offsets[None]
+        points = o[:, None] + d[:, None] * t[..., None]
+        unit = 2.0 * (points - box[0]) / (box[1] - box[0]) - 1.0
+        sigma = torch.nn.functional.grid_sample(volume, unit[None, None], align_corners=True, padding_mode="zeros")
+        sigma = sigma.reshape(len(o), samples) * (t < far[:, None])
+        tau = torch.cumsum(sigma * step, dim=1)
+        reached = tau >= threshold
+        first = torch.where(reached.any(dim=1), reached.float().argmax(dim=1), torch.full_like(near, -1).long())
+        found = first >= 0
+        result = torch.full((len(o),), float("inf"), device=device)
+        result[found] = t[found, first[found]]
+        chunk = depth[start : start + rays_per_chunk]
+        chunk[hit] = result
+    return small, depth.reshape(len(small), small.height, small.width)
+
+
+@torch.no_grad()
+def seen_free(
+    grid: np.ndarray, aabb: np.ndarray, level: float, cameras: Cameras, margin: float, resolution: int = 128,
+    device: torch.device | str = "cpu", opacity: float = 0.02,
+) -> np.ndarray:
+    """(X, Y, Z) bool: the empty grid points (``grid < level``) that some camera sees at least ``margin`` (world
+    units) in front of the surface it renders there (:func:`depth_maps`), or that lie outside every camera's view
+    (nothing says they are inside). The surface is where a ray's opacity first reaches ``opacity``: a low value, the first
+    matter along the ray, so a hole that the field renders partly transparent still counts as shell (free space
+    is the union over cameras, so a faint floater hides nothing that another camera sees past)."""
+    small, depths = depth_maps(grid, aabb, cameras, resolution, opacity, device=device)
+    empty = grid < level
+    index = np.argwhere(empty)
+    free = np.zeros(grid.shape, dtype=bool)
+    if len(index) == 0:
+        return free
+    step = (aabb[1] - aabb[0]) / (np.array(grid.shape) - 1)
+    seen_by_any = torch.zeros(len(index), dtype=torch.bool, device=device)
+    in_front = torch.zeros(len(index), dtype=torch.bool, device=device)
+    chunk = 1 << 20
+    for start in range(0, len(index), chunk):
+        points = torch.as_tensor(aabb[0] + index[start : start + chunk] * step, dtype=torch.float32, device=device)
+        for k in range(len(small)):
+            camera = small[k]
+            col, row, z = project(camera, points)
+            ic, ir = col.round().long(), row.round().long()
+            inside = (z > 0) & (ic >= 0) & (ic < camera.width) & (ir >= 0) & (ir < camera.height)
+            distance = (points - camera.c2w[0, :3, 3]).norm(dim=-1)
+            surface = depths[k][ir.clamp(0, camera.height - 1), ic.clamp(0, camera.width - 1)]
+            seen_by_any[start : start + chunk] |= inside
+            in_front[start : start + chunk] |= inside & (distance < surface - margin)
+    free[tuple(index.T)] = (in_front | ~seen_by_any).cpu().numpy()
+    return free
