@@ -48,6 +48,8 @@ class ImageResult:
     """Times it was started in this invocation (2 after a crashed worker's retry)."""
     worker: str | None = None
     """The worker that ran it last (scaled-out batches: gpu0, cpu1, ray0, ...)."""
+    started_at: float | None = None
+    """Unix time (s) its last attempt started (scaled-out batches)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain values for batch_summary.json."""
@@ -118,7 +120,7 @@ def run_batch(
             result.status = "skipped"
             info(f"{result.run_dir}: already finished; skipped (--overwrite to redo)")
         else:
-            result.attempts = 1
+            result.attempts, result.started_at = 1, round(time.time(), 3)
             try:
                 outcome = fit_one(image, result.run_dir) or {}
                 result.status = "finished"

@@ -73,6 +73,15 @@ def actor_count(resources: dict[str, float], use_gpu: bool, workers: int | None)
     return count
 
 
+def cpus_per_actor(resources: dict[str, float], use_gpu: bool, count: int) -> int:
+    """Ray CPUs each actor reserves: the cluster's CPUs per GPU (GPU actors) or per actor (CPU actors), at least 1.
+
+    Ray sets each actor's OMP_NUM_THREADS to this, so actors sharing a node do not oversubscribe its cores.
+    """
+    share = resources.get("CPU", 1) / (resources.get("GPU", 1) if use_gpu else count)
+    return max(1, int(share))
+
+
 def run_ray(
     images: Sequence[Path], output: Path, factory: FitFactory, address: str = "local", device: str = "auto",
     workers: int | None = None, overwrite: bool = False, poll_s: float = 0.5, grace_s: float = 10.0,
@@ -95,20 +104,21 @@ def run_ray(
         resources = ray.cluster_resources()
         use_gpu = device != "cpu" and (device.startswith("cuda") or resources.get("GPU", 0) >= 1)
         count = actor_count(resources, use_gpu, workers)
-        return _drive(ray, images, Path(output), factory, use_gpu, count, overwrite, poll_s, grace_s)
+        cpus = cpus_per_actor(resources, use_gpu, count)
+        return _drive(ray, images, Path(output), factory, use_gpu, count, cpus, overwrite, poll_s, grace_s)
     finally:
         if started:
             ray.shutdown()
 
 
 def _drive(
-    ray: Any, images: Sequence[Path], output: Path, factory: FitFactory, use_gpu: bool, count: int,
+    ray: Any, images: Sequence[Path], output: Path, factory: FitFactory, use_gpu: bool, count: int, cpus: int,
     overwrite: bool, poll_s: float, grace_s: float,
 ) -> list[ImageResult]:
     from recon.progress import info
 
     ledger = Ledger(images, output, overwrite)
-    actor_class = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=0)(FitActor)
+    actor_class = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus, max_restarts=0)(FitActor)
     device = "cuda:0" if use_gpu else "cpu"  # Ray gives each GPU actor its own GPU as the only visible one
     labels = [f"ray{i}" for i in range(count)]
     actors: dict[str, Any] = {}
@@ -159,7 +169,7 @@ def _drive(
                         continue
                     if index is None:
                         ready.add(label)
-                        ledger.worker(label, device, int(value))
+                        ledger.worker(label, device, int(value), cpus)
                         ledger.save()
                         continue
                     busy.pop(label, None)

@@ -19,8 +19,15 @@ twice:
 
 ``batch_summary.json`` is rewritten atomically whenever an image starts or
 ends (statuses pending / running / finished / failed / skipped, plus each
-worker's pid and image), and the console shows a progress bar per worker and
-an overall one.
+worker's pid, image, CPU threads and cores), and the console shows a progress
+bar per worker and an overall one.
+
+CPU share: each worker is pinned to its own whole physical cores (an equal
+share of those this process may use) and runs that many CPU threads (torch,
+OpenMP, MKL and OpenBLAS, set before it imports anything; the xatlas child of
+an export inherits the pinning). Otherwise each worker would size its thread
+pools for the whole machine: N workers would run N times as many busy threads
+as there are cores whenever their CPU work (export, data loading) overlaps.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,8 @@ RETRIES = 1
 """Extra attempts of an image whose worker crashed."""
 CRASH_EXIT_CODE = 70
 """Exit status of a worker that reported a CUDA error or out-of-memory and quit."""
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+"""Environment variables that size a worker's CPU thread pools (read once, as the libraries load)."""
 
 
 @dataclass(frozen=True)
@@ -68,13 +77,106 @@ class WorkerSpec:
     """Environment variables of the process (CUDA_VISIBLE_DEVICES for a GPU worker)."""
     threads: int = 0
     """torch CPU threads (0 keeps torch's default)."""
+    cpus: tuple[int, ...] = ()
+    """CPUs the process is pinned to (empty: not pinned); :func:`share_cpus` fills it."""
 
 
-def gpu_workers(spec: str, available: int) -> list[WorkerSpec]:
+def parse_cpu_list(text: str) -> list[int]:
+    """CPU numbers from a kernel CPU list such as ``0-3,8,10-11``."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def physical_cores(cpus: Iterable[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> list[tuple[int, ...]]:
+    """``cpus`` grouped by physical core (hyperthread siblings together), ordered by their first CPU.
+
+    Reads ``sysfs``'s ``cpuN/topology/thread_siblings_list``; a CPU whose
+    topology cannot be read is a core of its own.
+    """
+    wanted = sorted(set(cpus))
+    groups: dict[int, list[int]] = {}
+    for cpu in wanted:
+        try:
+            siblings = parse_cpu_list((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text())
+        except (OSError, ValueError):
+            siblings = [cpu]
+        groups.setdefault(min([cpu, *siblings]), []).append(cpu)
+    return [tuple(group) for _, group in sorted(groups.items())]
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity; all CPUs where the platform cannot say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cpu_shares(count: int, cores: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, ...], int]]:
+    """Splits physical ``cores`` (see :func:`physical_cores`) among ``count`` workers: (CPUs, threads) each.
+
+    Contiguous runs of whole cores, sizes differing by at most one; with fewer
+    cores than workers, each worker gets one core (round robin, shared).
+    ``threads`` is the number of physical cores in the share.
+    """
+    if count < 1 or not cores:
+        return [((), 0)] * max(count, 0)
+    if count >= len(cores):
+        return [(cores[i % len(cores)], 1) for i in range(count)]
+    base, extra = divmod(len(cores), count)
+    shares, start = [], 0
+    for i in range(count):
+        size = base + (i < extra)
+        shares.append((tuple(cpu for core in cores[start:start + size] for cpu in core), size))
+        start += size
+    return shares
+
+
+def share_cpus(workers: Sequence[WorkerSpec], cores: Sequence[tuple[int, ...]] | None = None) -> list[WorkerSpec]:
+    """``workers`` with an equal share each of ``cores`` (default: the :func:`physical_cores` of :func:`usable_cpus`):
+    pinned CPUs, thread count and the thread-pool variables of :data:`THREAD_VARIABLES` in their environment.
+    Specs that name their CPUs keep them."""
+    shares = cpu_shares(len(workers), physical_cores(usable_cpus()) if cores is None else cores)
+    shared = []
+    for spec, (share, threads) in zip(workers, shares):
+        if spec.cpus or not share:
+            shared.append(spec)
+            continue
+        env = dict(spec.env) | {name: str(threads) for name in THREAD_VARIABLES}
+        shared.append(replace(spec, env=tuple(env.items()), cpus=share, threads=threads))
+    return shared
+
+
+@contextlib.contextmanager
+def pinned(cpus: Sequence[int]) -> Iterator[None]:
+    """Restricts the calling thread to ``cpus`` while inside, so that a process started there inherits it.
+
+    Does nothing for empty ``cpus`` or where the platform has no CPU affinity.
+    """
+    before = os.sched_getaffinity(0) if cpus and hasattr(os, "sched_setaffinity") else None
+    try:
+        if before is not None:
+            os.sched_setaffinity(0, cpus)
+    except OSError:  # CPUs this process may not use (a container's limits changed): start unpinned
+        before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
+
+
+def gpu_workers(spec: str, available: int, processes: int | None = None) -> list[WorkerSpec]:
     """Workers for ``--gpus``: ``all``, a count ``N`` (the first N GPUs) or indices ``0,2``.
 
     ``available`` is the number of visible CUDA devices. Each worker sees only
-    its own GPU (CUDA_VISIBLE_DEVICES) as ``cuda:0``.
+    its own GPU (CUDA_VISIBLE_DEVICES) as ``cuda:0``. ``processes`` (``--workers``)
+    spreads that many worker processes over the GPUs, round robin (default one
+    per GPU): two per GPU let one image's CPU-bound export overlap another's fit.
+    Labels are ``gpu2``, or ``gpu2.0``, ``gpu2.1``, ... when there are more workers than GPUs.
     """
     spec = spec.strip()
     if available < 1:
@@ -94,25 +196,32 @@ def gpu_workers(spec: str, available: int) -> list[WorkerSpec]:
         bad = [i for i in indices if not 0 <= i < available]
         if not indices or bad or len(set(indices)) != len(indices):
             raise ReconError(f"--gpus {spec}: indices must be distinct and in 0..{available - 1}")
-    return [WorkerSpec(f"gpu{i}", "cuda:0", (("CUDA_VISIBLE_DEVICES", str(i)),)) for i in indices]
+    processes = len(indices) if processes is None else processes
+    if processes < len(indices):
+        raise ReconError(f"--gpus {spec} --workers {processes}: give at least one worker per GPU ({len(indices)})")
+    workers = []
+    for k in range(processes):
+        gpu = indices[k % len(indices)]
+        label = f"gpu{gpu}" if processes == len(indices) else f"gpu{gpu}.{k // len(indices)}"
+        workers.append(WorkerSpec(label, "cuda:0", (("CUDA_VISIBLE_DEVICES", str(gpu)),)))
+    return workers  # round robin: the first images go to different GPUs
 
 
 def cpu_workers(count: int) -> list[WorkerSpec]:
-    """``count`` CPU workers (``--device cpu --workers N``), sharing the cores' torch threads evenly."""
+    """``count`` CPU workers (``--device cpu --workers N``); :func:`share_cpus` gives each its cores as the pool starts."""
     if count < 1:
         raise ReconError(f"--workers {count}: give at least 1")
-    threads = max(1, (os.cpu_count() or 1) // count)
-    return [WorkerSpec(f"cpu{i}", "cpu", (), threads) for i in range(count)]
+    return [WorkerSpec(f"cpu{i}", "cpu") for i in range(count)]
 
 
 def local_workers(gpus: str | None, workers: int | None, device: str) -> list[WorkerSpec]:
-    """The workers of ``--gpus SPEC`` (a process per GPU) or ``--device cpu --workers N`` (N CPU processes)."""
+    """The workers of ``--gpus SPEC [--workers N]`` (a process per GPU, or N over them) or ``--device cpu --workers N``."""
     if gpus is not None:
-        if device == "cpu" or workers is not None:
+        if device == "cpu":
             raise ReconError("--gpus starts one worker per GPU; for CPU workers use --device cpu --workers N instead")
         import torch
 
-        return gpu_workers(gpus, torch.cuda.device_count())
+        return gpu_workers(gpus, torch.cuda.device_count(), workers)
     if device != "cpu":
         raise ReconError(f"--workers {workers} starts CPU worker processes: add --device cpu (or use --gpus for one worker per GPU)")
     return cpu_workers(workers or 1)
@@ -177,10 +286,10 @@ class Ledger:
         """How many images have one of ``statuses``."""
         return sum(r.status in statuses for r in self.results)
 
-    def worker(self, label: str, device: str, pid: int | None = None) -> None:
-        """Records (or updates, after a restart) a worker for the summary."""
+    def worker(self, label: str, device: str, pid: int | None = None, threads: int = 0, cpus: Sequence[int] = ()) -> None:
+        """Records (or updates, after a restart) a worker for the summary: its device, pid, CPU threads and pinned CPUs."""
         entry = self.workers.setdefault(label, {"label": label, "device": device, "pid": None, "image": None, "restarts": -1})
-        entry["pid"] = pid
+        entry.update(pid=pid, threads=threads or None, cpus=list(cpus))
         entry["restarts"] += 1
 
     def take(self) -> tuple[int, bool] | None:
@@ -205,6 +314,7 @@ class Ledger:
         result = self.results[index]
         result.status, result.worker, result.error = "running", worker, None
         result.attempts += 1
+        result.started_at = round(time.time(), 3)
         self.running[index] = time.perf_counter()
         if worker in self.workers:
             self.workers[worker]["image"] = str(result.image)
@@ -374,7 +484,8 @@ class _Slot:
     def start(self, context: Any, factory: FitFactory) -> None:
         parent, child = context.Pipe()
         self.process = context.Process(target=serve, args=(child, factory, self.spec.device, self.spec.threads), name=f"recon-{self.spec.label}", daemon=True)
-        with mock.patch.dict(os.environ, dict(self.spec.env)):  # a spawned child copies os.environ as it starts
+        # A spawned child copies os.environ and the starting thread's CPU affinity before it imports anything.
+        with mock.patch.dict(os.environ, dict(self.spec.env)), pinned(self.spec.cpus):
             self.process.start()
         child.close()
         self.conn, self.ready, self.index = parent, False, None
@@ -407,11 +518,12 @@ class _Slot:
 
 def run_pool(
     images: Sequence[Path], output: Path, factory: FitFactory, workers: Sequence[WorkerSpec],
-    overwrite: bool = False, poll_s: float = 0.5, grace_s: float = 10.0,
+    overwrite: bool = False, poll_s: float = 0.5, grace_s: float = 10.0, pin: bool = True,
 ) -> list[ImageResult]:
     """Fits ``images`` into ``output/<stem>/`` with one spawned process per :class:`WorkerSpec`.
 
-    ``factory`` runs once per worker process (see :data:`FitFactory`). Returns
+    ``factory`` runs once per worker process (see :data:`FitFactory`). With
+    ``pin`` each worker gets its share of the CPUs (:func:`share_cpus`). Returns
     one :class:`ImageResult` per image, in input order, and leaves
     ``output/batch_summary.json`` written. Raises :class:`ReconError` when a
     worker cannot start (e.g. missing weights), KeyboardInterrupt on Ctrl-C
@@ -419,7 +531,7 @@ def run_pool(
     """
     ledger = Ledger(images, output, overwrite)
     context = multiprocessing.get_context("spawn")
-    slots = [_Slot(spec) for spec in workers]
+    slots = [_Slot(spec) for spec in (share_cpus(workers) if pin else workers)]
     try:
         with LiveView(ledger, [s.spec.label for s in slots]) as view:
             for slot in slots:
@@ -482,7 +594,7 @@ def _handle_messages(slot: _Slot, ledger: Ledger) -> None:
         kind = message[0]
         if kind == "ready":
             slot.ready = True
-            ledger.worker(slot.spec.label, slot.spec.device, int(message[1]))
+            ledger.worker(slot.spec.label, slot.spec.device, int(message[1]), slot.spec.threads, slot.spec.cpus)
             ledger.save()
         elif kind == "setup_failed":
             raise ReconError(f"worker {slot.spec.label} ({slot.spec.device}) could not start: {message[1]}")

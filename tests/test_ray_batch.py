@@ -31,6 +31,15 @@ def test_without_ray_the_flag_says_how_to_install_it(tmp_path, monkeypatch, caps
     assert 'pip install ".[ray]"' in capsys.readouterr().err
 
 
+def test_each_actor_reserves_its_share_of_the_cpus():
+    from recon.systems.ray_batch import cpus_per_actor
+
+    assert cpus_per_actor({"CPU": 32.0, "GPU": 2.0}, True, 2) == 16  # a GPU actor: the CPUs per GPU
+    assert cpus_per_actor({"CPU": 64.0, "GPU": 8.0}, True, 3) == 8  # also when fewer actors than GPUs run
+    assert cpus_per_actor({"CPU": 2.0}, False, 2) == 1 and cpus_per_actor({"CPU": 8.0}, False, 3) == 2
+    assert cpus_per_actor({"CPU": 2.0}, False, 5) == 1  # more CPU actors than CPUs: one each (some wait)
+
+
 @pytest.mark.slow
 def test_ray_actors_retry_crashes_once_and_finish_nothing_twice(tmp_path, local_ray):
     from recon.systems.ray_batch import run_ray

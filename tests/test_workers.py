@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,18 @@ from pathlib import Path
 import pytest
 
 from recon.errors import InputError, ReconError
-from recon.systems.workers import WorkerSpec, gpu_workers, is_fatal, local_workers, run_pool
+from recon.systems.workers import (
+    WorkerSpec,
+    cpu_shares,
+    cpu_workers,
+    gpu_workers,
+    is_fatal,
+    local_workers,
+    parse_cpu_list,
+    physical_cores,
+    run_pool,
+    share_cpus,
+)
 
 # Each worker gets its own environment (GPU workers: CUDA_VISIBLE_DEVICES); the stand-in records what it saw.
 CPU2 = [WorkerSpec("cpu0", "cpu", (("RECON_TEST_WORKER", "zero"),)), WorkerSpec("cpu1", "cpu", (("RECON_TEST_WORKER", "one"),))]
@@ -153,11 +165,77 @@ def test_gpu_and_worker_flags():
             gpu_workers(spec, 4)
     with pytest.raises(ReconError, match="no CUDA GPU"):
         gpu_workers("all", 0)
+    # --gpus 0,2 --workers 5: round robin over the GPUs, the first images on different GPUs
+    spread = gpu_workers("0,2", 4, 5)
+    assert [w.label for w in spread] == ["gpu0.0", "gpu2.0", "gpu0.1", "gpu2.1", "gpu0.2"]
+    assert [dict(w.env)["CUDA_VISIBLE_DEVICES"] for w in spread] == ["0", "2", "0", "2", "0"]
+    assert [w.label for w in gpu_workers("2", 2, 3)] == ["gpu0.0", "gpu1.0", "gpu0.1"]
+    assert [w.label for w in gpu_workers("2", 2, 2)] == ["gpu0", "gpu1"]
+    with pytest.raises(ReconError, match="at least one worker per GPU \\(2\\)"):
+        gpu_workers("all", 2, 1)
     assert [w.label for w in local_workers(None, 3, "cpu")] == ["cpu0", "cpu1", "cpu2"]
     with pytest.raises(ReconError, match="add --device cpu"):
         local_workers(None, 2, "auto")
     with pytest.raises(ReconError, match="--device cpu --workers N instead"):
         local_workers("all", None, "cpu")
+
+
+def test_cpu_lists_and_physical_cores(tmp_path):
+    assert parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    assert parse_cpu_list("5") == [5]
+    # 4 cores with hyperthreads numbered as on most x86 machines: CPU i and i + 4 share a core; cpu7 has no topology
+    for cpu in range(7):
+        (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(f"{cpu % 4},{cpu % 4 + 4}\n")
+    assert physical_cores(range(8), tmp_path) == [(0, 4), (1, 5), (2, 6), (3,), (7,)]
+    assert physical_cores([6, 2, 1], tmp_path) == [(1,), (2, 6)]
+
+
+def test_cpu_shares_are_whole_cores_split_evenly():
+    cores = [(0, 16), (1, 17), (2, 18), (3, 19), (4, 20)]
+    assert cpu_shares(2, cores) == [((0, 16, 1, 17, 2, 18), 3), ((3, 19, 4, 20), 2)]
+    assert cpu_shares(1, cores) == [((0, 16, 1, 17, 2, 18, 3, 19, 4, 20), 5)]
+    assert cpu_shares(3, [(0,), (1,)]) == [((0,), 1), ((1,), 1), ((0,), 1)]  # more workers than cores: shared, one thread each
+    gpus = [WorkerSpec("gpu0", "cuda:0", (("CUDA_VISIBLE_DEVICES", "0"),)), WorkerSpec("gpu1", "cuda:0", (("CUDA_VISIBLE_DEVICES", "1"),))]
+    specs = share_cpus(gpus, [(0, 4), (1, 5), (2, 6), (3, 7)])
+    assert [(w.cpus, w.threads) for w in specs] == [((0, 4, 1, 5), 2), ((2, 6, 3, 7), 2)]
+    threads = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    assert [dict(w.env) for w in specs] == [{"CUDA_VISIBLE_DEVICES": "0", **threads}, {"CUDA_VISIBLE_DEVICES": "1", **threads}]
+    fixed = WorkerSpec("cpu0", "cpu", cpus=(1,), threads=1)
+    assert share_cpus([fixed], [(0,), (1,)]) == [fixed]
+
+
+def report_cpus(device: str):
+    """A fit function that records the CPUs, thread-pool variable and torch threads its worker process runs with."""
+
+    def fit_one(image: Path, run_dir: Path, retry: bool) -> dict:
+        _write_run(run_dir, "finished")
+        torch = sys.modules.get("torch")
+        (run_dir / "cpus.json").write_text(json.dumps({
+            "cpus": sorted(os.sched_getaffinity(0)), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "torch_threads": torch.get_num_threads() if torch else None, "pid": os.getpid(),
+        }))
+        time.sleep(0.3)
+        return {}
+
+    return fit_one
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs CPU affinity (Linux)")
+def test_each_worker_runs_on_its_own_share_of_the_cores(tmp_path):
+    out, before, omp_before = tmp_path / "out", os.sched_getaffinity(0), os.environ.get("OMP_NUM_THREADS")
+    results = run_pool(_images(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png"]), out, report_cpus, cpu_workers(2), poll_s=0.1, grace_s=2)
+    assert os.sched_getaffinity(0) == before and os.environ.get("OMP_NUM_THREADS") == omp_before  # the parent is untouched
+    expected = share_cpus(cpu_workers(2))
+    if len(physical_cores(before)) >= 2:
+        assert set(expected[0].cpus).isdisjoint(expected[1].cpus) and set(expected[0].cpus) | set(expected[1].cpus) == before
+    summary = {w["label"]: w for w in json.loads((out / "batch_summary.json").read_text())["workers"]}
+    for result in results:
+        spec = next(w for w in expected if w.label == result.worker)
+        seen = json.loads((result.run_dir / "cpus.json").read_text())
+        assert seen["cpus"] == sorted(spec.cpus) and seen["omp"] == str(spec.threads) and seen["torch_threads"] == spec.threads
+        assert summary[spec.label]["cpus"] == list(spec.cpus) and summary[spec.label]["threads"] == spec.threads
+        assert result.status == "finished" and time.time() - 600 < result.started_at <= time.time()
 
 
 def test_cuda_errors_and_out_of_memory_replace_the_worker():

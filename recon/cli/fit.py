@@ -114,7 +114,8 @@ class BatchCommand(_FitOptions):
     gpus: str | None = None
     """One worker process per GPU, each loading the models once: all, a count (2) or indices (0,2)."""
     workers: int | None = None
-    """CPU worker processes (with --device cpu), or the number of Ray workers (with --ray)."""
+    """CPU worker processes (with --device cpu), worker processes spread over the GPUs (with --gpus; 2 per GPU
+    overlaps one image's export with another's fit), or the number of Ray workers (with --ray)."""
     ray: Annotated[str | None, _OPTIONAL_VALUE] = None
     """Run on a Ray cluster (pip install ".[ray]"): --ray alone uses or starts a local one, --ray auto an existing
     cluster, --ray HOST:PORT that one; one worker per GPU (or per CPU with --device cpu); -o must be shared storage."""
