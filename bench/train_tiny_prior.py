@@ -24,8 +24,14 @@ split into ``tiny-zero123.tar.partNN`` if larger than 15 MiB: ``cat`` them),
 ``eval.md``, ``eval.json``, ``recipe.json`` (exact settings, data recipe,
 timings, VAE metrics, parameter counts), ``samples.png`` (rows per held-out
 object: ground truth, Base, cascade; the first column is the input) and
-``log.txt``. Scratch data and runs go to ``--work`` (default: a temporary
-folder outside ``--out``).
+``log.txt``, ``extra.json`` (the ``--compare`` model's report, the
+nearby-view ablation's reports, every paired per-object comparison with its
+bootstrap interval). Scratch data and runs go to ``--work`` (default: a
+temporary folder outside ``--out``).
+
+Several GPUs (data-parallel, global batch = batch x processes):
+``torchrun --standalone --nproc_per_node N bench/train_tiny_prior.py --work DIR ...``;
+process 0 renders the data, measures and evaluates, every process trains.
 """
 
 from __future__ import annotations
@@ -52,6 +58,13 @@ from recon.fileio import read_json, write_bytes, write_json, write_text
 
 PART_BYTES = 15 * 1024 * 1024
 PRIOR_NAME = "tiny-zero123"
+ABLATION: dict[str, list[list[float]]] = {
+    "one view (+45 az)": [[0.0, 45.0, 0.0]],
+    "near (+-20 az, 15 above)": [[0.0, 20.0, 0.0], [0.0, -20.0, 0.0], [-15.0, 0.0, 0.0]],
+    "far (+-90 az, 45 above)": [[0.0, 90.0, 0.0], [0.0, -90.0, 0.0], [-45.0, 0.0, 0.0]],
+}
+"""Nearby-view sets of the cascade ablation ([delta_polar, delta_azimuth, delta_radius]), beside the default
+(the paper's +-45 deg azimuth and 30 deg above) that the main evaluation uses."""
 
 
 @dataclass
@@ -75,6 +88,12 @@ class RecipeConfig:
     init: str = ""
     """Continue from these weights (a diffusers folder, e.g. recon/assets/tiny-zero123) instead of random
     --arch weights: the VAE stage is skipped and the folder's VAE kept."""
+    pose_embedding: bool = True
+    """Give --init weights without it the prior's extra pose path (guidance.architectures.POSE_EMBEDDING,
+    started as the identity); random --arch prior weights have it already."""
+    pose_embedding_gain: float = 0.0
+    """Set the pose embedding's output gain (its last LayerNorm's weight) to this before stage base where it is
+    smaller (0 = leave it). Added as the identity, the path learns slowly: its gradients scale with that gain."""
     projection_pose_gain: float = 1.0
     """Multiply the camera projection's 4 pose columns by this before stage base (a larger pose signal
     in the tokens speeds up a from-scratch UNet's learning to use the camera)."""
@@ -82,6 +101,10 @@ class RecipeConfig:
     """Training objects to synthesise (fewer if --synth-minutes runs out)."""
     views: int = 12
     """Views per training object."""
+    families: str = "blob,stacked,symmetric,single"
+    """Shape families of the training objects (recon.data.primitives.FAMILIES), object i uses family i mod count."""
+    heldout_families: str = "blob"
+    """Shape families of the held-out objects ('blob' = the same objects as every earlier evaluation)."""
     size: int = 128
     """Image side in pixels (the VAE's sample_size is set to it)."""
     supersample: int = 2
@@ -139,6 +162,14 @@ class RecipeConfig:
     before the evaluation, so a command killed during it still returns them)."""
     consistency: bool = True
     """Also score multi-view consistency in the evaluation (doubles its cost)."""
+    compare: str = ""
+    """Also evaluate these weights (e.g. the previously shipped prior) on the same held-out objects, with paired
+    per-object comparisons against the new ones ('' = none)."""
+    ablation: bool = True
+    """Evaluate the cascade with other nearby-view counts and angles (ABLATION) after the main evaluation."""
+    cfg_sweep: str = "1.0,2.0"
+    """Comma-separated classifier-free guidance scales at which the Base alone is also evaluated (no consistency;
+    '' = none), beside the main evaluation's scale (3)."""
     sample_objects: int = 4
     """Held-out objects shown in samples.png (0 = none)."""
     save_dtype: str = "fp16"
@@ -163,18 +194,21 @@ def parse_args(argv: list[str] | None = None) -> RecipeConfig:
 class Log:
     """Timestamped progress lines on stdout (flushed) and in OUT/log.txt."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, main: bool = True) -> None:
         self.path = path
+        self.main = main
         self.lines: list[str] = []
 
     def __call__(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - START:6.1f}s] {message}"
-        print(line, flush=True)
+        if self.main:
+            print(line, flush=True)
         self.lines.append(line)
 
     def flush(self) -> None:
-        """Rewrites log.txt with every line so far."""
-        write_text(self.path, "\n".join(self.lines) + "\n")
+        """Rewrites log.txt with every line so far (process 0 only)."""
+        if self.main:
+            write_text(self.path, "\n".join(self.lines) + "\n")
 
 
 def remaining_s(cfg: RecipeConfig) -> float:
@@ -245,6 +279,30 @@ def random_init(cfg: RecipeConfig, folder: Path) -> dict[str, int]:
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 
+def with_pose_embedding(init: Path, folder: Path, seed: int, gain: float = 0.0) -> list[str]:
+    """``init`` re-saved into ``folder`` with the pose embedding added if it lacks one (seeded, the identity at
+    first) and its output gain raised to ``gain`` where smaller (0 = unchanged). Returns what was changed
+    (nothing written when empty)."""
+    from recon.guidance.architectures import add_pose_embedding, has_pose_embedding
+    from recon.guidance.checkpoints import load_zero123, save_diffusers
+
+    model = load_zero123(init, "cpu", torch.float32)
+    changes = []
+    if not has_pose_embedding(model.unet):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.unet = add_pose_embedding(model.unet)
+        changes.append("added the pose embedding (identity at the start)")
+    if gain > 0:
+        weight = model.unet.add_embedding.norm2.weight
+        with torch.no_grad():
+            weight.copy_(torch.where(weight.abs() < gain, torch.full_like(weight, gain), weight))
+        changes.append(f"pose embedding output gain raised to {gain}")
+    if changes:
+        save_diffusers(model, folder, overwrite=True)
+    return changes
+
+
 def with_pose_gain(init: Path, gain: float, folder: Path) -> Path:
     """``init`` re-saved into ``folder`` with the camera projection's pose columns multiplied by ``gain``."""
     from recon.guidance.architectures import POSE_DIM
@@ -259,8 +317,9 @@ def with_pose_gain(init: Path, gain: float, folder: Path) -> Path:
 @torch.no_grad()
 def pose_use(weights: Path, heldout: Path, size: int, device: str, count: int = 256, seed: int = 0) -> dict[str, float]:
     """How much a model uses its tokens: epsilon-MSE on ``count`` held-out (input, target) pairs with the
-    true tokens, with the tokens of other pairs (poses shuffled) and with zero tokens. A model that ignores
-    the camera scores the same on all three."""
+    true tokens (``true``), with the tokens of other pairs (``shuffled``), with the true image embeddings but
+    other pairs' poses (``shuffled_pose``) and with zero tokens (``zero``); ``gap`` = shuffled_pose / true - 1,
+    the loss share that the camera explains. A model that ignores the camera scores the same on all of them."""
     from recon.cameras import relative_pose
     from recon.data.multiview import MultiViewDataset
     from recon.guidance.checkpoints import load_zero123
@@ -279,10 +338,13 @@ def pose_use(weights: Path, heldout: Path, size: int, device: str, count: int = 
     t = torch.randint(50, 950, (count,), generator=generator).to(dev)
     noise = torch.randn(target.shape, generator=generator).to(dev)
     noisy = model.scheduler.add_noise(target, noise, t)
-    shuffled = context[torch.roll(torch.arange(count), 1)]
+    other = torch.roll(torch.arange(count), 1)
+    shuffled = context[other]
+    shuffled_pose = model.context(model.clip_embed(batch.input_images.to(dev)), rel[other].to(dev))
     scores = {}
-    for name, tokens in (("true", context), ("shuffled", shuffled), ("zero", torch.zeros_like(context))):
+    for name, tokens in (("true", context), ("shuffled", shuffled), ("shuffled_pose", shuffled_pose), ("zero", torch.zeros_like(context))):
         scores[name] = float(torch.nn.functional.mse_loss(model.eps(noisy, t, tokens, cond_latent).float(), noise))
+    scores["gap"] = scores["shuffled_pose"] / scores["true"] - 1.0
     return scores
 
 
@@ -299,7 +361,8 @@ def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
 
 
 def run_stage(cfg: RecipeConfig, stage: str, steps: int, batch: int, data: Path, init: Path, run: Path, minutes: float, log: Log):
-    """Runs one stage of guidance.training.train within ``minutes``; returns its TrainResult."""
+    """Runs one stage of guidance.training.train within ``minutes`` (on every process); returns its TrainResult
+    with ``final`` = the stage's weights folder on every process."""
     from recon.systems.cascade_training import train
 
     tcfg = stage_config(cfg, stage, steps, batch)
@@ -310,16 +373,21 @@ def run_stage(cfg: RecipeConfig, stage: str, steps: int, batch: int, data: Path,
         state["loss"] += loss
         now = time.perf_counter()
         if now - state["t"] > 15.0 or step == 1:
-            log(f"  {stage} step {step}: loss {state['loss'] / state['n']:.4f} ({state['n'] / (now - state['t']):.1f} steps/s)")
+            rate = state["n"] / (now - state["t"])
+            log(f"  {stage} step {step}: loss {state['loss'] / state['n']:.4f} ({rate:.1f} steps/s, {rate * batch * processes:.0f} samples/s)")
             state.update(t=now, n=0, loss=0.0)
 
-    log(f"stage {stage}: up to {steps} steps of batch {batch} in {minutes:.2f} min from {init}")
+    from accelerate import PartialState
+
+    processes = PartialState().num_processes
+    log(f"stage {stage}: up to {steps} steps of batch {batch} x {processes} processes in {minutes:.2f} min from {init}")
     result = train(tcfg, data, str(init), run, cfg.device, max_minutes=minutes, resume=False, export_on_stop=True, on_step=on_step)
     tail = result.losses[-50:]
     log(f"stage {stage} done: {result.step} steps, mean loss of the last {len(tail)} {sum(tail) / max(1, len(tail)):.4f}")
-    if result.final is None:
+    final = run / "final" / "base"
+    if not (final / "model_index.json").is_file():
         raise SystemExit(f"stage {stage} wrote no final weights")
-    return result
+    return dataclasses.replace(result, final=final)
 
 
 # ------------------------------------------------------------------ outputs
@@ -380,31 +448,119 @@ def pack(folder: Path, out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> int:
-    """Runs the whole recipe; returns the exit code."""
-    cfg = parse_args(argv)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="tiny-prior-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "log.txt")
-    timings: dict[str, float] = {}
-    record: dict = {"recipe": asdict(cfg), "command": " ".join(sys.argv), "python": sys.version.split()[0], "torch": torch.__version__}
-    log(f"recipe: work folder {work}, output {out}, budget {cfg.budget_minutes} min")
-
+def prepare_data(cfg: RecipeConfig, work: Path, log: Log, record: dict, timings: dict) -> int:
+    """Process 0: renders the held-out and training sets into ``work``; returns the training object count."""
     from recon.data.synth import SynthConfig
 
     t = time.perf_counter()
     workers = cfg.workers or os.cpu_count() or 1
-    train_synth = SynthConfig(objects=cfg.objects, views=cfg.views, size=cfg.size, seed=cfg.seed, supersample=cfg.supersample)
-    held_synth = SynthConfig(objects=cfg.heldout_objects, views=cfg.heldout_views, size=cfg.size, seed=cfg.seed + 1, supersample=cfg.supersample, orbit=True)
+    train_synth = SynthConfig(objects=cfg.objects, views=cfg.views, size=cfg.size, seed=cfg.seed, supersample=cfg.supersample, families=cfg.families)
+    held_synth = SynthConfig(objects=cfg.heldout_objects, views=cfg.heldout_views, size=cfg.size, seed=cfg.seed + 1,
+                             supersample=cfg.supersample, orbit=True, families=cfg.heldout_families)
     log(f"synthesising {cfg.heldout_objects} held-out and up to {cfg.objects} training objects with {workers} processes")
     held_count = synthesize_parallel(held_synth, work / "heldout", workers, float("inf"), log)
     train_count = synthesize_parallel(train_synth, work / "train", workers, START + 60.0 * cfg.synth_minutes, log)
     timings["synth_s"] = time.perf_counter() - t
-    record["data"] = {"train": {"objects": train_count, **asdict(train_synth)}, "heldout": {"objects": held_count, **asdict(held_synth)}}
+    record["data"] = {"train": {**asdict(train_synth), "objects": train_count}, "heldout": {**asdict(held_synth), "objects": held_count}}
     log(f"data: {train_count} training objects x {cfg.views} views, {held_count} held-out objects x {cfg.heldout_views} views ({timings['synth_s']:.0f} s)")
-    if train_count < 2:
+    return train_count
+
+
+def heldout_vae_scores(weights: Path, heldout: Path, size: int, device: str) -> dict[str, float]:
+    """Reconstruction PSNR and chroma PSNR of ``weights``' VAE on every held-out view."""
+    from recon.data.multiview import MultiViewDataset
+    from recon.guidance.checkpoints import load_zero123
+    from recon.runtime import resolve_device
+    from recon.systems.cascade_training import ViewCache, reconstruction_scores
+
+    model = load_zero123(weights, resolve_device(device), torch.float32)
+    cache = ViewCache(MultiViewDataset(heldout, image_size=size))
+    views = cache.rgb(torch.arange(cache.images.shape[0]), 1.0).to(model.device)
+    return reconstruction_scores(model.vae, views)
+
+
+def stage_throughput(run: Path) -> dict | None:
+    """The last launch record (processes, global batch, samples/s) of a training run's meta.json."""
+    meta = run / "meta.json"
+    launches = read_json(meta).get("launches", []) if meta.is_file() else []
+    return launches[-1] if launches else None
+
+
+def evaluate_extras(cfg: RecipeConfig, model, heldout, ecfg, report: dict, out: Path, log: Log, record: dict) -> dict:
+    """After the main evaluation: the ``--compare`` model and the nearby-view ablation on the same objects, and
+    the paired per-object comparisons; written to OUT/extra.json after each part. Returns the extra record."""
+    from recon.guidance.checkpoints import load_zero123
+    from recon.systems.evaluation import evaluate, paired_comparison
+
+    extra: dict = {"paired": {}, "ablation": {}, "compare": None, "cfg_sweep": {}}
+    paired = extra["paired"]
+    paired["cascade vs base"] = paired_comparison(report, "base", report, "cascade")
+    for baseline in ("copy-input", "mean-image"):
+        for method in ("base", "cascade"):
+            paired[f"{method} vs {baseline}"] = paired_comparison(report, baseline, report, method, ("psnr", "ssim"))
+    write_json(out / "extra.json", extra)
+    if cfg.compare and remaining_s(cfg) > 20.0:
+        old = load_zero123(cfg.compare, model.device, torch.float32)
+        t = time.perf_counter()
+        extra["compare"] = evaluate(heldout, old, old, ecfg)
+        extra["compare_weights"] = cfg.compare
+        extra["compare_pose_use"] = pose_use(Path(cfg.compare), Path(heldout.root), cfg.size, cfg.device, seed=cfg.seed)
+        for method in ("base", "cascade"):
+            paired[f"new {method} vs compared {method}"] = paired_comparison(extra["compare"], method, report, method)
+        summary = {k: round(v["psnr"], 3) for k, v in extra["compare"]["summary"].items()}
+        log(f"compared weights {cfg.compare} ({time.perf_counter() - t:.0f} s): PSNR {summary}; pose use {extra['compare_pose_use']}")
+        write_json(out / "extra.json", extra)
+        del old
+    for label, views in ABLATION.items() if cfg.ablation else ():
+        if remaining_s(cfg) < 25.0:
+            log(f"ablation stopped before {label!r}: time is up")
+            break
+        t = time.perf_counter()
+        ablated = evaluate(heldout, model, model, dataclasses.replace(ecfg, nearby_views=views))
+        extra["ablation"][label] = {"nearby_views": views, "summary": ablated["summary"],
+                                    "consistency_by_object": ablated["consistency_by_object"], "views": ablated["views"]}
+        paired[f"cascade [{label}] vs base"] = paired_comparison(ablated, "base", ablated, "cascade")
+        paired[f"cascade [{label}] vs cascade [default]"] = paired_comparison(report, "cascade", ablated, "cascade")
+        log(f"ablation {label} ({time.perf_counter() - t:.0f} s): cascade PSNR {ablated['summary']['cascade']['psnr']:.3f}")
+        write_json(out / "extra.json", extra)
+    for scale in (float(v) for v in cfg.cfg_sweep.split(",") if v.strip()):
+        if remaining_s(cfg) < 15.0:
+            log(f"CFG sweep stopped before scale {scale}: time is up")
+            break
+        swept = evaluate(heldout, model, None, dataclasses.replace(ecfg, guidance_scale=scale, consistency=False))
+        extra["cfg_sweep"][str(scale)] = swept["summary"]["base"]
+        paired[f"base at CFG {scale} vs base at CFG {ecfg.guidance_scale}"] = paired_comparison(report, "base", swept, "base", ("psnr", "ssim"))
+        log(f"base at CFG {scale}: PSNR {swept['summary']['base']['psnr']:.3f}, SSIM {swept['summary']['base']['ssim']:.4f}")
+        write_json(out / "extra.json", extra)
+    return extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the whole recipe; returns the exit code."""
+    cfg = parse_args(argv)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu")
+    is_main = state.is_main_process
+    out = Path(cfg.out)
+    if cfg.work:
+        work = Path(cfg.work)
+    elif state.num_processes == 1:
+        work = Path(tempfile.mkdtemp(prefix="tiny-prior-"))
+    else:
+        raise SystemExit("several processes need a shared --work folder")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "log.txt", is_main)
+    timings: dict[str, float] = {}
+    record: dict = {"recipe": asdict(cfg), "command": " ".join(sys.argv), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "processes": state.num_processes}
+    log(f"recipe: work folder {work}, output {out}, budget {cfg.budget_minutes} min, {state.num_processes} process(es)")
+
+    train_count = prepare_data(cfg, work, log, record, timings) if is_main else 0
+    state.wait_for_everyone()
+    if is_main and train_count < 2:
         raise SystemExit("fewer than 2 training objects were rendered; raise --synth-minutes")
 
     if torch.cuda.is_available():
@@ -420,9 +576,22 @@ def main(argv: list[str] | None = None) -> int:
         if (start_weights / "recipe.json").is_file():
             record["previous"] = read_json(start_weights / "recipe.json")
         log(f"continuing from {cfg.init}" + ("; the VAE decoder alone is trained" if cfg.vae_minutes > 0 else "; stage vae skipped"))
+        if cfg.pose_embedding:
+            grown = work / "init-pose-embedding"
+            if is_main:
+                for change in with_pose_embedding(start_weights, grown, cfg.seed, cfg.pose_embedding_gain):
+                    log(change)
+            state.wait_for_everyone()
+            if (grown / "model_index.json").is_file():
+                start_weights = grown
+                record["params"]["unet"] = sum(p.numel() for p in load_zero123(grown, "cpu", torch.float32).unet.parameters())
     else:
-        record["params"] = random_init(cfg, work / "init")
+        record["params"] = random_init(cfg, work / "init") if is_main else {}
+        state.wait_for_everyone()
         start_weights = work / "init"
+    if is_main:
+        record["vae_heldout_start"] = heldout_vae_scores(start_weights, work / "heldout", cfg.size, cfg.device)
+        log(f"VAE on the held-out views at the start: {record['vae_heldout_start']}")
     if cfg.vae_minutes > 0 or not cfg.init:
         t = time.perf_counter()
         vae = run_stage(cfg, "vae", cfg.vae_steps, cfg.vae_batch, work / "train", start_weights, work / "run-vae", cfg.vae_minutes, log)
@@ -432,10 +601,15 @@ def main(argv: list[str] | None = None) -> int:
         start_weights = vae.final
     log(f"parameters: {record['params']} (total {sum(record['params'].values()) / 1e6:.2f} M)")
     if cfg.projection_pose_gain != 1.0:
-        start_weights = with_pose_gain(start_weights, cfg.projection_pose_gain, work / "init-pose-gain")
+        if is_main:
+            with_pose_gain(start_weights, cfg.projection_pose_gain, work / "init-pose-gain")
+        state.wait_for_everyone()
+        start_weights = work / "init-pose-gain"
         log(f"camera projection pose columns x {cfg.projection_pose_gain}")
-    record["pose_use"] = {"start": pose_use(start_weights, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)}
-    log(f"pose use at the start (eps-MSE with true / shuffled / zero tokens): {record['pose_use']['start']}")
+    record["pose_use"] = {}
+    if is_main:
+        record["pose_use"]["start"] = pose_use(start_weights, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
+        log(f"pose use at the start (eps-MSE with true / shuffled / shuffled-pose / zero tokens, gap): {record['pose_use']['start']}")
     log.flush()
 
     unet_s = max(0.0, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes)
@@ -444,18 +618,24 @@ def main(argv: list[str] | None = None) -> int:
     base = run_stage(cfg, "base", cfg.base_steps, cfg.base_batch, work / "train", start_weights, work / "run-base", unet_s * (1 - cascade_share) / 60.0, log)
     timings["base_s"] = time.perf_counter() - t
     final, stages = base.final, {"base": base.step}
-    record["pose_use"]["base"] = pose_use(base.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
-    log(f"pose use after stage base: {record['pose_use']['base']}")
+    record["throughput"] = {"base": stage_throughput(work / "run-base")}
+    if is_main:
+        record["pose_use"]["base"] = pose_use(base.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
+        log(f"pose use after stage base: {record['pose_use']['base']}")
     if cascade_share > 0:
         t = time.perf_counter()
         minutes = max(0.1, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes) / 60.0
         cascade = run_stage(cfg, "cascade", cfg.cascade_steps, cfg.cascade_batch, work / "train", base.final, work / "run-cascade", minutes, log)
         timings["cascade_s"] = time.perf_counter() - t
         final, stages["cascade"] = cascade.final, cascade.step
-        record["pose_use"]["cascade"] = pose_use(cascade.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
-        log(f"pose use after stage cascade: {record['pose_use']['cascade']}")
+        record["throughput"]["cascade"] = stage_throughput(work / "run-cascade")
+        if is_main:
+            record["pose_use"]["cascade"] = pose_use(cascade.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
+            log(f"pose use after stage cascade: {record['pose_use']['cascade']}")
     record["steps"] = stages
     log.flush()
+    if not is_main:
+        return 0
 
     from recon.data.multiview import MultiViewDataset
     from recon.runtime import resolve_device
@@ -463,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         EvalConfig,
         evaluate,
         markdown_report,
+        paired_markdown,
         write_report,
     )
 
@@ -487,19 +668,28 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(heldout, model, model, ecfg)
     timings["eval_s"] = time.perf_counter() - t
     write_report(report, out)
-    write_report(report, shipped)
     log("\n" + markdown_report(report))
+    record["eval_summary"] = {k: {"psnr": v["psnr"], "ssim": v["ssim"]} for k, v in report["summary"].items()}
+    write_json(out / "recipe.json", record)
 
     if cfg.sample_objects > 0 and remaining_s(cfg) > 15.0:
         write_png(out / "samples.png", sample_grid(model, heldout, cfg.sample_objects, ecfg, ecfg.background))
+    t = time.perf_counter()
+    extra = evaluate_extras(cfg, model, heldout, ecfg, report, out, log, record)
+    timings["extras_s"] = time.perf_counter() - t
+    table = "\n## Paired per-object comparisons\n\n" + paired_markdown(list(extra["paired"].items()))
+    log(table)
+    write_report(report, shipped)
+    for folder in (out, shipped):
+        write_text(folder / "eval.md", markdown_report(report) + table)
     record["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    record["eval_summary"] = {k: {"psnr": v["psnr"], "ssim": v["ssim"]} for k, v in report["summary"].items()}
+    record["paired"] = extra["paired"]
     write_json(shipped / "recipe.json", record)
     names = pack(shipped, out)
     record["files"] = {name: (out / name).stat().st_size for name in names}
     record["timings_s"]["total"] = round(time.perf_counter() - START, 1)
     write_json(out / "recipe.json", record)
-    log(f"wrote {', '.join(names)} ({sum(record['files'].values()) / 2**20:.1f} MiB), eval.md, eval.json, recipe.json to {out}")
+    log(f"wrote {', '.join(names)} ({sum(record['files'].values()) / 2**20:.1f} MiB), eval.md, eval.json, extra.json, recipe.json to {out}")
     log.flush()
     return 0
 

@@ -8,6 +8,15 @@ shipped small prior (docs/TINY-PRIOR.md): 128 px images, a VAE with
 downsampling factor 4 (32 x 32 x 4 latents), a ~4 M parameter UNet with
 cross-attention at 16 x 16 and 8 x 8, a 4-layer ViT image encoder; about
 6 M parameters in all (~12 MB in fp16).
+
+The ``prior`` UNet also has a *pose embedding* that real Zero123 checkpoints
+lack: diffusers' ``addition_embed_type="text"``, an attention pooling of the
+cross-attention tokens (the projected [image embedding, pose]) added to the
+timestep embedding, so the camera reaches every ResNet block at every
+resolution instead of only the cross-attention layers (where one token is a
+constant per-channel offset). It reads the same ``encoder_hidden_states``, so
+``Zero123Model.eps``, the SDS, the cascade and the loaders call such a UNet
+exactly as they call a real checkpoint's.
 """
 
 from __future__ import annotations
@@ -19,6 +28,10 @@ import torch
 
 # 4 = the Zero-1-to-3 camera vector appended to the CLIP image embedding.
 POSE_DIM = 4
+
+POSE_EMBEDDING: dict[str, Any] = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4}
+"""UNet config entries of the pose embedding (see the module docstring): the tokens, attention-pooled, added to
+the timestep embedding. 4 heads of 32 channels for the ``prior``'s 128-d tokens."""
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "full": {
@@ -109,6 +122,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "cross_attention_dim": 128,
             "attention_head_dim": 4,
             "norm_num_groups": 32,
+            **POSE_EMBEDDING,
         },
         "vae": {
             "sample_size": 128,
@@ -169,3 +183,33 @@ def match_architecture(unet_conv_in_channels: int, clip_hidden_size: int) -> str
         if cfg["unet"]["block_out_channels"][0] == unet_conv_in_channels and cfg["image_encoder"]["hidden_size"] == clip_hidden_size:
             return name
     return None
+
+
+def has_pose_embedding(unet: torch.nn.Module) -> bool:
+    """Whether ``unet`` (a diffusers UNet2DConditionModel) has the :data:`POSE_EMBEDDING` path."""
+    return getattr(unet.config, "addition_embed_type", None) == POSE_EMBEDDING["addition_embed_type"]
+
+
+def add_pose_embedding(unet: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``unet`` with the :data:`POSE_EMBEDDING` path added, predicting exactly what ``unet`` predicts.
+
+    Every existing weight is kept; the new ``add_embedding`` is randomly
+    initialised (current torch RNG) except its output LayerNorm's gain, which
+    starts at zero, so the added embedding is 0 until training moves the gain
+    (its gradient is the normalised pooled token, non-zero whenever the tokens
+    vary). Returns ``unet`` itself when it already has the path.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if has_pose_embedding(unet):
+        return unet
+    # Private keys (e.g. _use_default_values, which lists addition_embed_type) would override the new entries.
+    config = {**{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}, **POSE_EMBEDDING}
+    grown = UNet2DConditionModel(**config)
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("add_embedding.") for key in missing):
+        raise ValueError(f"cannot add a pose embedding: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        grown.add_embedding.norm2.weight.zero_()
+    param = next(unet.parameters())
+    return grown.to(device=param.device, dtype=param.dtype)

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -154,6 +155,9 @@ class TrainConfig:
     """Stage vae: AdamW learning rate of the VAE."""
     kl_weight: float = 1e-6
     """Stage vae: weight of the KL term (per latent element) against the per-pixel reconstruction loss."""
+    chroma_weight: float = 0.0
+    """Stage vae: weight of an extra L1 loss on the colour alone (each pixel minus its channel mean), which the
+    plain loss, dominated by white background and shading, learns last."""
     scale_samples: int = 512
     """Stage vae: views encoded to measure the latents' std (scaling_factor = 1 / std)."""
     vae_decoder_only: bool = False
@@ -228,7 +232,16 @@ class ViewCache:
                 raise InputError(f"{record.folder}: needs at least 2 views for training")
         pairs = [(i, v) for i, record in enumerate(dataset.objects) for v in range(len(record.views))]
 
+        size = dataset.image_size
+
         def load(pair: tuple[int, int]) -> Tensor:
+            # Fast path for 8-bit RGBA files already at the size (e.g. `recon data synth`): the bytes as they are,
+            # which is what the general decode gives after rounding; PIL decodes without holding the GIL.
+            from PIL import Image
+
+            with Image.open(dataset.objects[pair[0]].views[pair[1]].image_path) as image:
+                if image.mode == "RGBA" and size is not None and image.size == (size, size):
+                    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
             return (dataset.view_image(*pair) * 255.0).round().to(torch.uint8)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -768,6 +781,21 @@ def reconstruction_scores(vae: nn.Module, images: Tensor, chunk: int = 64) -> di
 
 
 @torch.no_grad()
+def latent_colour_share(vae: nn.Module, images: Tensor, chunk: int = 64) -> float:
+    """How much of the latent space carries colour: mean |mode(x) - mode(grey(x))| / std(mode(x)) over the
+    posterior modes of ``images`` (N, 3, S, S) in [0, 1] and of the same images greyed (channel mean). Near 0
+    when colour lives in tiny latent variations that diffusion noise drowns (a UNet then cannot learn it)."""
+    diffs, modes = [], []
+    for part in images.split(chunk):
+        x = (part * 2.0 - 1.0).to(vae.dtype)
+        grey = x.mean(dim=1, keepdim=True).expand_as(x)
+        mode = vae.encode(x).latent_dist.mode().float()
+        diffs.append((mode - vae.encode(grey).latent_dist.mode().float()).abs().flatten())
+        modes.append(mode.flatten())
+    return float(torch.cat(diffs).mean() / torch.cat(modes).std().clamp_min(1e-12))
+
+
+@torch.no_grad()
 def latent_std(vae: nn.Module, images: Tensor, chunk: int = 64) -> float:
     """Standard deviation over all elements of the posterior modes of ``images`` (N, 3, S, S) in [0, 1]."""
     modes = [vae.encode((part * 2.0 - 1.0).to(vae.dtype)).latent_dist.mode().float() for part in images.split(chunk)]
@@ -823,7 +851,7 @@ def train_vae(
     dataset = MultiViewDataset(data, image_size=size)
     cache = ViewCache(dataset, acc.device) if cfg.preload else None
     fixed = _random_views(dataset, cache, min(32, cfg.scale_samples), torch.Generator().manual_seed(cfg.seed + 1), cfg.background).to(acc.device)
-    before = reconstruction_scores(vae, fixed)
+    before = {**reconstruction_scores(vae, fixed), "colour_share": latent_colour_share(vae, fixed)}
     trained = [vae.decoder, vae.post_quant_conv] if cfg.vae_decoder_only else [vae]
     vae.requires_grad_(False)
     for module in trained:
@@ -851,6 +879,9 @@ def train_vae(
                 rec, kl = module(x, noise)
             rec = rec.float()
             loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + cfg.kl_weight * kl.float().mean()
+            if cfg.chroma_weight > 0:
+                diff = rec - x
+                loss = loss + cfg.chroma_weight * (diff - diff.mean(dim=1, keepdim=True)).abs().mean()
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             if cfg.grad_clip > 0:
@@ -871,10 +902,12 @@ def train_vae(
     std = latent_std(vae, _random_views(dataset, cache, cfg.scale_samples, torch.Generator().manual_seed(cfg.seed + 2), cfg.background).to(acc.device))
     if not cfg.vae_decoder_only:
         vae.register_to_config(scaling_factor=1.0 / max(std, 1e-8))
-    after = reconstruction_scores(vae, fixed)
+    after = {**reconstruction_scores(vae, fixed), "colour_share": latent_colour_share(vae, fixed)}
     metrics = {
         "psnr_before": before["psnr"], "psnr_after": after["psnr"], "chroma_psnr_before": before["chroma_psnr"],
-        "chroma_psnr_after": after["chroma_psnr"], "latent_std": std, "scaling_factor": float(vae.config.scaling_factor), "steps": float(step),
+        "chroma_psnr_after": after["chroma_psnr"], "colour_share_before": before["colour_share"],
+        "colour_share_after": after["colour_share"], "latent_std": std, "scaling_factor": float(vae.config.scaling_factor),
+        "steps": float(step),
     }
     final = None
     if main:

@@ -18,6 +18,7 @@ from recon.data.synth import SynthConfig, synthesize
 from recon.guidance.architectures import (
     architecture,
     build_components,
+    has_pose_embedding,
     match_architecture,
 )
 from recon.guidance.checkpoints import load_zero123
@@ -32,6 +33,7 @@ from recon.systems.cascade_training import (
 from recon.systems.evaluation import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
+ABLATION = ("one view (+45 az)", "near (+-20 az, 15 above)", "far (+-90 az, 45 above)")
 MIB = 1024 * 1024
 
 
@@ -144,7 +146,7 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["eval.json", "eval.md", "log.txt", "recipe.json", "samples.png", "tiny-zero123.tar"]
+    assert files == ["eval.json", "eval.md", "extra.json", "log.txt", "recipe.json", "samples.png", "tiny-zero123.tar"]
     assert all(p.is_file() and p.stat().st_size < 16 * MIB for p in out.iterdir())
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["vae"]["psnr_after"] > recipe["vae"]["psnr_before"]
@@ -166,19 +168,34 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     images = model.decode(torch.zeros(1, 4, 8, 8))
     assert images.shape == (1, 3, 32, 32)
     assert set(recipe["pose_use"]) == {"start", "base", "cascade"}
-    assert all(v > 0 for scores in recipe["pose_use"].values() for v in scores.values())
+    for scores in recipe["pose_use"].values():
+        assert all(scores[k] > 0 for k in ("true", "shuffled", "shuffled_pose", "zero"))
+        assert scores["gap"] == pytest.approx(scores["shuffled_pose"] / scores["true"] - 1.0)
+    assert has_pose_embedding(model.unet)
+    extra = json.loads((out / "extra.json").read_text())
+    assert set(extra["ablation"]) == set(ABLATION) and extra["compare"] is None
+    assert set(extra["cfg_sweep"]) == {"1.0", "2.0"} and "base at CFG 1.0 vs base at CFG 3.0" in extra["paired"]
+    cascade = extra["paired"]["cascade vs base"]["psnr"]
+    assert cascade["objects"] == 2 and cascade["ci95"][0] <= cascade["mean_diff"] <= cascade["ci95"][1]
+    assert "## Paired per-object comparisons" in (out / "eval.md").read_text()
 
     # A second run continues from the first's weights (no VAE stage): the same VAE, provenance kept.
     again = tmp_path / "again"
-    command = [*command[:3], str(again), "--work", str(tmp_path / "work2"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2", "--vae-minutes", "0"]
+    command = [*command[:3], str(again), "--work", str(tmp_path / "work2"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2", "--vae-minutes", "0",
+               "--compare", str(folder), "--no-ablation", "--pose-embedding-gain", "0.25"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     second = json.loads((again / "recipe.json").read_text())
     assert "vae" not in second and second["previous"]["steps"] == recipe["steps"]
     assert "camera projection pose columns x 2.0" in (again / "log.txt").read_text()
+    assert "pose embedding output gain raised to 0.25" in (again / "log.txt").read_text()
+    extra = json.loads((again / "extra.json").read_text())
+    assert extra["ablation"] == {} and set(extra["compare"]["summary"]) == set(METHODS)
+    assert extra["paired"]["new base vs compared base"]["psnr"]["objects"] == 2
     with tarfile.open(again / "tiny-zero123.tar") as tar:
         tar.extractall(tmp_path / "unpacked2", filter="data")
     continued = load_zero123(tmp_path / "unpacked2" / "tiny-zero123", "cpu", torch.float32)
+    assert continued.unet.add_embedding.norm2.weight.abs().min() > 0.2
     assert continued.scaling_factor == pytest.approx(model.scaling_factor)
     for a, b in zip(continued.vae.state_dict().values(), model.vae.state_dict().values()):
         assert torch.equal(a, b)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from recon.cameras import Cameras, generate_rays
 
-Pattern = Literal["solid", "stripes", "checker"]
+Pattern = Literal["solid", "stripes", "checker", "dots", "rings", "gradient"]
 Shading = Literal["lambert", "albedo"]
 
 DEFAULT_OBJECT_RADIUS = 0.55
@@ -50,7 +50,10 @@ class Material:
     """Surface colour of one primitive; patterns are evaluated in the primitive's local frame.
 
     ``stripes``: bands perpendicular to the local +Y axis; ``checker``: a 3-D
-    checkerboard. ``frequency`` is in cycles per scene unit.
+    checkerboard; ``dots``: balls of ``color2`` on a 3-D lattice; ``rings``:
+    bands by distance from the local Y axis; ``gradient``: ``color`` blended
+    into ``color2`` along local +Y over 1 / ``frequency`` units (clamped).
+    ``frequency`` is in cycles per scene unit.
     """
 
     color: tuple[float, float, float]
@@ -68,8 +71,16 @@ class Material:
             use_second = torch.frac(local[:, 1] * self.frequency + 1000.0) >= 0.5
         elif self.pattern == "checker":
             use_second = torch.floor(local * self.frequency).sum(-1).remainder(2) >= 1
+        elif self.pattern == "dots":
+            cell = torch.frac(local * self.frequency + 1000.0) - 0.5
+            use_second = cell.norm(dim=-1) < 0.3
+        elif self.pattern == "rings":
+            use_second = torch.frac(local[:, [0, 2]].norm(dim=-1) * self.frequency) >= 0.5
+        elif self.pattern == "gradient":
+            blend = (local[:, 1:2] * self.frequency + 0.5).clamp(0.0, 1.0)
+            return first * (1.0 - blend) + second * blend
         else:
-            raise ValueError(f"unknown pattern {self.pattern!r}; expected solid, stripes or checker")
+            raise ValueError(f"unknown pattern {self.pattern!r}; expected solid, stripes, checker, dots, rings or gradient")
         return torch.where(use_second[:, None], second, first)
 
 
@@ -236,6 +247,68 @@ class Box(Primitive):
     def transformed(self, scale: float, offset: Tensor) -> Box:
         """See :meth:`Primitive.transformed`."""
         return replace(self, center=self.center * scale + offset, half_size=self.half_size * scale)
+
+
+@dataclass
+class Ellipsoid(Primitive):
+    """An oriented ellipsoid with semi-axes ``radii`` (3,) along its local axes."""
+
+    radii: Tensor = field(default_factory=lambda: torch.full((3,), 0.5))
+
+    def intersect(self, origins: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
+        """See :meth:`Primitive.intersect` (a unit sphere after scaling the local frame by 1 / radii)."""
+        r = self.radii.to(origins)
+        o = self.to_local(origins) / r
+        d = (directions @ self.rotation.to(directions)) / r
+        a = (d * d).sum(-1)
+        b = (o * d).sum(-1)
+        c = (o * o).sum(-1) - 1.0
+        disc = b * b - a * c
+        t = (-b - torch.sqrt(disc.clamp_min(0.0))) / a
+        t = torch.where((disc >= 0) & (t > _EPS), t, torch.full_like(t, _INF))
+        local = self.to_local(origins + t.clamp_max(1e9)[:, None] * directions)
+        normal = torch.nn.functional.normalize(self._to_world_dirs(local / (r * r)), dim=-1)
+        return t, normal
+
+    def sdf(self, points: Tensor) -> Tensor:
+        """See :meth:`Primitive.sdf`: the usual bound k0 (k0 - 1) / k1 (exact on the surface, where its gradient is
+        the normal; within a factor of the smallest to largest radius elsewhere)."""
+        r = self.radii.to(points)
+        q = self.to_local(points)
+        k0 = (q / r).norm(dim=-1)
+        k1 = (q / (r * r)).norm(dim=-1).clamp_min(1e-12)
+        return k0 * (k0 - 1.0) / k1
+
+    def area(self) -> float:
+        """See :meth:`Primitive.area` (Knud Thomsen's approximation, within 1.1 %)."""
+        a, b, c = (float(v) for v in self.radii)
+        p = 1.6075
+        return 4 * math.pi * (((a * b) ** p + (a * c) ** p + (b * c) ** p) / 3) ** (1 / p)
+
+    def sample_surface(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """See :meth:`Primitive.sample_surface`: sphere directions, kept with probability proportional to the area
+        element |(bc n1, ac n2, ab n3)| of the map n -> radii * n."""
+        a, b, c = (float(v) for v in self.radii)
+        stretch = torch.tensor([b * c, a * c, a * b])
+        kept: list[Tensor] = []
+        have = 0
+        while have < count:
+            n = torch.nn.functional.normalize(torch.randn(2 * count + 64, 3, generator=generator), dim=-1)
+            accept = torch.rand(len(n), generator=generator) * stretch.max() < (n * stretch).norm(dim=-1)
+            kept.append(n[accept])
+            have += int(accept.sum())
+        n = torch.cat(kept)[:count]
+        local = n * self.radii
+        normal = torch.nn.functional.normalize(n / self.radii, dim=-1)
+        return local @ self.rotation.T + self.center, normal @ self.rotation.T
+
+    def bounding_radius(self) -> float:
+        """See :meth:`Primitive.bounding_radius`."""
+        return float(self.center.norm()) + float(self.radii.max())
+
+    def transformed(self, scale: float, offset: Tensor) -> Ellipsoid:
+        """See :meth:`Primitive.transformed`."""
+        return replace(self, center=self.center * scale + offset, radii=self.radii * scale)
 
 
 @dataclass
@@ -537,20 +610,40 @@ def _random_material(generator: torch.Generator, textured_probability: float) ->
     return Material(color, pattern, _random_color(generator), frequency)
 
 
+FAMILIES = ("blob", "stacked", "symmetric", "single")
+"""Shape families of :func:`random_object`."""
+
+_PATTERNS: tuple[Pattern, ...] = ("stripes", "checker", "dots", "rings", "gradient")
+
+
 def random_object(
     seed: int,
     min_primitives: int = 2,
     max_primitives: int = 6,
     textured_probability: float = 0.5,
     radius: float = DEFAULT_OBJECT_RADIUS,
+    family: str = "blob",
 ) -> PrimitiveObject:
     """A random connected union of primitives, centred and scaled into a sphere of ``radius``.
 
-    The first piece sits at the origin; each further piece is centred on the
-    surface of an earlier one so the object is one connected blob. Colours,
-    patterns, sizes and orientations are random; the same ``seed`` always
-    gives the same object.
+    ``family`` (:data:`FAMILIES`): ``blob`` (the first piece at the origin,
+    each further piece centred on the surface of an earlier one: one
+    connected blob); ``stacked`` (upright pieces stacked along +Y: vases,
+    lamps, snowmen, chess pieces); ``symmetric`` (a body with mirrored pairs
+    of limbs and often a head: figures, animals, robots); ``single`` (one
+    larger piece, sometimes with a small attachment). Only ``blob`` uses
+    ``min_primitives`` / ``max_primitives``; the other families also use
+    ellipsoids and the dots / rings / gradient patterns. Colours, patterns,
+    sizes and orientations are random; the same ``seed`` and family always
+    give the same object.
     """
+    if family != "blob":
+        if family not in FAMILIES:
+            raise ValueError(f"unknown object family {family!r}; expected one of {', '.join(FAMILIES)}")
+        builder = {"stacked": _stacked_pieces, "symmetric": _symmetric_pieces, "single": _single_pieces}[family]
+        generator = torch.Generator().manual_seed(seed)
+        pieces = builder(generator, textured_probability)
+        return PrimitiveObject(pieces, name=f"{family}-{seed}").normalized(radius)
     generator = torch.Generator().manual_seed(seed)
 
     def uniform(low: float, high: float) -> float:
@@ -578,6 +671,119 @@ def random_object(
         else:
             pieces.append(Capsule(center, rotation, material, radius=size * uniform(0.3, 0.6), half_length=size * uniform(0.5, 1.2)))
     return PrimitiveObject(pieces, name=f"random-{seed}").normalized(radius)
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(1, generator=generator))
+
+
+def _rich_material(generator: torch.Generator, textured_probability: float) -> Material:
+    """A plain colour, or (with ``textured_probability``) one of the five patterns in two colours."""
+    color = _random_color(generator)
+    if float(torch.rand(1, generator=generator)) >= textured_probability:
+        return Material(color)
+    pattern = _PATTERNS[int(torch.randint(len(_PATTERNS), (1,), generator=generator))]
+    frequency = _uniform(generator, 1.5, 4.0) if pattern == "gradient" else _uniform(generator, 3.0, 9.0)
+    return Material(color, pattern, _random_color(generator), frequency)
+
+
+def _turn_about_y(generator: torch.Generator) -> Tensor:
+    angle = _uniform(generator, 0.0, 2 * math.pi)
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def _upright_piece(generator: torch.Generator, center: Tensor, width: float, half_height: float, material: Material) -> Primitive:
+    """A piece whose local +Y is world +Y, ``width`` across and 2 ``half_height`` tall, centred at ``center``."""
+    kind = int(torch.randint(0, 5, (1,), generator=generator))
+    if kind == 0:
+        return Cylinder(center, _turn_about_y(generator), material, radius=width, half_height=half_height)
+    if kind == 1:
+        return Ellipsoid(center, _turn_about_y(generator), material, radii=torch.tensor([width, half_height, width * _uniform(generator, 0.7, 1.0)]))
+    if kind == 2:
+        half = torch.tensor([width, half_height, width * _uniform(generator, 0.6, 1.0)])
+        return Box(center, _turn_about_y(generator), material, half_size=half)
+    if kind == 3:
+        return Sphere(center, torch.eye(3), material, radius=min(width, half_height))
+    radius = min(width, half_height)
+    return Capsule(center, torch.eye(3), material, radius=radius, half_length=max(half_height - radius, 0.02))
+
+
+def _top(piece: Primitive) -> float:
+    """The highest world Y of an upright piece built by :func:`_upright_piece`."""
+    y = float(piece.center[1])
+    if isinstance(piece, Cylinder):
+        return y + piece.half_height
+    if isinstance(piece, Ellipsoid):
+        return y + float(piece.radii[1])
+    if isinstance(piece, Box):
+        return y + float(piece.half_size[1])
+    if isinstance(piece, Capsule):
+        return y + piece.half_length + piece.radius
+    return y + piece.radius  # type: ignore[attr-defined]
+
+
+def _stacked_pieces(generator: torch.Generator, textured_probability: float) -> list[Primitive]:
+    pieces: list[Primitive] = []
+    y = 0.0
+    shared = _rich_material(generator, textured_probability)
+    for _ in range(int(torch.randint(2, 6, (1,), generator=generator))):
+        width = _uniform(generator, 0.12, 0.45)
+        half_height = _uniform(generator, 0.06, 0.3)
+        material = shared if float(torch.rand(1, generator=generator)) < 0.4 else _rich_material(generator, textured_probability)
+        centre_y = y + half_height * _uniform(generator, 0.6, 1.0)
+        piece = _upright_piece(generator, torch.tensor([0.0, centre_y, 0.0]), width, half_height, material)
+        pieces.append(piece)
+        y = _top(piece)
+    return pieces
+
+
+def _random_kind(generator: torch.Generator, center: Tensor, size: float, material: Material) -> Primitive:
+    """One randomly oriented piece of any kind about ``size`` across."""
+    rotation = _random_rotation(generator)
+    kind = int(torch.randint(0, 5, (1,), generator=generator))
+    if kind == 0:
+        return Sphere(center, torch.eye(3), material, radius=size)
+    if kind == 1:
+        return Box(center, rotation, material, half_size=torch.tensor([_uniform(generator, 0.5, 1.0) for _ in range(3)]) * size)
+    if kind == 2:
+        return Cylinder(center, rotation, material, radius=size * _uniform(generator, 0.4, 0.9), half_height=size * _uniform(generator, 0.5, 1.0))
+    if kind == 3:
+        return Capsule(center, rotation, material, radius=size * _uniform(generator, 0.3, 0.6), half_length=size * _uniform(generator, 0.5, 1.2))
+    return Ellipsoid(center, rotation, material, radii=torch.tensor([_uniform(generator, 0.4, 1.0) for _ in range(3)]) * size)
+
+
+_MIRROR = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
+
+
+def _mirrored(piece: Primitive) -> Primitive:
+    """``piece`` reflected through the plane x = 0 (M R M is again a rotation)."""
+    return replace(piece, center=piece.center * torch.tensor([-1.0, 1.0, 1.0]), rotation=_MIRROR @ piece.rotation @ _MIRROR)
+
+
+def _symmetric_pieces(generator: torch.Generator, textured_probability: float) -> list[Primitive]:
+    body_size = _uniform(generator, 0.3, 0.5)
+    body = _upright_piece(generator, torch.zeros(3), body_size * _uniform(generator, 0.6, 1.0), body_size, _rich_material(generator, textured_probability))
+    pieces: list[Primitive] = [body]
+    if float(torch.rand(1, generator=generator)) < 0.7:
+        head = _uniform(generator, 0.12, 0.25)
+        pieces.append(_upright_piece(generator, torch.tensor([0.0, _top(body) + 0.7 * head, 0.0]), head, head, _rich_material(generator, textured_probability)))
+    surface, _ = body.sample_surface(256, generator)
+    side = surface[surface[:, 0] > 0.5 * float(surface[:, 0].max())]
+    for _ in range(int(torch.randint(1, 4, (1,), generator=generator))):
+        anchor = side[int(torch.randint(len(side), (1,), generator=generator))]
+        limb = _random_kind(generator, anchor.clone(), _uniform(generator, 0.08, 0.2), _rich_material(generator, textured_probability))
+        pieces += [limb, _mirrored(limb)]
+    return pieces
+
+
+def _single_pieces(generator: torch.Generator, textured_probability: float) -> list[Primitive]:
+    main = _random_kind(generator, torch.zeros(3), _uniform(generator, 0.35, 0.6), _rich_material(generator, max(textured_probability, 0.8)))
+    pieces = [main]
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        anchor = main.sample_surface(1, generator)[0][0]
+        pieces.append(_random_kind(generator, anchor, _uniform(generator, 0.08, 0.18), _rich_material(generator, textured_probability)))
+    return pieces
 
 
 def toy_robot(radius: float = DEFAULT_OBJECT_RADIUS) -> PrimitiveObject:

@@ -23,7 +23,7 @@ import torch
 
 from recon.cameras import Cameras, ViewSampler
 from recon.data.multiview import write_recon_view
-from recon.data.primitives import DEFAULT_OBJECT_RADIUS, random_object, render_object
+from recon.data.primitives import DEFAULT_OBJECT_RADIUS, FAMILIES, random_object, render_object
 from recon.errors import ReconError
 from recon.fileio import read_json, write_json
 from recon.progress import format_rate, progress_bar
@@ -56,7 +56,11 @@ class SynthConfig:
     max_primitives: int = 6
     """Most primitives per object."""
     textured_probability: float = 0.5
-    """Chance that a primitive gets stripes or a checkerboard instead of a plain colour."""
+    """Chance that a primitive gets a pattern (blob: stripes or checker; other families also dots, rings,
+    gradient) instead of a plain colour."""
+    families: str = "blob"
+    """Comma-separated shape families (recon.data.primitives.FAMILIES: blob, stacked, symmetric, single);
+    object i uses family i mod their count."""
     object_radius: float = DEFAULT_OBJECT_RADIUS
     """Objects are scaled into a sphere of this radius about the origin (scene units)."""
     supersample: int = 2
@@ -76,6 +80,13 @@ class SynthConfig:
             raise ReconError("data synth: need 1 <= min_primitives <= max_primitives")
         if self.shading not in ("lambert", "albedo"):
             raise ReconError(f"data synth: shading {self.shading!r}; choose lambert or albedo")
+        unknown = [f for f in self.family_list() if f not in FAMILIES]
+        if unknown or not self.family_list():
+            raise ReconError(f"data synth: families {self.families!r}; choose from {', '.join(FAMILIES)}")
+
+    def family_list(self) -> list[str]:
+        """The shape families, in order."""
+        return [f.strip() for f in self.families.split(",") if f.strip()]
 
 
 def object_seed(dataset_seed: int, index: int) -> int:
@@ -86,7 +97,9 @@ def object_seed(dataset_seed: int, index: int) -> int:
 def synthesize_object(cfg: SynthConfig, index: int, folder: Path) -> None:
     """Renders object ``index`` into ``folder`` (views, then ``object.json`` as the completion mark)."""
     seed = object_seed(cfg.seed, index)
-    obj = random_object(seed, cfg.min_primitives, cfg.max_primitives, cfg.textured_probability, cfg.object_radius)
+    families = cfg.family_list()
+    family = families[index % len(families)]
+    obj = random_object(seed, cfg.min_primitives, cfg.max_primitives, cfg.textured_probability, cfg.object_radius, family)
     generator = torch.Generator().manual_seed(seed)
     sampler = ViewSampler((cfg.elevation_min_deg, cfg.elevation_max_deg), (-180.0, 180.0), cfg.radius, cfg.fovy_deg)
     cameras, elevation, azimuth = sampler.sample(cfg.views, cfg.size, generator)
@@ -97,7 +110,7 @@ def synthesize_object(cfg: SynthConfig, index: int, folder: Path) -> None:
     rgba = render_object(obj, cameras, shading=cfg.shading, supersample=cfg.supersample)["rgba"]
     for view in range(cfg.views):
         write_recon_view(folder, view, rgba[view], float(elevation[view]), float(azimuth[view]), cfg.radius, cfg.fovy_deg, cameras.c2w[view])
-    write_json(folder / OBJECT_META, {"source": "primitives", "object_seed": seed, "name": obj.name, "primitives": len(obj.primitives), "config": asdict(cfg)})
+    write_json(folder / OBJECT_META, {"source": "primitives", "object_seed": seed, "name": obj.name, "family": family, "primitives": len(obj.primitives), "config": asdict(cfg)})
 
 
 def is_complete(folder: Path, cfg: SynthConfig) -> bool:
