@@ -385,12 +385,15 @@ def export(
     formats: Sequence[str] | str | None = None,
     device: str = "auto",
     output: str | os.PathLike[str] | None = None,
+    photos: str | os.PathLike[str] | None = None,
     **settings: Any,
 ) -> dict[str, Path]:
     """Re-exports a finished or interrupted run (its newest checkpoint); mirrors ``recon export``.
 
     ``formats``: e.g. ``["glb", "obj"]`` or ``"glb,obj"`` (default: the run's);
-    ``settings``: any :class:`exports.config.ExportConfig` field (``texture_resolution=2048``).
+    ``settings``: any :class:`exports.config.ExportConfig` field (``texture_resolution=2048``);
+    ``photos``: a fit-views run's dataset (its transforms.json or folder): the texture comes from its
+    training photos where they see the surface, as ``recon fit-views`` bakes it (default: from the field).
     Returns {format: path}.
     """
     from dataclasses import replace
@@ -408,7 +411,12 @@ def export(
     unknown = sorted(set(settings) - set(ExportConfig.__dataclass_fields__))
     if unknown:
         raise ReconError(f"export: unknown setting(s) {', '.join(unknown)}")
-    return export_run(run, replace(cfg, **settings), resolve_device(device), None if output is None else Path(output))
+    posed = None
+    if photos is not None:
+        from recon.systems.fit_views import training_photos
+
+        posed = training_photos(run, photos)
+    return export_run(run, replace(cfg, **settings), resolve_device(device), None if output is None else Path(output), posed)
 
 
 def fit_views(

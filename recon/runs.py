@@ -364,6 +364,13 @@ class RunDir:
         fileio.write_json(self.meta_path, meta)
         return meta
 
+    def set_meta(self, **keys: Any) -> dict[str, Any]:
+        """Sets top-level ``keys`` of meta.json, each replaced whole (a nested dict is not merged: no stale
+        entries survive), and rewrites it atomically; returns the result."""
+        meta = {**self.read_meta(), **copy.deepcopy(keys)}
+        fileio.write_json(self.meta_path, meta)
+        return meta
+
     def record_timings(self, seconds: dict[str, float]) -> None:
         """Records this process's per-phase wall-clock seconds (e.g. ``PhaseTimer.seconds``, cumulative).
 

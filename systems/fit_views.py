@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from recon.cameras import Cameras, pixel_rays
-from recon.config import to_plain
+from recon.config import resolve, to_plain
 from recon.data.transforms_json import (
     PosedImages,
     estimate_scene,
@@ -51,7 +51,7 @@ from recon.systems.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from recon.systems.run_export import camera_record
+from recon.systems.run_export import camera_record, cameras_from_record
 
 STAGE = "fit-views"
 
@@ -153,6 +153,21 @@ def load_views(transforms: str | Path, cfg: FitViewsConfig) -> ViewData:
     held = list(range(every // 2, len(train), every))
     kept = [i for i in range(len(train)) if i not in set(held)]
     return ViewData(train.subset(kept), train.subset(held).subset(_evenly_spaced(len(held), cfg.max_eval_views)))
+
+
+def training_photos(run: RunDir, transforms: str | Path) -> PosedImages:
+    """The training views of the fit-views ``run`` re-read from its dataset ``transforms`` (as :func:`load_views`
+    picked them, in the output frame), for a later export's photo bake. Raises :class:`InputError` when the run is
+    not a fit-views run or the dataset's training cameras are not the run's (another or an edited dataset)."""
+    record = run.read_meta().get("train_cameras")
+    if not isinstance(record, dict):
+        raise InputError(f"{run.root}: no training cameras in meta.json (not a finished recon fit-views run); photos need one")
+    train = load_views(transforms, resolve(FitViewsConfig, run.read_config())).train
+    recorded = cameras_from_record(record)
+    same = len(train) == len(recorded) and torch.allclose(train.cameras.c2w[:, :3], recorded.c2w[:, :3], atol=1e-4, rtol=1e-4)
+    if not same:
+        raise InputError(f"{transforms}: its training views are not those run {run.root} was fitted to ({len(train)} views, the run has {len(recorded)})")
+    return train
 
 
 def resolve_scene(cfg: FitViewsConfig, cameras: Cameras) -> FitViewsConfig:

@@ -75,7 +75,7 @@ def export_run(
         run.register(*(target / name for fmt in cfg.formats for name in _FILES[fmt]))
     result = export_mesh(density_fn, albedo_fn, aabb, target, cfg, device=device, cameras=cameras, photos=photos)
     report = dict(result.report, level=result.report["level"] / transform.scale)
-    run.update_meta(
+    run.set_meta(  # the newest export's record, whole: nothing left from an earlier one
         exports={
             "step": checkpoint.step,
             "stage": checkpoint.stage,

@@ -250,3 +250,25 @@ def test_export_up_axis_is_taken_from_the_cameras_unless_set():
     assert resolve_scene(cfg, z_up).export.up_axis == "+z"
     fixed = replace(cfg, export=replace(cfg.export, up_axis="+y"))
     assert resolve_scene(fixed, z_up).export.up_axis == "+y"
+
+
+def test_recon_export_bakes_from_the_photos_of_the_runs_own_dataset_only(tmp_path, capsys):
+    _, _, _, path = _scene(tmp_path, count=8, size=32)
+    out = tmp_path / "run"
+    args = ["fit-views", str(path), "-o", str(out), "--device", "cpu", "--steps", "0", "--no-export", "--quiet"]
+    assert main([*args, *_sets(TINY + ["eval_every=0", "holdout_fraction=0.25"])]) == 0
+    capsys.readouterr()
+
+    assert main(["export", str(out), "--device", "cpu", "--photos", str(path.parent), "-o", str(tmp_path / "photos")]) == 0
+    report = RunDir.open(out).read_meta()["exports"]["mesh"]
+    assert report["photo_coverage"] > 0.5  # the unfitted blob is seen by most of the 6 training views
+
+    assert main(["export", str(out), "--device", "cpu", "-o", str(tmp_path / "field")]) == 0
+    assert "--photos DATASET" in capsys.readouterr().err
+    assert "photo_coverage" not in RunDir.open(out).read_meta()["exports"]["mesh"]
+
+    other = _scene(tmp_path / "other", count=12, size=32)[3]
+    assert main(["export", str(out), "--device", "cpu", "--photos", str(other), "-o", str(tmp_path / "wrong")]) != 0
+    err = capsys.readouterr().err
+    assert f"{other}: its training views are not those run {out} was fitted to" in " ".join(err.split())
+    assert "Traceback" not in err and not (tmp_path / "wrong").exists()

@@ -41,6 +41,9 @@ class ExportCommand:
     """Surface density level, a number or 'auto' (default: the run's setting)."""
     target_faces: int | None = None
     """Decimate to at most this many faces, 0 = no decimation (default: the run's setting)."""
+    photos: Path | None = None
+    """A recon fit-views run's dataset (transforms.json or its folder): texture from its training photos where
+    they see the surface, as fit-views bakes it (default: baked from the field)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     output: Annotated[Path | None, tyro.conf.arg(aliases=("-o",))] = None
@@ -57,6 +60,8 @@ class ExportCommand:
         run = RunDir.open(self.run_dir)
         if not run.is_finished:
             info(f"{run.root}: training did not finish; exporting its newest checkpoint")
+        if self.photos is None and "train_cameras" in run.read_meta():
+            info(f"{run.root}: texture baked from the field; --photos DATASET bakes it from the training photos as fit-views did")
         settings = {
             name: value
             for name, value in (
@@ -68,7 +73,7 @@ class ExportCommand:
         }
         if self.threshold is not None:
             settings["threshold"] = parse_threshold(self.threshold)
-        paths = export(run.root, formats=self.format, device=self.device, output=self.output, **settings)
+        paths = export(run.root, formats=self.format, device=self.device, output=self.output, photos=self.photos, **settings)
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
