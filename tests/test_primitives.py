@@ -134,6 +134,19 @@ def test_union_samples_lie_on_the_outer_surface_only():
     assert (a.sdf(points) > -1e-5).all() and (b.sdf(points) > -1e-5).all()
 
 
+def test_union_samples_cover_every_piece_in_proportion_to_its_area():
+    # Two disjoint spheres listed small-first: the samples split ~1:4 by area (a truncation that kept the first
+    # pieces' points would give the small one far more than its share, or the big one nothing).
+    small, big = _sphere(0.1, (-0.4, 0.0, 0.0)), _sphere(0.2, (0.2, 0.0, 0.0))
+    points, _ = PrimitiveObject([small, big]).sample_surface(4000, seed=2)
+    on_big = float((big.sdf(points).abs() < 1e-5).float().mean())
+    assert abs(on_big - 0.8) < 0.03, on_big
+    robot = toy_robot()
+    points, _ = robot.sample_surface(20_000, seed=1)
+    owner = torch.stack([piece.sdf(points).abs() for piece in robot.primitives]).argmin(dim=0)
+    assert set(owner.tolist()) == set(range(len(robot.primitives)))  # arms, legs, eyes and antenna too
+
+
 @pytest.mark.parametrize("make", [toy_robot, mug, lambda: random_object(7)], ids=["robot", "mug", "random"])
 def test_built_objects_fit_the_sphere_and_rendered_points_are_on_the_surface(make):
     obj = make()

@@ -518,7 +518,9 @@ class PrimitiveObject:
                 break
         else:
             raise RuntimeError(f"{self.name}: could not sample its outer surface (is every piece hidden?)")
-        return torch.cat(points)[:count], torch.cat(normals)[:count]
+        # the batches list the pieces in order: a random subset, not the first ``count``, keeps the sampling uniform
+        chosen = torch.randperm(have, generator=generator)[:count]
+        return torch.cat(points)[chosen], torch.cat(normals)[chosen]
 
     def bounding_radius(self) -> float:
         """An upper bound of |p| over the object."""
