@@ -1,9 +1,10 @@
 """Profiles `recon fit` training steps: where a step's time goes (render, SDS, backward), per stage.
 
-    python bench/profile_fit.py IMAGE [--model random-full] [--steps 30] [--set key=value ...]
+    python bench/profile_fit.py IMAGE [--model random-full] [--steps 30] [--device auto] [--set key=value ...]
+    python bench/profile_fit.py examples/robot.png --model tiny --preset cpu --device cpu --steps 10
 
 Runs a shortened preset (``--steps`` per stage), times every training step
-and the guidance's SDS call inside it with CUDA events, and prints, for
+and the guidance's SDS call inside it (CUDA events on a GPU, wall clock on the CPU), and prints, for
 steps after the warm-up of each stage, the mean ms per step and per SDS
 call, then the torch profiler's top operators of a few steps of each stage.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,55 +31,72 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps per stage")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args()
 
     from recon.api import fit
+    from recon.runtime import resolve_device
 
     step_ms: dict[str, list[float]] = defaultdict(list)
     sds_ms: dict[str, list[float]] = defaultdict(list)
     original_step = fit_module.Trainer.train_step
     warmup = 5
 
+    cuda = resolve_device(args.device).type == "cuda"
+
+    def mark():
+        """A time stamp: a recorded CUDA event on a GPU (no sync inside the step), perf_counter on the CPU."""
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(start, end) -> float:
+        return start.elapsed_time(end) if cuda else 1000.0 * (end - start)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     def timed_step(self, stage_name, stage, local_step):
         original_sds = self.guidance.sds
-
-        sds_events = []
+        sds_marks = []
 
         def timed_sds(*a, **k):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start = mark()
             out = original_sds(*a, **k)
-            end.record()
-            sds_events.append((start, end))  # read after the step: no sync inside it
+            sds_marks.append((start, mark()))  # read after the step
             return out
 
         self.guidance.sds = timed_sds
         profile = warmup + 2 <= local_step < warmup + 2 + args.profile_steps
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
+        sync()
+        start = mark()
         if profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            with torch.profiler.profile(activities=activities) as prof:
                 loss = original_step(self, stage_name, stage, local_step)
-                torch.cuda.synchronize()
-            print(f"\n### {stage_name} step {local_step}: top operators by CUDA time")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+                sync()
+            if cuda:
+                print(f"\n### {stage_name} step {local_step}: top operators by CUDA time")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
             print(f"\n### {stage_name} step {local_step}: top operators by host (CPU) time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         else:
             loss = original_step(self, stage_name, stage, local_step)
-        end.record()
-        torch.cuda.synchronize()
+        end = mark()
+        sync()
         if not profile:  # the profiler's own overhead stays out of the means
-            step_ms[stage_name].append(start.elapsed_time(end))
-            sds_ms[stage_name].extend(a.elapsed_time(b) for a, b in sds_events)
+            step_ms[stage_name].append(elapsed_ms(start, end))
+            sds_ms[stage_name].extend(elapsed_ms(a, b) for a, b in sds_marks)
         self.guidance.sds = original_sds
         return loss
 
     fit_module.Trainer.train_step = timed_step
     overrides = [f"stages.coarse.steps={args.steps}", f"stages.fine.steps={args.steps}", "turntable=false", *args.overrides]
     with tempfile.TemporaryDirectory() as scratch:
-        fit(args.image, Path(scratch), args.preset, overrides, model=args.model, overwrite=True, batch=False)
+        fit(args.image, Path(scratch), args.preset, overrides, model=args.model, device=args.device, overwrite=True, batch=False)
     print("\n| stage | steps timed | ms / step | ms / SDS call |")
     print("|---|---:|---:|---:|")
     for stage, values in step_ms.items():
