@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from recon.errors import InputError, WeightsNotFoundError
 from recon.guidance.architectures import (
+    POSE_EMBEDDING,
     architecture,
     build_components,
     match_architecture,
@@ -646,10 +647,12 @@ def load_ldm_checkpoint(
         except _LayoutMismatch as exc:
             raise InputError(str(exc)) from None
 
+    # This layout comes from the original latent-diffusion code, which has no pose embedding (POSE_EMBEDDING).
+    unet_config = {k: v for k, v in arch["unet"].items() if k not in POSE_EMBEDDING}
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**arch["unet"])
+        unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(**arch["vae"])
-    assign(unet, convert_ldm_unet_checkpoint(unet_state, dict(arch["unet"])), "UNet (model.diffusion_model.*)")
+    assign(unet, convert_ldm_unet_checkpoint(unet_state, unet_config), "UNet (model.diffusion_model.*)")
     del unet_state
     assign(vae, convert_ldm_vae_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_VAE)}, dict(arch["vae"])), "VAE (first_stage_model.*)")
     if encoder is None:

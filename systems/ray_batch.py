@@ -73,13 +73,22 @@ def actor_count(resources: dict[str, float], use_gpu: bool, workers: int | None)
     return count
 
 
-def cpus_per_actor(resources: dict[str, float], use_gpu: bool, count: int) -> int:
-    """Ray CPUs each actor reserves: the cluster's CPUs per GPU (GPU actors) or per actor (CPU actors), at least 1.
+def cpus_per_actor(nodes: Sequence[dict[str, float]], use_gpu: bool, count: int) -> int:
+    """Ray CPUs each of ``count`` actors reserves, at least 1, given each alive node's resources (``CPU``, ``GPU``).
 
-    Ray sets each actor's OMP_NUM_THREADS to this, so actors sharing a node do not oversubscribe its cores.
+    GPU actors: the fewest CPUs per GPU of any node with GPUs, so every GPU can host an actor. CPU actors: the
+    largest equal share with which the nodes still hold all ``count`` actors at once (a share no node has would
+    leave actors waiting for ever). Ray sets each actor's OMP_NUM_THREADS to this, so actors sharing a node do
+    not oversubscribe its cores.
     """
-    share = resources.get("CPU", 1) / (resources.get("GPU", 1) if use_gpu else count)
-    return max(1, int(share))
+    cpus = [int(node.get("CPU", 0)) for node in nodes]
+    if use_gpu:
+        per_gpu = [c // int(node["GPU"]) for c, node in zip(cpus, nodes) if node.get("GPU", 0) >= 1]
+        return max(1, min(per_gpu, default=1))
+    share = max(1, sum(cpus) // max(count, 1))
+    while share > 1 and sum(c // share for c in cpus) < count:
+        share -= 1
+    return share
 
 
 def run_ray(
@@ -104,7 +113,7 @@ def run_ray(
         resources = ray.cluster_resources()
         use_gpu = device != "cpu" and (device.startswith("cuda") or resources.get("GPU", 0) >= 1)
         count = actor_count(resources, use_gpu, workers)
-        cpus = cpus_per_actor(resources, use_gpu, count)
+        cpus = cpus_per_actor([node["Resources"] for node in ray.nodes() if node.get("Alive")], use_gpu, count)
         return _drive(ray, images, Path(output), factory, use_gpu, count, cpus, overwrite, poll_s, grace_s)
     finally:
         if started:

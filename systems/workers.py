@@ -118,14 +118,15 @@ def usable_cpus() -> list[int]:
 def cpu_shares(count: int, cores: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, ...], int]]:
     """Splits physical ``cores`` (see :func:`physical_cores`) among ``count`` workers: (CPUs, threads) each.
 
-    Contiguous runs of whole cores, sizes differing by at most one; with fewer
-    cores than workers, each worker gets one core (round robin, shared).
-    ``threads`` is the number of physical cores in the share.
+    Contiguous runs of whole cores, sizes differing by at most one, ``threads``
+    the number of cores in the share. With fewer cores than workers, every
+    worker gets all the cores and one thread: pinning some workers together on
+    one core would leave another core to a single worker.
     """
     if count < 1 or not cores:
         return [((), 0)] * max(count, 0)
-    if count >= len(cores):
-        return [(cores[i % len(cores)], 1) for i in range(count)]
+    if count > len(cores):
+        return [(tuple(cpu for core in cores for cpu in core), 1)] * count
     base, extra = divmod(len(cores), count)
     shares, start = [], 0
     for i in range(count):

@@ -89,6 +89,21 @@ def test_ldm_checkpoint_loads_with_identical_eps(tmp_path, model, probe, suffix)
     torch.testing.assert_close(guided(loaded, probe), guided(model, probe), atol=0, rtol=0)
 
 
+def test_ldm_checkpoint_of_the_prior_size_loads_without_the_pose_embedding(tmp_path):
+    # The shipped prior's architecture adds a pose embedding that latent-diffusion files never have.
+    from recon.guidance.architectures import POSE_EMBEDDING, architecture, build_components
+    from recon.guidance.model import Zero123Model
+
+    arch = architecture("prior")
+    arch["unet"] = {k: v for k, v in arch["unet"].items() if k not in POSE_EMBEDDING}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Zero123Model(**build_components(arch), pose_encoding="zero123")
+    loaded = load_zero123(save_ldm_checkpoint(model, tmp_path / "prior.ckpt"), "cpu")
+    assert not hasattr(loaded.unet, "add_embedding") or loaded.unet.add_embedding is None
+    assert_same_weights(model, loaded)
+
+
 def test_stable_zero123_name_selects_its_pose_encoding(tmp_path, model):
     path = save_ldm_checkpoint(model, tmp_path / "stable_zero123.ckpt")
     assert load_zero123(path).pose_encoding == "stable-zero123"

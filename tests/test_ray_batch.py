@@ -34,10 +34,14 @@ def test_without_ray_the_flag_says_how_to_install_it(tmp_path, monkeypatch, caps
 def test_each_actor_reserves_its_share_of_the_cpus():
     from recon.systems.ray_batch import cpus_per_actor
 
-    assert cpus_per_actor({"CPU": 32.0, "GPU": 2.0}, True, 2) == 16  # a GPU actor: the CPUs per GPU
-    assert cpus_per_actor({"CPU": 64.0, "GPU": 8.0}, True, 3) == 8  # also when fewer actors than GPUs run
-    assert cpus_per_actor({"CPU": 2.0}, False, 2) == 1 and cpus_per_actor({"CPU": 8.0}, False, 3) == 2
-    assert cpus_per_actor({"CPU": 2.0}, False, 5) == 1  # more CPU actors than CPUs: one each (some wait)
+    assert cpus_per_actor([{"CPU": 32.0, "GPU": 2.0}], True, 2) == 16  # a GPU actor: the CPUs per GPU
+    assert cpus_per_actor([{"CPU": 64.0, "GPU": 8.0}], True, 3) == 8  # also when fewer actors than GPUs run
+    assert cpus_per_actor([{"CPU": 2.0}], False, 2) == 1 and cpus_per_actor([{"CPU": 8.0}], False, 3) == 2
+    assert cpus_per_actor([{"CPU": 2.0}], False, 5) == 1  # more CPU actors than CPUs: one each (some wait)
+    # per node, not the cluster's totals: a CPU-only head's CPUs are no use to a GPU actor, and no node has 16
+    assert cpus_per_actor([{"CPU": 8.0}, {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 2.0}], True, 4) == 8
+    assert cpus_per_actor([{"CPU": 16.0}, {"CPU": 16.0}], False, 1) == 16
+    assert cpus_per_actor([{"CPU": 3.0}, {"CPU": 3.0}], False, 3) == 1  # 2 each would seat only 2 actors
 
 
 @pytest.mark.slow

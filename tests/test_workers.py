@@ -195,7 +195,8 @@ def test_cpu_shares_are_whole_cores_split_evenly():
     cores = [(0, 16), (1, 17), (2, 18), (3, 19), (4, 20)]
     assert cpu_shares(2, cores) == [((0, 16, 1, 17, 2, 18), 3), ((3, 19, 4, 20), 2)]
     assert cpu_shares(1, cores) == [((0, 16, 1, 17, 2, 18, 3, 19, 4, 20), 5)]
-    assert cpu_shares(3, [(0,), (1,)]) == [((0,), 1), ((1,), 1), ((0,), 1)]  # more workers than cores: shared, one thread each
+    assert cpu_shares(2, [(0,), (1,)]) == [((0,), 1), ((1,), 1)]
+    assert cpu_shares(3, [(0,), (1,)]) == [((0, 1), 1)] * 3  # more workers than cores: all of them, one thread each
     gpus = [WorkerSpec("gpu0", "cuda:0", (("CUDA_VISIBLE_DEVICES", "0"),)), WorkerSpec("gpu1", "cuda:0", (("CUDA_VISIBLE_DEVICES", "1"),))]
     specs = share_cpus(gpus, [(0, 4), (1, 5), (2, 6), (3, 7)])
     assert [(w.cpus, w.threads) for w in specs] == [((0, 4, 1, 5), 2), ((2, 6, 3, 7), 2)]
