@@ -146,9 +146,37 @@ def test_occupied_box_follows_refreshes_and_loaded_state():
     box, diagonal = renderer.occupancy.occupied_box()
     assert (box[0] > -1).all() and (box[1] < 1).all() and diagonal < 2 * math.sqrt(3)
     fresh = VolumeRenderer(RadianceField(FieldConfig(encoding=TINY)), RendererConfig(sampler="grid", grid_resolution=8))
-    assert fresh.occupancy.occupied_box() is None
+    fresh.occupancy.update(0, lambda p: torch.full(p.shape[:1], 100.0), 0.05, 0.01, every=1, warmup_steps=1)
+    assert torch.equal(fresh.occupancy.occupied_box()[0], AABB)  # every cell occupied: the whole box, cached
     fresh.load_state_dict(renderer.state_dict())  # a loaded grid replaces the cached box
     torch.testing.assert_close(fresh.occupancy.occupied_box()[0], box)
+    fresh.occupancy.update(0, lambda p: torch.full(p.shape[:1], 100.0), 0.05, 0.01, every=1, warmup_steps=1)
+    fresh.occupancy.occupied_box()
+    fresh.to(torch.float64)  # moving the module (device or dtype) drops the box cached on the old one
+    assert fresh.occupancy._box is None
+
+
+@pytest.mark.parametrize("sampler", ["grid", "stratified"])
+def test_rays_that_find_no_samples_and_no_rays_at_all_render(sampler):
+    renderer = VolumeRenderer(RadianceField(FieldConfig(encoding=TINY)), RendererConfig(sampler=sampler, grid_resolution=8))
+    renderer.train().update_occupancy(0)
+    white = torch.ones(3)
+    missing = renderer.render_rays(torch.tensor([[0.0, 5.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]]), white)  # away from the box
+    assert torch.equal(missing["rgb"], white[None]) and missing["opacity"].item() == 0.0
+    none = renderer.render_rays(torch.zeros(0, 3), torch.zeros(0, 3), white, normals=True)
+    assert {k: tuple(v.shape) for k, v in none.items()} == {"rgb": (0, 3), "opacity": (0, 1), "depth": (0, 1), "normal": (0, 3), "orientation": (0, 1)}
+
+
+def test_a_grid_renderer_loads_a_nerfacc_checkpoint():
+    # nerfacc's estimator also saves its resolution and box; the PyTorch grid keeps only occs and binaries.
+    renderer = VolumeRenderer(RadianceField(FieldConfig(encoding=TINY)), RendererConfig(sampler="grid", grid_resolution=8)).train()
+    renderer.update_occupancy(0)
+    state = renderer.state_dict()
+    state["occupancy.estimator.resolution"] = torch.tensor([8, 8, 8], dtype=torch.int32)
+    state["occupancy.estimator.aabbs"] = AABB.reshape(1, 6)
+    fresh = VolumeRenderer(RadianceField(FieldConfig(encoding=TINY)), RendererConfig(sampler="grid", grid_resolution=8))
+    fresh.load_state_dict(state)  # strict
+    assert torch.equal(fresh.occupancy.estimator.binaries, renderer.occupancy.estimator.binaries)
 
 
 def test_renders_without_gradients_use_smaller_chunks_with_the_same_pixels():

@@ -130,9 +130,9 @@ class TorchHashGrid(nn.Module):
         level = (slice(None), None, None, None)
         rows = torch.where(self.hashed[level], hashed, dense) % self.sizes[level] + self.offsets[level]  # (P, L, 2, 2, 2)
         weights = _corners(torch.stack([1.0 - frac, frac], dim=2), torch.mul)  # trilinear, (P, L, 2, 2, 2)
-        features = self.table.index_select(0, rows.reshape(-1)).view(n_points, n_levels, 8, -1)
+        features = self.table.index_select(0, rows.reshape(-1)).view(n_points, n_levels, 8, self.cfg.n_features_per_level)
         out = (features * weights.reshape(n_points, n_levels, 8, 1)).sum(2)
-        return out.reshape(n_points, -1)
+        return out.reshape(n_points, self.output_dim)
 
 
 def _corners(per_axis: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:

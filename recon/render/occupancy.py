@@ -55,8 +55,12 @@ class TorchOccupancyGrid(nn.Module):
         super().__init__()
         self.estimator = GridState(resolution)
         self.register_buffer("aabb", aabb.reshape(2, 3).float().clone(), persistent=False)
-        self._box: tuple[Tensor, float] | None = None  # box of the occupied cells and its diagonal, cached on the host
+        self._box: tuple[Tensor, float] | None = None  # box of the occupied cells and its diagonal, until a refresh
         self.register_load_state_dict_post_hook(_forget_box)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._box = None  # .to() / .cuda(): the cached box lives on the old device
+        return super()._apply(fn, recurse)
 
     @property
     def resolution(self) -> int:

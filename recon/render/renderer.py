@@ -154,7 +154,7 @@ class VolumeRenderer(nn.Module):
         n_rays, chunk = origins.shape[0], self.chunk_rays(origins.device)
         use_checkpoint = self.cfg.checkpoint_chunks and torch.is_grad_enabled() and n_rays > chunk
         pieces: list[dict[str, Tensor]] = []
-        for start in range(0, n_rays, chunk):
+        for start in range(0, max(n_rays, 1), chunk):  # no rays: one empty chunk, (0, C) values
             end = min(start + chunk, n_rays)
             bg = background if background.ndim == 1 else background[start:end]
             wanted = None if normal_rays is None else min(max(normal_rays - start, 0), end - start)
@@ -265,15 +265,20 @@ class VolumeRenderer(nn.Module):
 def _match_occupancy_keys(module: VolumeRenderer, state_dict: dict, prefix: str, *_args) -> None:
     """Lets a checkpoint load whether or not it (or this renderer) has an occupancy grid.
 
-    The grid and nerfacc samplers keep the same keys (``occupancy.estimator.occs``
-    and ``binaries``), so either loads the other's grid; a stratified renderer
-    drops it; a grid renderer loading a checkpoint without a grid keeps its
-    current grid (the next refresh rebuilds it).
+    The grid and nerfacc samplers keep the grid under the same keys
+    (``occupancy.estimator.occs`` and ``binaries``), so either loads the other's
+    grid (nerfacc's other buffers, its resolution and box, come from the
+    loading renderer's config); a stratified renderer drops it; a grid renderer
+    loading a checkpoint without a grid keeps its current grid (the next
+    refresh rebuilds it).
     """
     grid_prefix = prefix + "occupancy."
     if module.occupancy is None:
         for key in [k for k in state_dict if k.startswith(grid_prefix)]:
             del state_dict[key]
         return
-    for name, value in module.occupancy.state_dict().items():
+    own = module.occupancy.state_dict()
+    for name, value in own.items():
         state_dict.setdefault(grid_prefix + name, value)
+    for key in [k for k in state_dict if k.startswith(grid_prefix) and k[len(grid_prefix):] not in own]:
+        del state_dict[key]  # nerfacc's extra estimator.resolution / aabbs, loading into the PyTorch grid
