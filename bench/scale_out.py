@@ -10,8 +10,9 @@ folder, as bench/fit.py does, so every worker loads weights from disk as a
 user's run does; any other value (``random-tiny``) is passed as ``--model``.
 Each ``--batch`` entry is one batch: ``2`` (2 GPUs, a worker each), ``2x2``
 (2 GPUs, 2 workers each: one image's export overlaps another's fit) and a
-``:nopin`` suffix (workers not given their own CPU cores and threads, as before
-the CPU share existed), e.g. ``--batch 2,1,2:nopin``.
+``:nopin`` suffix (workers not given their own CPU cores and threads: GPU workers
+then run as before the CPU share existed; CPU workers, ``0xN``, use torch's
+default of all cores each, not the old ``cpu_count // N``), e.g. ``--batch 2,1,2:nopin``.
 
 Reported per batch:
 

@@ -92,8 +92,9 @@ class RecipeConfig:
     """Give --init weights without it the prior's extra pose path (guidance.architectures.POSE_EMBEDDING,
     started as the identity); random --arch prior weights have it already."""
     pose_embedding_gain: float = 0.0
-    """Set the pose embedding's output gain (its last LayerNorm's weight) to this before stage base where it is
-    smaller (0 = leave it). Added as the identity, the path learns slowly: its gradients scale with that gain."""
+    """With --init: set the pose embedding's output gain (its last LayerNorm's weight) to this before stage base
+    where it is smaller (0 = leave it). Added as the identity, the path learns slowly: its gradients scale with
+    that gain."""
     projection_pose_gain: float = 1.0
     """Multiply the camera projection's 4 pose columns by this before stage base (a larger pose signal
     in the tokens speeds up a from-scratch UNet's learning to use the camera)."""
@@ -104,7 +105,8 @@ class RecipeConfig:
     families: str = "blob,stacked,symmetric,single"
     """Shape families of the training objects (recon.data.primitives.FAMILIES), object i uses family i mod count."""
     heldout_families: str = "blob"
-    """Shape families of the held-out objects ('blob' = the same objects as every earlier evaluation)."""
+    """Shape families of the held-out objects ('blob' = the family of every earlier evaluation; since
+    PrimitiveObject.sample_surface samples whole surfaces, normalized() centres them a little differently)."""
     size: int = 128
     """Image side in pixels (the VAE's sample_size is set to it)."""
     supersample: int = 2
@@ -558,9 +560,12 @@ def main(argv: list[str] | None = None) -> int:
                     "processes": state.num_processes}
     log(f"recipe: work folder {work}, output {out}, budget {cfg.budget_minutes} min, {state.num_processes} process(es)")
 
+    from accelerate.utils import broadcast_object_list
+
     train_count = prepare_data(cfg, work, log, record, timings) if is_main else 0
     state.wait_for_everyone()
-    if is_main and train_count < 2:
+    train_count = broadcast_object_list([train_count])[0]  # every process stops, not only the main one
+    if train_count < 2:
         raise SystemExit("fewer than 2 training objects were rendered; raise --synth-minutes")
 
     if torch.cuda.is_available():
@@ -579,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.pose_embedding:
             grown = work / "init-pose-embedding"
             if is_main:
+                shutil.rmtree(grown, ignore_errors=True)  # an earlier run's, in a reused --work: not this --init's
                 for change in with_pose_embedding(start_weights, grown, cfg.seed, cfg.pose_embedding_gain):
                     log(change)
             state.wait_for_everyone()

@@ -235,13 +235,23 @@ class ViewCache:
         size = dataset.image_size
 
         def load(pair: tuple[int, int]) -> Tensor:
-            # Fast path for 8-bit RGBA files already at the size (e.g. `recon data synth`): the bytes as they are,
-            # which is what the general decode gives after rounding; PIL decodes without holding the GIL.
+            # Fast path for 8-bit RGBA PNGs already at the size without an EXIF rotation (e.g. `recon data
+            # synth`): their bytes as they are, which is what the general decode gives after rounding; PIL
+            # decodes without holding the GIL. Anything else, unreadable files included, takes the general
+            # decode (its checks and its one-line errors).
             from PIL import Image
 
-            with Image.open(dataset.objects[pair[0]].views[pair[1]].image_path) as image:
-                if image.mode == "RGBA" and size is not None and image.size == (size, size):
-                    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+            try:
+                with Image.open(dataset.objects[pair[0]].views[pair[1]].image_path) as image:
+                    plain = (
+                        image.format == "PNG" and image.mode == "RGBA" and size is not None and image.size == (size, size)
+                        and len(image.tile) == 1 and image.tile[0][3] == "RGBA"  # not "RGBA;16B": 16 bits per channel
+                        and image.getexif().get(0x0112, 1) == 1
+                    )
+                    if plain:
+                        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+            except (OSError, ValueError, SyntaxError):
+                pass
             return (dataset.view_image(*pair) * 255.0).round().to(torch.uint8)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -653,7 +663,8 @@ class TrainResult:
     losses: list[float]
     final: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
-    """Stage vae: reconstruction PSNR and chroma PSNR before/after on a fixed batch, the latents' std and scaling_factor."""
+    """Stage vae: reconstruction PSNR, chroma PSNR and :func:`latent_colour_share` before/after on a fixed batch,
+    the latents' std and scaling_factor."""
 
 
 def train(
@@ -821,7 +832,9 @@ def train_vae(
     """Stage vae: trains ``init``'s VAE as an autoencoder on ``data`` and writes the model to ``run_dir/final/base``.
 
     Loss per step: L1 + L2 between the views (in [-1, 1]) and the decoded
-    posterior samples, plus ``cfg.kl_weight`` x KL per latent element;
+    posterior samples, plus ``cfg.chroma_weight`` x L1 of their colour
+    difference alone (each pixel's error minus its channel mean), plus
+    ``cfg.kl_weight`` x KL per latent element;
     AdamW (``cfg.lr_vae``, warm-up, clip). Ends after ``cfg.steps`` steps or
     ``max_minutes``; either way the VAE's ``scaling_factor`` becomes 1 / std
     of the latents of ``cfg.scale_samples`` views (unless

@@ -115,6 +115,16 @@ def usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
+def cpu_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """The CPUs a container's cgroup (v2) quota allows this process, rounded up (``cpu.max``: "QUOTA PERIOD");
+    None without a quota or where the file is missing or unreadable."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):  # "max 100000" (no quota) gives ValueError too
+        return None
+
+
 def cpu_shares(count: int, cores: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, ...], int]]:
     """Splits physical ``cores`` (see :func:`physical_cores`) among ``count`` workers: (CPUs, threads) each.
 
@@ -137,10 +147,13 @@ def cpu_shares(count: int, cores: Sequence[tuple[int, ...]]) -> list[tuple[tuple
 
 
 def share_cpus(workers: Sequence[WorkerSpec], cores: Sequence[tuple[int, ...]] | None = None) -> list[WorkerSpec]:
-    """``workers`` with an equal share each of ``cores`` (default: the :func:`physical_cores` of :func:`usable_cpus`):
-    pinned CPUs, thread count and the thread-pool variables of :data:`THREAD_VARIABLES` in their environment.
-    Specs that name their CPUs keep them."""
-    shares = cpu_shares(len(workers), physical_cores(usable_cpus()) if cores is None else cores)
+    """``workers`` with an equal share each of ``cores`` (default: the :func:`physical_cores` of :func:`usable_cpus`,
+    as many as a container's :func:`cpu_quota` allows): pinned CPUs, thread count and the thread-pool variables of
+    :data:`THREAD_VARIABLES` in their environment. Specs that name their CPUs keep them."""
+    if cores is None:
+        cores = physical_cores(usable_cpus())
+        cores = cores[: cpu_quota() or len(cores)]
+    shares = cpu_shares(len(workers), cores)
     shared = []
     for spec, (share, threads) in zip(workers, shares):
         if spec.cpus or not share:
@@ -519,12 +532,12 @@ class _Slot:
 
 def run_pool(
     images: Sequence[Path], output: Path, factory: FitFactory, workers: Sequence[WorkerSpec],
-    overwrite: bool = False, poll_s: float = 0.5, grace_s: float = 10.0, pin: bool = True,
+    overwrite: bool = False, poll_s: float = 0.5, grace_s: float = 10.0,
 ) -> list[ImageResult]:
     """Fits ``images`` into ``output/<stem>/`` with one spawned process per :class:`WorkerSpec`.
 
-    ``factory`` runs once per worker process (see :data:`FitFactory`). With
-    ``pin`` each worker gets its share of the CPUs (:func:`share_cpus`). Returns
+    ``factory`` runs once per worker process (see :data:`FitFactory`). Each
+    worker gets its share of the CPUs (:func:`share_cpus`). Returns
     one :class:`ImageResult` per image, in input order, and leaves
     ``output/batch_summary.json`` written. Raises :class:`ReconError` when a
     worker cannot start (e.g. missing weights), KeyboardInterrupt on Ctrl-C
@@ -532,7 +545,7 @@ def run_pool(
     """
     ledger = Ledger(images, output, overwrite)
     context = multiprocessing.get_context("spawn")
-    slots = [_Slot(spec) for spec in (share_cpus(workers) if pin else workers)]
+    slots = [_Slot(spec) for spec in share_cpus(workers)]
     try:
         with LiveView(ledger, [s.spec.label for s in slots]) as view:
             for slot in slots:

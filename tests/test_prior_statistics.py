@@ -93,8 +93,11 @@ def test_every_family_builds_deterministic_fitted_objects(family):
         assert obj.sdf(mirrored + torch.tensor([2 * float(centre_x), 0.0, 0.0])).abs().max() < 2e-2
 
 
-def test_blob_family_keeps_the_earlier_objects_and_unknown_families_fail(tmp_path):
-    assert random_object(5).name == "random-5"
+def test_blob_family_is_the_default_and_unknown_families_fail(tmp_path):
+    default, blob, other = random_object(5), random_object(5, family="blob"), random_object(5, family="stacked")
+    assert default.name == "random-5"
+    assert [p.center.tolist() for p in default.primitives] == [p.center.tolist() for p in blob.primitives]
+    assert [p.center.tolist() for p in default.primitives] != [p.center.tolist() for p in other.primitives]
     with pytest.raises(ValueError, match="unknown object family"):
         random_object(5, family="teapot")
     with pytest.raises(ReconError, match="families"):

@@ -21,6 +21,7 @@ import pytest
 from recon.errors import InputError, ReconError
 from recon.systems.workers import (
     WorkerSpec,
+    cpu_quota,
     cpu_shares,
     cpu_workers,
     gpu_workers,
@@ -189,6 +190,22 @@ def test_cpu_lists_and_physical_cores(tmp_path):
         (tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(f"{cpu % 4},{cpu % 4 + 4}\n")
     assert physical_cores(range(8), tmp_path) == [(0, 4), (1, 5), (2, 6), (3,), (7,)]
     assert physical_cores([6, 2, 1], tmp_path) == [(1,), (2, 6)]
+
+
+def test_a_containers_cpu_quota_caps_the_cores_shared(tmp_path, monkeypatch):
+    limit = tmp_path / "cpu.max"
+    assert cpu_quota(limit) is None  # no cgroup file
+    limit.write_text("max 100000\n")
+    assert cpu_quota(limit) is None  # no quota
+    limit.write_text("250000 100000\n")
+    assert cpu_quota(limit) == 3  # 2.5 CPUs: 3 threads may run, at 5/6 of the time
+
+    from recon.systems import workers
+
+    monkeypatch.setattr(workers, "usable_cpus", lambda: list(range(8)))
+    monkeypatch.setattr(workers, "physical_cores", lambda cpus: [(cpu,) for cpu in cpus])
+    monkeypatch.setattr(workers, "cpu_quota", lambda: 4)  # a container on an 8-core host limited to 4 CPUs
+    assert [(spec.cpus, spec.threads) for spec in share_cpus(cpu_workers(2))] == [((0, 1), 2), ((2, 3), 2)]
 
 
 def test_cpu_shares_are_whole_cores_split_evenly():

@@ -780,6 +780,7 @@ def _symmetric_pieces(generator: torch.Generator, textured_probability: float) -
 
 
 def _single_pieces(generator: torch.Generator, textured_probability: float) -> list[Primitive]:
+    # the main piece is nearly all the object's surface: patterned at least 4 times in 5, so colour varies on it
     main = _random_kind(generator, torch.zeros(3), _uniform(generator, 0.35, 0.6), _rich_material(generator, max(textured_probability, 0.8)))
     pieces = [main]
     if float(torch.rand(1, generator=generator)) < 0.5:

@@ -57,7 +57,7 @@ class SynthConfig:
     """Most primitives per object."""
     textured_probability: float = 0.5
     """Chance that a primitive gets a pattern (blob: stripes or checker; other families also dots, rings,
-    gradient) instead of a plain colour."""
+    gradient) instead of a plain colour; the single family's main piece, nearly all of its surface, at least 0.8."""
     families: str = "blob"
     """Comma-separated shape families (recon.data.primitives.FAMILIES: blob, stacked, symmetric, single);
     object i uses family i mod their count."""
