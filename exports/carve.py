@@ -8,10 +8,12 @@ through those holes and marching cubes meshes the insides as deep tunnels:
 handles (negative Euler characteristic) and inner surface area.
 
 Here each camera renders the density grid as a depth map (the distance
-along each pixel's ray where the accumulated opacity first reaches one
-half: the median termination of volume rendering), and a grid point counts
-as *seen free* when some camera sees it at least ``margin`` in front of its
-pixel's depth. Points behind the rendered surface in every view that sees
+along each pixel's ray where the accumulated opacity first reaches a small
+value: the first matter along the ray), and a grid point counts as *seen
+free* when some camera sees it at least ``margin`` in front of its pixel's
+depth. Density below :data:`FOG_FRACTION` of the surface level is left out
+of these renders: a fitted field's faint haze, summed over a whole ray,
+would otherwise stop every ray near the box and hide all free space. Points behind the rendered surface in every view that sees
 them are never seen free, so a flood through seen-free space
 (:func:`exports.solidify.solid_grid`) cannot enter the unseen interior
 through a hole in the shell, whatever the hole's size; concavities that the
@@ -26,6 +28,10 @@ from torch import Tensor
 
 from recon.cameras import Cameras, generate_rays
 from recon.exports.raster import project
+
+FOG_FRACTION = 0.1
+"""Density below this fraction of the surface level is haze, not matter, for the carving renders (a hole in a
+fitted shell is usually well above it: the field renders it nearly opaque)."""
 
 
 def _ray_box(origins: Tensor, directions: Tensor, box: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,7 +105,8 @@ def seen_free(
     (nothing says they are inside). The surface is where a ray's opacity first reaches ``opacity``: a low value, the first
     matter along the ray, so a hole that the field renders partly transparent still counts as shell (free space
     is the union over cameras, so a faint floater hides nothing that another camera sees past)."""
-    small, depths = depth_maps(grid, aabb, cameras, resolution, opacity, device=device)
+    matter = np.where(grid >= FOG_FRACTION * level, grid, 0.0)
+    small, depths = depth_maps(matter, aabb, cameras, resolution, opacity, device=device)
     empty = grid < level
     index = np.argwhere(empty)
     free = np.zeros(grid.shape, dtype=bool)

@@ -50,7 +50,7 @@ class ExportConfig:
     the unseen interior (deep tunnels: handles and inner surfaces)."""
     carve_views: int = 24
     """Free-space carving without cameras (single-image fits, recon export of such runs): this many viewpoints on a
-    sphere around the box (fit-views uses its training cameras)."""
+    sphere around the box, 0 = no carving without cameras (fit-views uses its training cameras)."""
     carve_resolution: int = 128
     """Side of the depth maps rendered for free-space carving, in pixels."""
     photo_bake: bool = True
@@ -66,9 +66,10 @@ class ExportConfig:
     """On the CPU, mc_resolution is capped at this (0 = no cap): the field evaluations of a GPU-sized grid take
     minutes there; say --set export.cpu_max_mc_resolution=0 to keep the full grid."""
     cpu_max_texture_resolution: int = 512
-    """On the CPU, texture_resolution is capped at this (0 = no cap): the bake renders the field per texel."""
+    """On the CPU, texture_resolution is capped at this (0 = no cap): the bake evaluates the field per texel."""
     texture_padding: int = 4
-    """Gutter between UV charts and seam dilation of the baked texture, in pixels."""
+    """Gutter between UV charts (asked of xatlas; its atlas scaled to the texture keeps about 0.7-1x of it) and
+    seam dilation of the baked texture, in pixels."""
     chart_max_cost: float = 2.0
     """xatlas chart growth cost limit (its default 2). Higher grows charts further, but on the toy robot 4 gave
     more charts, not fewer, and 2.4x the unwrap time (bench/export.py), so it is not raised by default."""
@@ -81,7 +82,8 @@ class ExportConfig:
     reference), vertices (a ray per mesh vertex finds how far along the normal the field's surface lies; each
     texel takes the albedo at that offset interpolated across its triangle, bake_surface_points field calls:
     about 5x faster on the CPU, ~0.5 dB lower texture PSNR on bench/export.py's robot) or auto (vertices on the
-    CPU, texels on a GPU, where the per-texel rays take about a second)."""
+    CPU, texels on a GPU, where the per-texel rays take about a second). With the photo bake, the texels no
+    photo sees take per-texel rays whatever this says."""
     bake_surface_points: int = 2
     """With bake_rays=vertices: albedo calls per texel, at that many quantiles of the vertex rays' termination
     (averaged: 1 = the median termination only, fastest; 2 blends across a soft or grazing surface as the

@@ -29,7 +29,8 @@ from recon.exports.raster import project, rasterize
 
 @dataclass
 class PhotoSettings:
-    """How :class:`PhotoProjector` weighs the photos (see exports.config.ExportConfig photo_* fields)."""
+    """How :class:`PhotoProjector` weighs the photos (module defaults; the export pipeline sets depth_tolerance to
+    two grid steps)."""
 
     power: float = 4.0
     """Weight of a photo: cos^power of the angle between the surface normal and the direction to its camera."""

@@ -33,7 +33,7 @@ from recon.exports.raster import look_at_box, project
 from recon.exports.solidify import solid_grid
 from recon.exports.uv import count_charts, unwrap_uv
 from recon.exports.writers import write_glb, write_obj, write_ply
-from recon.progress import info
+from recon.progress import info, warn
 
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -154,7 +154,7 @@ def export_mesh(
     stages.done("marching_cubes", f"marching cubes: {len(raw.faces)} faces ({solid_note})")
     notes: list[str] = []
     mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
-    if cfg.fill_interior and 0 < cfg.target_faces < len(mesh.faces):
+    if cfg.fill_interior and 0 < cfg.target_faces and len(mesh.faces) > 1.1 * cfg.target_faces:
         # Decimation could not keep the solid's mesh closed: mesh the solid resampled on a coarser grid (closed by
         # construction, faces ~ 1 / step^2) sized for about 0.9 x target_faces, rather than hand xatlas a huge mesh.
         factor = float(np.clip(np.sqrt(0.9 * cfg.target_faces / len(raw.faces)), 0.25, 0.95))
@@ -186,6 +186,10 @@ def export_mesh(
     else:
         colour_fn = point_lookup(albedo_fn, cfg.chunk_size, device)
     use_photos = photos is not None and cfg.photo_bake and len(photos) > 0
+    if use_photos and bool((photos.images[..., 3] >= 1.0).all()):
+        # without alpha nothing tells the object from its background: rims would take the background's colour
+        warn("photo bake skipped: the training photos have no alpha (no transparent background); texture baked from the field")
+        use_photos = False
     coverage: list[float] = []
     if use_photos:
         settings = PhotoSettings(depth_tolerance=2.0 * voxel)
@@ -203,8 +207,6 @@ def export_mesh(
             surface = vertex_surface(uv_mesh, density_fn, albedo_fn, band, cfg.bake_samples, probe, cfg.chunk_size, device, cfg.bake_surface_points)
         texture, utilisation = bake_colours(uv_mesh, colour_fn, cfg.texture_resolution, cfg.texture_padding, surface)
         report["atlas_utilisation"] = round(utilisation, 4)
-        if coverage:
-            report["photo_coverage"] = round(coverage[0], 4)
         stages.done("bake", f"texture bake ({cfg.bake}) {cfg.texture_resolution}x{cfg.texture_resolution}: {100 * utilisation:.0f}% of texels used")
         if "glb" in cfg.formats:
             paths["glb"] = write_glb(uv_mesh, texture, out_dir / f"{stem}.glb", cfg.up_axis, cfg.note)
@@ -214,6 +216,8 @@ def export_mesh(
         vertices, normals = np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals)
         paths["ply"] = write_ply(vertices, mesh.faces, colour_fn(vertices, normals), out_dir / f"{stem}.ply", normals, cfg.up_axis)
     stages.done("write", f"wrote {', '.join(str(p) for p in paths.values())}")
+    if coverage:  # of the first bake that used the photos: the texture's texels, else the PLY's vertices
+        report["photo_coverage"] = round(coverage[0], 4)
     report["level"] = float(level)
     return ExportResult(paths, report, stages.seconds)
 
