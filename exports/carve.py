@@ -27,20 +27,13 @@ import torch
 from torch import Tensor
 
 from recon.cameras import Cameras, generate_rays
+from recon.exports.project import SolidProbe
 from recon.exports.raster import project
+from recon.render.samplers import ray_aabb_intersect
 
 FOG_FRACTION = 0.1
 """Density below this fraction of the surface level is haze, not matter, for the carving renders (a hole in a
 fitted shell is usually well above it: the field renders it nearly opaque)."""
-
-
-def _ray_box(origins: Tensor, directions: Tensor, box: Tensor) -> tuple[Tensor, Tensor]:
-    """Entry and exit distances (R,) of rays with the axis-aligned ``box`` (2, 3); exit < entry = miss."""
-    safe = torch.where(directions.abs() > 1e-9, directions, torch.full_like(directions, 1e-9))
-    t0, t1 = (box[0] - origins) / safe, (box[1] - origins) / safe
-    near = torch.minimum(t0, t1).amax(dim=-1).clamp_min(0.0)
-    far = torch.maximum(t0, t1).amin(dim=-1)
-    return near, far
 
 
 @torch.no_grad()
@@ -48,7 +41,7 @@ def depth_maps(
     grid: np.ndarray, aabb: np.ndarray, cameras: Cameras, resolution: int = 128, opacity: float = 0.5,
     device: torch.device | str = "cpu", rays_per_chunk: int = 16_384,
 ) -> tuple[Cameras, Tensor]:
-    """Median-termination depth maps of a density grid seen by ``cameras``.
+    """Depth maps of a density grid seen by ``cameras``: where each pixel's ray first gathers ``opacity``.
 
     ``grid`` (X, Y, Z) density per world unit on the points spanning ``aabb``
     (2, 3) corner to corner (as :func:`exports.isosurface.sample_density_grid`);
@@ -60,9 +53,7 @@ def depth_maps(
     """
     scale = resolution / max(cameras.height, cameras.width)
     small = cameras.resized(max(1, round(cameras.height * scale)), max(1, round(cameras.width * scale))).to(device)
-    volume = torch.as_tensor(np.ascontiguousarray(grid), dtype=torch.float32, device=device).clamp_min(0.0)
-    # grid_sample wants (N, C, D, H, W) with x indexing W: put the grid's z, y, x axes as D, H, W.
-    volume = volume.permute(2, 1, 0)[None, None]
+    density = SolidProbe(np.maximum(grid, 0.0), aabb, 0.0, device)  # its trilinear lookup of the grid
     box = torch.as_tensor(aabb, dtype=torch.float32, device=device)
     step = 0.5 * float(((box[1] - box[0]) / (torch.tensor(grid.shape, device=device) - 1)).min())
     length = float((box[1] - box[0]).norm())
@@ -74,16 +65,13 @@ def depth_maps(
     threshold = -float(np.log(1.0 - opacity))
     for start in range(0, len(origins), rays_per_chunk):
         o, d = origins[start : start + rays_per_chunk], directions[start : start + rays_per_chunk]
-        near, far = _ray_box(o, d, box)
-        hit = far > near
+        near, far, hit = ray_aabb_intersect(o, d, box)
         if not hit.any():
             continue
         o, d, near, far = o[hit], d[hit], near[hit], far[hit]
         t = near[:, None] + offsets[None]
         points = o[:, None] + d[:, None] * t[..., None]
-        unit = 2.0 * (points - box[0]) / (box[1] - box[0]) - 1.0
-        sigma = torch.nn.functional.grid_sample(volume, unit[None, None], align_corners=True, padding_mode="zeros")
-        sigma = sigma.reshape(len(o), samples) * (t < far[:, None])
+        sigma = density.values(points.reshape(-1, 3)).reshape(len(o), samples) * (t < far[:, None])
         tau = torch.cumsum(sigma * step, dim=1)
         reached = tau >= threshold
         first = torch.where(reached.any(dim=1), reached.float().argmax(dim=1), torch.full_like(near, -1).long())

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from recon.cameras import Cameras
-from recon.exports.raster import project, rasterize
+from recon.exports.raster import mesh_depth_maps, view_weight
 
 
 @dataclass
@@ -62,7 +62,7 @@ class PhotoProjector:
         self.rgb = images[..., :3].permute(0, 3, 1, 2).contiguous()
         alpha = images[..., 3][:, None]
         self.solid = -torch.nn.functional.max_pool2d(-alpha, 3, stride=1, padding=1)[:, 0] >= self.settings.min_alpha
-        self.depth = torch.stack([rasterize(self.cameras[k], vertices, faces).depth.float() for k in range(len(self.cameras))])
+        self.depth = mesh_depth_maps(self.cameras, vertices, faces)
 
     @torch.no_grad()
     def colours(self, points: np.ndarray, normals: np.ndarray, chunk: int = 131_072) -> tuple[np.ndarray, np.ndarray]:
@@ -79,19 +79,13 @@ class PhotoProjector:
             weight = torch.zeros(len(p), device=device)
             for k in range(len(self.cameras)):
                 camera = self.cameras[k]
-                col, row, depth = project(camera, p)
-                ic, ir = col.round().long(), row.round().long()
-                inside = (depth > 0) & (ic >= 0) & (ic < camera.width) & (ir >= 0) & (ir < camera.height)
-                icc, irc = ic.clamp(0, camera.width - 1), ir.clamp(0, camera.height - 1)
-                cos = (n * torch.nn.functional.normalize(camera.c2w[0, :3, 3] - p, dim=-1)).sum(-1)
-                slope = 2.0 * depth / float(camera.focal[0]) / cos.clamp_min(0.1)
-                visible = inside & (depth <= self.depth[k][irc, icc] + s.depth_tolerance + slope)
-                use = visible & (cos > s.min_cos) & self.solid[k][irc, icc]
-                if not use.any():
+                w, col, row = view_weight(camera, self.depth[k], p, n, s.depth_tolerance, s.min_cos, s.power)
+                ic, ir = col.round().long().clamp(0, camera.width - 1), row.round().long().clamp(0, camera.height - 1)
+                w = torch.where(self.solid[k][ir, ic], w, torch.zeros_like(w))
+                if not (w > 0).any():
                     continue
                 grid = torch.stack([(col + 0.5) / camera.width * 2 - 1, (row + 0.5) / camera.height * 2 - 1], dim=-1)
                 sampled = torch.nn.functional.grid_sample(self.rgb[k : k + 1], grid[None, None], align_corners=False, padding_mode="border")
-                w = torch.where(use, cos.clamp_min(0.0) ** s.power, torch.zeros_like(cos))
                 colour += w[:, None] * sampled[0, :, 0].T
                 weight += w
             seen = weight > 0

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from recon.exports.bake import SurfaceLookup, point_lookup
-from recon.exports.raster import look_at_box, project, rasterize
+from recon.exports.raster import look_at_box, mesh_depth_maps, view_weight
 from recon.exports.uv import UVMesh
 from recon.render.compositing import compositing_weights
 
@@ -99,23 +99,14 @@ class Projector:
         self.box = np.asarray(aabb, dtype=np.float64)
         self.band = self.settings.band
         self.cameras = look_at_box(self.box, np.asarray(view_origins, dtype=np.float64), self.settings.view_resolution).to(device)
-        self.depth_maps = torch.stack([rasterize(self.cameras[k], vertices, faces).depth.float() for k in range(len(self.cameras))])
+        self.depth_maps = mesh_depth_maps(self.cameras, vertices, faces)
 
     def view_weights(self, points: Tensor, normals: Tensor) -> Tensor:
-        """(P, K) weight of each view for each point: cos^4 of its angle to the normal where it sees the point, else 0."""
+        """(P, K) weight of each view for each point: cos^4 of its angle to the normal where it sees the point
+        (:func:`exports.raster.view_weight`, a quarter band of depth tolerance), else 0."""
         weights = torch.zeros(len(points), len(self.cameras), dtype=torch.float32, device=points.device)
         for k in range(len(self.cameras)):
-            camera = self.cameras[k]
-            col, row, depth = project(camera, points)
-            ic, ir = col.round().long(), row.round().long()
-            inside = (ic >= 0) & (ic < camera.width) & (ir >= 0) & (ir < camera.height) & (depth > 0)
-            to_camera = torch.nn.functional.normalize(camera.centers[0].to(points) - points, dim=-1)
-            cos = (normals * to_camera).sum(-1)
-            # Depth may rise across a pixel on a slanted surface: allow two pixel footprints along the slope.
-            tolerance = 0.25 * self.band + 2.0 * depth / float(camera.focal[0]) / cos.clamp_min(0.1)
-            surface = self.depth_maps[k][ir.clamp(0, camera.height - 1), ic.clamp(0, camera.width - 1)]
-            visible = inside & (depth <= surface + tolerance) & (cos > self.settings.min_cos)
-            weights[:, k] = torch.where(visible, cos.clamp_min(0.0) ** 4, torch.zeros_like(cos))
+            weights[:, k] = view_weight(self.cameras[k], self.depth_maps[k], points, normals, 0.25 * self.band, self.settings.min_cos, 4)[0]
         return weights
 
 
@@ -193,24 +184,37 @@ class SolidProbe:
         return self.values(points) >= self.level
 
 
+def _ray_offsets(p: Tensor, n: Tensor, band: float, samples: int, probe: SolidProbe | None) -> tuple[Tensor, Tensor]:
+    """The rays of :func:`normal_colours` for points ``p`` (R, 3) with unit normals ``n`` (R, 3): ``samples``
+    midpoints (R, S) as signed offsets from the point along the normal (> 0 outside), from ``band`` outside
+    (half or a quarter of it where ``probe`` puts that start inside another part) to ``band`` inside, and the
+    sample widths (R, 1): rays of different lengths are sampled over their own length."""
+    outside = torch.full((len(p),), band, dtype=torch.float32, device=p.device)
+    if probe is not None:
+        for fraction in (0.5, 0.25):
+            outside = torch.where(probe.inside(p + outside[:, None] * n), band * fraction, outside)
+    length = outside + band
+    t = (torch.arange(samples, device=p.device, dtype=torch.float32) + 0.5) / samples
+    return outside[:, None] - t[None] * length[:, None], (length / samples)[:, None]
+
+
+def _composite(p: Tensor, n: Tensor, offsets: Tensor, widths: Tensor, sigma_fn: FieldFn) -> tuple[Tensor, Tensor]:
+    """Sample positions (R, S, 3) at ``offsets`` (R, S) along the normals ``n`` from ``p`` and their compositing
+    weights (R, S) under the density ``sigma_fn`` (world points (M, 3) -> (M,)), samples ``widths`` (R, 1) wide."""
+    positions = p[:, None] + n[:, None] * offsets[..., None]
+    sigma = sigma_fn(positions.reshape(-1, 3)).reshape(offsets.shape).float().nan_to_num(0.0).clamp_min(0.0)
+    weights, _, _ = compositing_weights(sigma, widths.expand_as(sigma).contiguous())
+    return positions, weights
+
+
 def _normal_rays(
     p: Tensor, n: Tensor, density_fn: FieldFn, band: float, samples: int, probe: SolidProbe | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Marches the rays of :func:`normal_colours` for points ``p`` (R, 3) with unit normals ``n`` (R, 3):
     sample positions (R, S, 3), their signed offsets from the point along the normal (R, S; > 0 outside) and
     compositing weights (R, S)."""
-    outside = torch.full((len(p),), band, dtype=torch.float32, device=p.device)
-    if probe is not None:
-        for fraction in (0.5, 0.25):
-            blocked = probe.inside(p + outside[:, None] * n)
-            outside = torch.where(blocked, band * fraction, outside)
-    length = outside + band
-    # Rays of different lengths: sample each over its own length (compositing takes per-sample widths).
-    t = (torch.arange(samples, device=p.device, dtype=torch.float32) + 0.5) / samples
-    offsets = outside[:, None] - t[None] * length[:, None]
-    positions = p[:, None] + n[:, None] * offsets[..., None]
-    sigma = density_fn(positions.reshape(-1, 3)).reshape(len(p), samples).float().nan_to_num(0.0).clamp_min(0.0)
-    weights, _, _ = compositing_weights(sigma, (length / samples)[:, None].expand(-1, samples).contiguous())
+    offsets, widths = _ray_offsets(p, n, band, samples, probe)
+    positions, weights = _composite(p, n, offsets, widths, density_fn)
     return positions, offsets, weights
 
 
@@ -279,22 +283,14 @@ def _guided_offsets(
     points over the half of the ray centred on the grid's median termination (the full ray's sample spacing).
     Rays whose window starts inside the surface or holds no surface are marched in full. (R, Q) offsets and (R,)
     opacities."""
-    outside = torch.full((len(p),), band, dtype=torch.float32, device=p.device)
-    for fraction in (0.5, 0.25):
-        outside = torch.where(probe.inside(p + outside[:, None] * n), band * fraction, outside)
-    length = outside + band
-    coarse = 2 * samples
-    t = (torch.arange(coarse, device=p.device, dtype=torch.float32) + 0.5) / coarse
-    offsets = outside[:, None] - t[None] * length[:, None]
-    sigma = probe.values((p[:, None] + n[:, None] * offsets[..., None]).reshape(-1, 3)).reshape(len(p), coarse).clamp_min(0.0)
-    weights, _, _ = compositing_weights(sigma, (length / coarse)[:, None].expand(-1, coarse).contiguous())
+    offsets, widths = _ray_offsets(p, n, band, 2 * samples, probe)
+    _, weights = _composite(p, n, offsets, widths, probe.values)
     centre, _ = _quantile_offsets(offsets, weights, 1)
     fine = max(2, samples // 2)
     half = 0.5 * band
     step = 2.0 * half / fine
     window = centre + half - (torch.arange(fine, device=p.device, dtype=torch.float32) + 0.5)[None] * step
-    sigma = density_fn((p[:, None] + n[:, None] * window[..., None]).reshape(-1, 3)).reshape(len(p), fine).float().nan_to_num(0.0).clamp_min(0.0)
-    weights, _, _ = compositing_weights(sigma, torch.full_like(sigma, step))
+    _, weights = _composite(p, n, window, torch.full((1, 1), step, device=p.device), density_fn)
     depth, opacity = _quantile_offsets(window, weights, quantiles)
     # The window must start in free space and end behind the surface: else the full ray.
     redo = torch.nonzero((weights[:, 0] > 0.5 * opacity) | (opacity < 0.5)).reshape(-1)

@@ -107,6 +107,31 @@ def rasterize(camera: Cameras, vertices: Tensor | np.ndarray, faces: Tensor | np
     return Raster(face_index.view(h, w), barycentric.view(h, w, 3), zbuffer.view(h, w))
 
 
+@torch.no_grad()
+def mesh_depth_maps(cameras: Cameras, vertices: Tensor | np.ndarray, faces: Tensor | np.ndarray) -> Tensor:
+    """The mesh's z-buffer in each of ``cameras``: (N, H, W) float32 :attr:`Raster.depth` (inf = background)."""
+    return torch.stack([rasterize(cameras[k], vertices, faces).depth.float() for k in range(len(cameras))])
+
+
+def view_weight(
+    camera: Cameras, zbuffer: Tensor, points: Tensor, normals: Tensor, tolerance: float, min_cos: float, power: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """How much one view (``camera``, one camera, and its mesh z-buffer (H, W)) counts for surface ``points``
+    (P, 3) with unit outward ``normals`` (P, 3): cos^``power`` of the angle between the normal and the direction
+    to the camera where the camera sees the point, else 0. Seen: in frame, in front of the camera, ``cos`` above
+    ``min_cos``, and at most ``tolerance`` (world units) plus two pixel footprints along the slope behind the
+    z-buffer (depth rises across a pixel on a slanted surface). Returns the weights (P,) and the points' pixel
+    coordinates ``col``, ``row`` (P,) (:func:`project`)."""
+    col, row, depth = project(camera, points)
+    ic, ir = col.round().long(), row.round().long()
+    inside = (depth > 0) & (ic >= 0) & (ic < camera.width) & (ir >= 0) & (ir < camera.height)
+    cos = (normals * torch.nn.functional.normalize(camera.centers[0].to(points) - points, dim=-1)).sum(-1)
+    slope = 2.0 * depth / float(camera.focal[0]) / cos.clamp_min(0.1)
+    surface = zbuffer[ir.clamp(0, camera.height - 1), ic.clamp(0, camera.width - 1)]
+    seen = inside & (depth <= surface + tolerance + slope) & (cos > min_cos)
+    return torch.where(seen, cos.clamp_min(0.0) ** power, torch.zeros_like(cos)), col, row
+
+
 def look_at_box(aabb: np.ndarray, origins: np.ndarray, resolution: int) -> Cameras:
     """Cameras at ``origins`` (K, 3) looking at the centre of ``aabb`` (2, 3), each seeing the whole box."""
     centre = (aabb[0] + aabb[1]) / 2.0
