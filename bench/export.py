@@ -62,14 +62,15 @@ def mesh_fidelity(mesh: trimesh.Trimesh, truth_points: np.ndarray, truth_area: f
     }
 
 
-def true_area(obj: PrimitiveObject, device: torch.device, resolution: int = 384) -> float:
-    """The area of ``obj``'s outer surface: a fine marching-cubes mesh of its sharp density, unsmoothed."""
+def true_mesh(obj: PrimitiveObject, device: torch.device, resolution: int = 384) -> trimesh.Trimesh:
+    """``obj``'s outer surface as a fine marching-cubes mesh of its sharp density, unsmoothed (its area is the
+    true area the exports are compared with)."""
     from recon.exports.isosurface import marching_cubes, sample_density_near_surface
     from recon.exports.solidify import solid_grid
 
     box = np.full((2, 3), 1.05 * obj.bounding_radius()) * [[-1], [1]]
     grid, level, _ = sample_density_near_surface(robot_field(obj)[0], box, resolution, 100.0, device=device)
-    return float(marching_cubes(solid_grid(grid, level, 0)[0], box, level).area)
+    return marching_cubes(solid_grid(grid, level, 0)[0], box, level)
 
 
 def textured_psnr(mesh: trimesh.Trimesh, obj: PrimitiveObject, cameras: Cameras, shading: str = "albedo") -> tuple[float, np.ndarray]:
@@ -145,7 +146,7 @@ def main() -> None:
         runs["legacy"] = replace(base, **LEGACY)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        truth_area = true_area(obj, device)
+        truth_area = float(true_mesh(obj, device).area)
         for name, cfg in runs.items():
             start = time.perf_counter()
             result = export_mesh(density, albedo, box, Path(tmp) / name, cfg, device=device)

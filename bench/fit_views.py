@@ -140,18 +140,13 @@ def welded_topology(mesh: trimesh.Trimesh) -> dict:
             "euler_characteristic": int(welded.euler_number), "components": int(labels.max()) + 1 if len(labels) else 0}
 
 
-def true_surface(obj, device: torch.device, resolution: int = 384, count: int = 50_000) -> tuple[np.ndarray, float]:
-    """``count`` points (count, 3) uniform on ``obj``'s outer surface and its area, from a fine marching-cubes mesh of
-    its sharp density (bench/export.py's true_area; PrimitiveObject.sample_surface covers only part of the toy robot)."""
+def true_surface(obj, device: torch.device, count: int = 50_000) -> tuple[np.ndarray, float]:
+    """``count`` points (count, 3) uniform on ``obj``'s outer surface and its area, from bench/export.py's
+    :func:`true_mesh` (as the before/after figures of the README were measured)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from export import robot_field
+    from export import true_mesh
 
-    from recon.exports.isosurface import marching_cubes, sample_density_near_surface
-    from recon.exports.solidify import solid_grid
-
-    box = np.full((2, 3), 1.05 * obj.bounding_radius()) * [[-1], [1]]
-    grid, level, _ = sample_density_near_surface(robot_field(obj)[0], box, resolution, 100.0, device=device)
-    mesh = marching_cubes(solid_grid(grid, level, 0)[0], box, level)
+    mesh = true_mesh(obj, device)
     return np.asarray(trimesh.sample.sample_surface(mesh, count, seed=1)[0]), float(mesh.area)
 
 
