@@ -11,8 +11,11 @@ into a scratch output folder; then the run's meta.json gives wall seconds
 per phase and peak CUDA memory, and CUDA events inside every training step
 give ms per step and its parts per stage: grid (occupancy refresh), render
 (sampling + field + compositing), SDS (VAE encode + UNet), backward (the
-losses, backward pass and the step's one sync) and optimiser. Prints
-Markdown tables; writes the same numbers as JSON to ``--out``.
+losses, backward pass and the step's one sync) and optimiser. The
+sizes of the packed sample sets (read from tensor shapes, no sync) give the
+mean points per step whose density the sampler evaluates (``sampled``) and
+that the renderer shades with gradients (``shaded``). Prints Markdown
+tables; writes the same numbers as JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 from recon.fileio import read_json, write_json
 
 PARTS = ("grid", "render", "sds", "backward", "optimiser")
+COUNTS = ("rays", "sampled", "shaded")
 WARMUP_STEPS = 5  # per stage, left out of the ms/step means (kernel compiles, CUDA-graph captures)
 
 
@@ -91,14 +95,41 @@ class StepTimer:
                     return step(*a, **k)
 
                 trainer.optimizer.step = optimiser_step
+                timer._count_points(trainer)
             trainer._bench_events = {"start": event()}
+            trainer._bench_counts = dict.fromkeys(COUNTS, 0)
             loss = original(trainer, stage_name, stage, local_step)
             trainer._bench_events["end"] = event()
-            timer.steps[stage_name].append(trainer._bench_events)
+            timer.steps[stage_name].append({**trainer._bench_events, **trainer._bench_counts})
             timer.training_peak = torch.cuda.max_memory_allocated()  # a host-side allocator statistic: no sync
             return loss
 
         Trainer.train_step = train_step
+
+    @staticmethod
+    def _count_points(trainer: Any) -> None:
+        """Counts rays, sampler density points and shaded samples of each step (tensor shapes: no sync)."""
+        renderer, counts = trainer.renderer, lambda: trainer._bench_counts
+        render_rays, shade, density = renderer.render_rays, renderer._shade_packed, trainer.field.density
+
+        def counted_render_rays(origins: Any, *a: Any, **k: Any) -> Any:
+            counts()["rays"] += origins.shape[0]
+            counts()["in_render"] = True
+            try:
+                return render_rays(origins, *a, **k)
+            finally:
+                counts()["in_render"] = False
+
+        def counted_shade(origins: Any, directions: Any, background: Any, ray_indices: Any, *a: Any, **k: Any) -> Any:
+            counts()["shaded"] += ray_indices.shape[0]
+            return shade(origins, directions, background, ray_indices, *a, **k)
+
+        def counted_density(points: Any) -> Any:
+            if counts().get("in_render"):
+                counts()["sampled"] += points.shape[0]
+            return density(points)
+
+        renderer.render_rays, renderer._shade_packed, trainer.field.density = counted_render_rays, counted_shade, counted_density
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per stage: mean ms per step and per part over the steps after the warm-up."""
@@ -118,6 +149,8 @@ class StepTimer:
                 for name, a, b in marks:
                     totals[name] += a.elapsed_time(b)
                 totals["step"] += e["start"].elapsed_time(e["end"])
+                for name in COUNTS:
+                    totals[name] = totals.get(name, 0.0) + e[name]
             result[stage] = {name: round(value / len(counted), 2) for name, value in totals.items()} | {"steps_timed": len(counted)}
         return result
 
@@ -191,6 +224,11 @@ def markdown(record: dict[str, Any]) -> str:
         parts = s.get("parts_ms") or {}
         cells = " | ".join("n/a" if parts.get(p) is None else f"{parts[p]:.1f}" for p in ("step", *PARTS))
         lines.append(f"| {name} | {s['steps']} | {s['resolution']} | {s['batch_size']} | {seconds} | {per_step} | {cells} |")
+    lines += ["", "| stage | rays / step | sampler density points / step | shaded samples / step |", "|---|---:|---:|---:|"]
+    for name, s in record["stages"].items():
+        parts = s.get("parts_ms") or {}
+        cells = " | ".join("n/a" if parts.get(c) is None else f"{parts[c] / 1e6:.2f} M" for c in COUNTS)
+        lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
 
 

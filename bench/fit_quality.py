@@ -3,8 +3,9 @@
     python bench/fit_quality.py IMAGE [--model tiny] [--preset default] [--steps N] [--set key=value ...] [--out q.json]
 
 Fits ``IMAGE`` twice: as configured (batched render, analytic normals through
-the fused hash grid) and with the reference paths
-(``batched_render=false``, ``field.normal_mode=finite_difference``). After
+the fused hash grid, near-empty samples pruned) and with the reference paths
+(``batched_render=false``, ``field.normal_mode=finite_difference``,
+``renderer.alpha_threshold=0``). After
 each fit the reference view is rendered (eval mode) at the input's size and
 compared with the input: PSNR of the colour over the background and IoU of
 the silhouettes (opacity > 0.5 vs alpha > 0.5). Prints a table, writes JSON.
@@ -23,7 +24,7 @@ import torch
 from recon.fileio import write_json
 from recon.systems.fit import Trainer
 
-REFERENCE_PATHS = ["batched_render=false", "field.normal_mode=finite_difference"]
+REFERENCE_PATHS = ["batched_render=false", "field.normal_mode=finite_difference", "renderer.alpha_threshold=0"]
 
 
 def measure(trainer: Trainer) -> dict[str, float]:
@@ -49,6 +50,10 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--steps", type=int, default=None, help="total steps (schedules scale); default: the preset's")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--reference-set", dest="reference", action="append", default=None,
+        help="the reference run's overrides (repeatable; default: every reference path) e.g. renderer.alpha_threshold=0 alone",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -61,7 +66,8 @@ def main() -> None:
 
     Trainer.fit = fit_and_measure
     rows = {}
-    for name, extra in (("fast paths", []), ("reference paths", REFERENCE_PATHS)):
+    reference = REFERENCE_PATHS if args.reference is None else args.reference
+    for name, extra in (("fast paths", []), ("reference paths", reference)):
         with tempfile.TemporaryDirectory() as scratch:
             fit(args.image, Path(scratch), args.preset, [*args.overrides, *extra], model=args.model, steps=args.steps, overwrite=True, batch=False)
         rows[name] = results[-1]
@@ -69,7 +75,10 @@ def main() -> None:
     for name, row in rows.items():
         print(f"| {name} | {row['psnr_db']:.2f} | {row['mask_iou']:.4f} |")
     if args.out is not None:
-        write_json(args.out, {"image": str(args.image), "model": args.model, "preset": args.preset, "steps": args.steps, "overrides": args.overrides, "results": rows})
+        write_json(args.out, {
+            "image": str(args.image), "model": args.model, "preset": args.preset, "steps": args.steps,
+            "overrides": args.overrides, "reference_overrides": reference, "results": rows,
+        })  # fmt: skip
 
 
 if __name__ == "__main__":

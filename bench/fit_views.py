@@ -78,6 +78,7 @@ def bench_sampler(sampler: str, transforms: Path, args: argparse.Namespace, devi
     cfg = resolve(
         FitViewsConfig,
         {"steps": args.steps, "rays_per_batch": args.rays, "renderer": {"sampler": sampler}, "holdout_fraction": 0.1, "max_eval_views": 10},
+        overrides=tuple(args.overrides),
     )
     views = load_views(transforms, cfg)
     cfg = resolve_scene(cfg, views.train.cameras)
@@ -269,11 +270,12 @@ def main() -> None:
                         help="folder holding an old exports package as exports_before/ (see the module docstring): also export with it")
     parser.add_argument("--exports", default="before,after,after_photos", help="comma-separated exports to measure (see export_metrics)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="fit-views config override key.path=value (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    header = {"views": args.views, "size": args.size, "rays": args.rays, "device": str(device)}
+    header = {"views": args.views, "size": args.size, "rays": args.rays, "device": str(device), "overrides": args.overrides}
     if device.type == "cuda":
         header["gpu"] = torch.cuda.get_device_name(device)
     rows = []

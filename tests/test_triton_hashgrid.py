@@ -167,3 +167,14 @@ def test_masked_levels_are_skipped_with_the_same_features_and_gradients():
     # a loaded state (whose mask may open more levels) makes the backend look up every level again
     fused.load_state_dict(fused.state_dict())
     assert fused.backend.active_levels == 5
+
+
+def test_a_cold_triton_cache_is_told_apart_from_a_warm_one(tmp_path, monkeypatch):
+    """The first-run compile notice is printed only while Triton's cache holds no build of our kernels."""
+    from recon.encoding import triton_backend
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    assert not triton_backend._compiled_before()
+    (tmp_path / "0123abcd").mkdir()
+    (tmp_path / "0123abcd" / "forward_kernel.json").write_text("{}")
+    assert triton_backend._compiled_before()

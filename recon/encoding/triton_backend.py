@@ -36,7 +36,9 @@ from torch.autograd.function import once_differentiable
 
 from recon.encoding.reference import HashGridConfig, TorchHashGrid, level_layouts
 
-BLOCK = 128
+# points per program and warps per program: 256 x 4 measured ~10-20% faster than 128 x 4 on H200 (bench/hashgrid.py)
+BLOCK = 256
+NUM_WARPS = 4
 
 
 def triton_available() -> bool:
@@ -50,7 +52,20 @@ def triton_available() -> bool:
 def _kernels():
     from recon.encoding import triton_kernels
 
+    if not os.environ.get("TRITON_INTERPRET") and not _compiled_before():
+        from recon.progress import info
+
+        info("hash grid: compiling its Triton kernels (first run on this machine; cached for later runs)")
     return triton_kernels
+
+
+def _compiled_before() -> bool:
+    """Whether Triton's on-disk cache (``TRITON_CACHE_DIR``, default ~/.triton/cache) holds a build of the
+    forward kernel: then the first launches load cached binaries instead of compiling."""
+    from pathlib import Path
+
+    cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return cache.is_dir() and any(cache.glob("*/forward_kernel.*"))
 
 
 def _grid(n_points: int) -> tuple[int]:
@@ -70,7 +85,7 @@ def _gather(x: Tensor, table: Tensor, grid: TritonHashGrid, v: Tensor | None = N
     if n_points:
         _kernels().forward_kernel[_grid(n_points)](
             x, table.contiguous(), out, x if v is None else v.contiguous().float(), *_layout_args(grid),
-            n_points, cfg.n_levels, grid.active_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK, DIRECTIONAL=v is not None,
+            n_points, cfg.n_levels, grid.active_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK, DIRECTIONAL=v is not None, num_warps=NUM_WARPS,
         )
     return out
 
@@ -85,7 +100,7 @@ def _scatter(x: Tensor, grad_out: Tensor, grid: TritonHashGrid, v: Tensor | None
         _kernels().scatter_kernel[_grid(n_points)](
             x, grad_out.contiguous().float(), buffer, x if v is None else v.contiguous().float(), *_layout_args(grid),
             n_points, grid.cfg.n_levels, grid.active_levels, rows, grid.private_levels, private_rows, max(copies, 1),
-            F=n_features, BLOCK_P=BLOCK, DIRECTIONAL=v is not None,
+            F=n_features, BLOCK_P=BLOCK, DIRECTIONAL=v is not None, num_warps=NUM_WARPS,
         )
     grad = buffer[:rows]
     if copies:
@@ -123,7 +138,7 @@ class _InputGradient(torch.autograd.Function):
         if n_points:
             _kernels().input_grad_kernel[_grid(n_points)](
                 x, table.contiguous(), grad_out, grad_x, *_layout_args(grid),
-                n_points, cfg.n_levels, grid.active_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK,
+                n_points, cfg.n_levels, grid.active_levels, F=cfg.n_features_per_level, BLOCK_P=BLOCK, num_warps=NUM_WARPS,
             )
         return grad_x
 

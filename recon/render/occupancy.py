@@ -16,8 +16,10 @@ wraps), so either can train a field and load the other's checkpoints:
   near-transparent ones).
 
 nerfacc walks each ray cell by cell in a CUDA kernel; here every ray gets
-its full lattice of candidates as one dense (rays, steps) tensor, in ray
-chunks that bound memory, and two ``nonzero`` calls pack what survives.
+its full lattice of candidates as one dense (rays, steps) boolean row, in ray
+chunks that bound memory, and three ``nonzero`` calls per render pack the rays
+that cross the grid, their candidates and the samples that survive (each a
+device sync; none depends on the number of chunks).
 Needs no compiler, runs on the CPU too (tests), and its outputs are sorted
 by ray as nerfacc's are.
 """
@@ -100,16 +102,18 @@ class TorchOccupancyGrid(nn.Module):
         state.binaries.copy_((state.occs > level).view(state.binaries.shape))
         self._box = None
 
-    def occupied_box(self) -> tuple[Tensor, float] | None:
-        """The smallest box (2, 3) made of whole cells that holds every occupied cell, and its diagonal;
-        None when no cell is occupied. Computed once per grid refresh (one device sync), then cached."""
+    def occupied_box(self) -> tuple[Tensor, float, float] | None:
+        """The smallest box (2, 3) made of whole cells that holds every occupied cell, its diagonal and the
+        grid's mean occupancy (nerfacc's cap on the alpha threshold); None when no cell is occupied.
+        Computed once per grid refresh (one device sync), then cached."""
         if self._box is None:
             cells = torch.nonzero(self.estimator.binaries[0])
             if cells.numel() == 0:
                 return None
             size = (self.aabb[1] - self.aabb[0]) / self.resolution
             box = torch.stack([self.aabb[0] + cells.amin(0) * size, self.aabb[0] + (cells.amax(0) + 1) * size])
-            self._box = (box, float((box[1] - box[0]).norm()))
+            diagonal, mean = torch.stack([(box[1] - box[0]).norm(), self.estimator.occs.mean()]).tolist()
+            self._box = (box, diagonal, mean)
         return self._box
 
     # ----------------------------------------------------------------- sampling
@@ -128,52 +132,55 @@ class TorchOccupancyGrid(nn.Module):
         """Packed samples of rays (R, 3) with unit directions: ``ray_indices`` (M,) long (sorted), ``t_starts``,
         ``t_ends`` (M,); ``density_fn`` (world points (M, 3) -> (M,)) drops the invisible ones."""
         n_rays = origins.shape[0]
-        if alpha_threshold > 0:
-            alpha_threshold = min(alpha_threshold, float(self.estimator.occs.mean()))
+        occupied = self.occupied_box()
+        if alpha_threshold > 0 and occupied is not None:
+            alpha_threshold = min(alpha_threshold, occupied[2])
         base = torch.full((n_rays,), float(near), device=origins.device, dtype=torch.float32)
         if stratified:
             base = base + torch.rand(n_rays, device=origins.device) * step_size
-        occupied = self.occupied_box()
         empty = (torch.zeros(0, dtype=torch.long, device=origins.device), torch.zeros(0, device=origins.device))
         if occupied is None:
             return empty[0], empty[1], empty[1]
         # every sample lies in an occupied cell: march only the rays that cross the occupied cells' box, and
         # only across it (the same lattice points as marching the whole box, fewer of them to test)
-        box, diagonal = occupied
+        box, diagonal, _ = occupied
         origins, directions = origins.float(), directions.float()
         t_near, t_far, hit = ray_aabb_intersect(origins, directions, box, near)
         rays = torch.nonzero(hit).squeeze(1)
+        if rays.numel() == 0:
+            return empty[0], empty[1], empty[1]
         steps = math.ceil(diagonal / step_size) + 1
         chunk = max(1, CANDIDATES_PER_CHUNK // steps)
-        pieces = []
-        for s in range(0, rays.numel(), chunk):
-            part = rays[s : s + chunk]
-            spans = (base[part], t_near[part], t_far[part])
-            pieces.append(self._sample_chunk(origins[part], directions[part], *spans, part, steps, density_fn, step_size, alpha_threshold, early_stop_eps))
-        if not pieces:
-            return empty[0], empty[1], empty[1]
-        if len(pieces) == 1:
-            return pieces[0]
-        return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))  # type: ignore[return-value]
+        # the first lattice interval whose midpoint is at or after the box entry, per ray
+        k0 = torch.ceil((t_near[rays] - base[rays]) / step_size - 0.5).clamp_min(0)
+        first_mid = base[rays] + (k0 + 0.5) * step_size
+        # the occupied lattice points of every ray, chunk by chunk (bounded transient memory, no sync)
+        candidate = torch.cat([
+            self._occupied_lattice(origins[part], directions[part], first_mid[s : s + chunk], t_far[part], steps, step_size)
+            for s, part in ((s, rays[s : s + chunk]) for s in range(0, rays.numel(), chunk))
+        ])  # fmt: skip
+        where = torch.nonzero(candidate.view(-1)).squeeze(1)  # (rays, steps) flattened: sorted by ray
+        rows = torch.div(where, steps, rounding_mode="floor")
+        t_mid = first_mid[rows] + (where - rows * steps).float() * step_size
+        ray_ids = rays[rows]
+        if where.numel() and (early_stop_eps > 0 or alpha_threshold > 0):
+            points = origins[ray_ids] + directions[ray_ids] * t_mid[:, None]
+            sigma = torch.cat([density_fn(part).reshape(-1).float() for part in points.split(DENSITY_POINTS)])
+            optical = sigma * step_size
+            # transmittance before each sample, restarted at each ray's first candidate (packed, as packed_weights)
+            before = torch.cumsum(optical.double(), 0) - optical.double()
+            start = torch.searchsorted(ray_ids, ray_ids)
+            keep = torch.exp(-(before - before[start])) >= early_stop_eps
+            if alpha_threshold > 0:
+                keep &= (1.0 - torch.exp(-optical)) >= alpha_threshold
+            kept = torch.nonzero(keep).squeeze(1)
+            ray_ids, t_mid = ray_ids[kept], t_mid[kept]
+        t_starts = t_mid - 0.5 * step_size
+        return ray_ids, t_starts, t_starts + step_size
 
-    def _sample_chunk(
-        self,
-        origins: Tensor,
-        directions: Tensor,
-        base: Tensor,
-        t_near: Tensor,
-        t_far: Tensor,
-        ray_ids: Tensor,
-        steps: int,
-        density_fn: Callable[[Tensor], Tensor],
-        step_size: float,
-        alpha_threshold: float,
-        early_stop_eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Samples of the rays ``ray_ids`` (their origins, directions, lattice starts and [t_near, t_far) spans)."""
-        # the first lattice interval whose midpoint is at or after the box entry
-        k0 = torch.ceil((t_near - base) / step_size - 0.5).clamp_min(0)
-        t_mid = (base + (k0 + 0.5) * step_size)[:, None] + torch.arange(steps, device=origins.device, dtype=torch.float32) * step_size
+    def _occupied_lattice(self, origins: Tensor, directions: Tensor, first_mid: Tensor, t_far: Tensor, steps: int, step_size: float) -> Tensor:
+        """(rays, steps) bool: lattice midpoints ``first_mid + k * step_size`` before ``t_far`` in an occupied cell."""
+        t_mid = first_mid[:, None] + torch.arange(steps, device=origins.device, dtype=torch.float32) * step_size
         res = self.resolution
         flat = None
         for axis in range(3):  # the midpoint's cell, one axis at a time (int32: small transient memory)
@@ -183,25 +190,7 @@ class TorchOccupancyGrid(nn.Module):
             flat = index if flat is None else flat * res + index
         candidate = self.estimator.binaries.view(-1)[flat]
         candidate &= t_mid < t_far[:, None]
-        del flat
-        where = torch.nonzero(candidate.view(-1)).squeeze(1)  # (rays, steps) flattened: sorted by ray
-        if where.numel() == 0:
-            empty = torch.zeros(0, device=origins.device)
-            return ray_ids[:0], empty, empty
-        if early_stop_eps > 0 or alpha_threshold > 0:
-            rows = torch.div(where, steps, rounding_mode="floor")
-            t = t_mid.view(-1)[where]
-            points = origins[rows] + directions[rows] * t[:, None]
-            sigma = torch.cat([density_fn(part).reshape(-1).float() for part in points.split(DENSITY_POINTS)])
-            optical = torch.zeros_like(t_mid)
-            optical.view(-1)[where] = sigma * step_size
-            # transmittance before each sample; empty lattice points add nothing
-            keep = torch.exp(-(torch.cumsum(optical, dim=1) - optical)) >= early_stop_eps
-            if alpha_threshold > 0:
-                keep &= (1.0 - torch.exp(-optical)) >= alpha_threshold
-            where = where[keep.view(-1)[where]]
-        t_starts = t_mid.view(-1)[where] - 0.5 * step_size
-        return ray_ids[torch.div(where, steps, rounding_mode="floor")], t_starts, t_starts + step_size
+        return candidate
 
 
 def _forget_box(module: TorchOccupancyGrid, _keys: object) -> None:

@@ -43,8 +43,9 @@ class RendererConfig:
     """Cells per axis of the occupancy grid (grid, nerfacc)."""
     occupancy_threshold: float = 0.01
     """A grid cell is occupied when density * step_size exceeds this (grid, nerfacc)."""
-    alpha_threshold: float = 0.0
-    """The grid samplers drop samples whose alpha is below this (0 keeps all)."""
+    alpha_threshold: float = 0.01
+    """The grid samplers drop samples whose alpha (1 - exp(-density * step)) is below this, capped at the
+    grid's mean occupancy as nerfacc does (threestudio's 0.01: near-empty samples are never shaded); 0 keeps all."""
     early_stop_eps: float = 1e-4
     """The grid samplers stop marching a ray once its transmittance falls below this."""
     update_every: int = 16
