@@ -34,11 +34,9 @@ from recon.render import RendererConfig, VolumeRenderer
 from recon.runs import RunDir, StepReporter
 from recon.schedule import Schedule, validate_schedule, value_at
 from recon.systems import losses
-from recon.systems.checkpoint import load_latest, save_checkpoint
+from recon.systems.checkpoint import load_latest, save_checkpoint, wait_for_checkpoints
 
 LOSS_NAMES = ("sds", "rgb", "mask", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
-
-# Test hooks (read once per step; never set in normal use): simulate a crash or a NaN loss.
 
 
 @dataclass
@@ -327,7 +325,8 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
         }
-        save_checkpoint(self.run, self.step, stage, self._modules(), {"adam": self.optimizer}, extra, keep=self.cfg.keep_checkpoints)
+        # written in a background thread; every checkpoint reader waits for it
+        save_checkpoint(self.run, self.step, stage, self._modules(), {"adam": self.optimizer}, extra, keep=self.cfg.keep_checkpoints, background=True)
 
     def restore_latest(self) -> bool:
         """Loads the run's newest checkpoint; False if it has none."""
@@ -514,26 +513,34 @@ class Trainer:
 
         if self.step == 0 and load_latest(self.run) is None:
             self.save(self.stages[0][0])  # step 0: a rollback target before the first update
-        begin = 0
-        for name, stage in self.stages:
-            end = begin + stage.steps
-            if self.step >= end:
+        try:
+            begin = 0
+            for name, stage in self.stages:
+                end = begin + stage.steps
+                if self.step >= end:
+                    begin = end
+                    continue
+                phase = timer.phase(name) if timer is not None else contextlib.nullcontext()
+                with phase, StepReporter(self.run, name, stage.steps, start_step=self.step - begin) as reporter:
+                    while self.step < end:
+                        loss = self.train_step(name, stage, self.step - begin)
+                        if not math.isfinite(loss):
+                            self._diverged(name)
+                            continue
+                        self.step += 1
+                        if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
+                            self.write_preview()
+                        if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                            self.save(name)
+                        reporter.update(self.step - begin, status=f"loss {loss:.4g}")
                 begin = end
-                continue
-            phase = timer.phase(name) if timer is not None else contextlib.nullcontext()
-            with phase, StepReporter(self.run, name, stage.steps, start_step=self.step - begin) as reporter:
-                while self.step < end:
-                    loss = self.train_step(name, stage, self.step - begin)
-                    if not math.isfinite(loss):
-                        self._diverged(name)
-                        continue
-                    self.step += 1
-                    if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
-                        self.write_preview()
-                    if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
-                        self.save(name)
-                    reporter.update(self.step - begin, status=f"loss {loss:.4g}")
-            begin = end
+        except BaseException:
+            # a write still in flight finishes before the caller may reuse or remove the run folder; its own
+            # failure must not hide the error that stopped the fit
+            with contextlib.suppress(ReconError):
+                wait_for_checkpoints(self.run, release_buffers=True)
+            raise
+        wait_for_checkpoints(self.run, release_buffers=True)  # the last checkpoint is on disk (or its write failed: raised here)
         broken = [name for name, p in self.field.named_parameters() if not torch.isfinite(p).all()]
         if broken:
             raise TrainingDivergedError(f"field parameters {', '.join(broken)} are NaN/inf after training; nothing exported")

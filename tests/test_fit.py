@@ -425,3 +425,32 @@ def test_fit_on_cuda_with_mixed_precision(tmp_path, shared_models):
     meta = json.loads((out / "disc" / "meta.json").read_text())
     assert meta["device"].startswith("cuda") and meta["peak_gpu_memory_gib"] > 0
     assert (out / "disc" / "exports" / "mesh.glb").is_file()
+
+
+def test_a_fit_that_fails_mid_stage_leaves_no_checkpoint_write_in_flight(tmp_path, monkeypatch):
+    """Checkpoints are written in the background; an error that stops the fit waits for the write in flight (so
+    the caller may at once replace the run folder) and is the error the caller sees."""
+    from recon.systems import checkpoint
+
+    trainer, _ = make_trainer(tmp_path, "stages.coarse.steps=4", "stages.fine.steps=2", "checkpoint_every=2", "preview_every=0")
+    original = trainer.train_step
+
+    def fail_after_the_save(stage_name, stage, local_step):
+        if trainer.step == 3:
+            raise RuntimeError("simulated failure after the save of step 2")
+        return original(stage_name, stage, local_step)
+
+    monkeypatch.setattr(trainer, "train_step", fail_after_the_save)
+    slow_write = checkpoint._write_file
+
+    def slow(*args, **kwargs):
+        import time
+
+        time.sleep(0.3)
+        return slow_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_write_file", slow)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        trainer.fit()
+    assert checkpoint._WRITER._thread is None  # waited for
+    assert (trainer.run.checkpoints / "step_000002.pt").is_file()
