@@ -64,8 +64,10 @@ def _reference_samples(grid, origin, direction, base, step, density_fn, eps):
     return starts
 
 
-@pytest.mark.parametrize("eps", [0.0, 1e-2])
-def test_lattice_marching_matches_a_per_ray_loop(eps):
+@pytest.mark.parametrize(("eps", "first_round"), [(0.0, 32), (1e-2, 32), (1e-2, 2)])
+def test_lattice_marching_matches_a_per_ray_loop(eps, first_round, monkeypatch):
+    # first_round 2: most rays need the second round of density evaluations (the rest of their candidates)
+    monkeypatch.setattr("recon.render.occupancy.FIRST_ROUND", first_round)
     grid = TorchOccupancyGrid(AABB, 16)
     grid.update(0, _ball, 0.02, 0.01, every=1, warmup_steps=10)
     origins, directions = _rays(7)
@@ -223,3 +225,22 @@ def test_alpha_threshold_drops_near_empty_samples_and_keeps_the_image():
     fog = images[0.0]["opacity"] - images[0.01]["opacity"]
     assert fog.min().item() >= -1e-6 and 0.0 < fog.mean().item() < 0.02
     assert (images[0.0]["rgb"] - images[0.01]["rgb"]).abs().mean().item() < 0.01  # measured 0.0063
+
+
+def test_early_stopping_evaluates_the_density_of_few_candidates_behind_the_surface():
+    grid = TorchOccupancyGrid(AABB, 16)
+    grid.update(0, _ball, 0.02, 0.01, every=1, warmup_steps=10)
+    origins, directions = _rays(7)
+    evaluated = {}
+
+    def counting(eps):
+        def density(points):
+            evaluated[eps] = evaluated.get(eps, 0) + points.shape[0]
+            return _ball(points)
+
+        return density
+
+    for eps in (0.0, 1e-2):  # alpha_threshold > 0 with eps 0: every candidate is evaluated once
+        grid.sample(origins, directions, counting(eps), 0.005, 1e-3, eps, stratified=False)
+    # the ball (optical depth 0.25 per step) stops a ray within ~20 candidates: the second round is nearly empty
+    assert evaluated[1e-2] < 0.7 * evaluated[0.0]

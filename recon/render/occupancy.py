@@ -36,6 +36,8 @@ from recon.render.samplers import ray_aabb_intersect
 
 CANDIDATES_PER_CHUNK = 1 << 24
 """Lattice points (rays x steps) tested at once: bounds the sampler's transient memory (about 25 bytes each)."""
+FIRST_ROUND = 32
+"""Candidates per ray whose density the sampler evaluates first; the rest only for rays still transparent after them."""
 DENSITY_POINTS = 1 << 21
 """Candidate samples whose density is evaluated at once (bounds the field's activations during sampling)."""
 
@@ -164,19 +166,55 @@ class TorchOccupancyGrid(nn.Module):
         t_mid = first_mid[rows] + (where - rows * steps).float() * step_size
         ray_ids = rays[rows]
         if where.numel() and (early_stop_eps > 0 or alpha_threshold > 0):
-            points = origins[ray_ids] + directions[ray_ids] * t_mid[:, None]
-            sigma = torch.cat([density_fn(part).reshape(-1).float() for part in points.split(DENSITY_POINTS)])
-            optical = sigma * step_size
-            # transmittance before each sample, restarted at each ray's first candidate (packed, as packed_weights)
-            before = torch.cumsum(optical.double(), 0) - optical.double()
-            start = torch.searchsorted(ray_ids, ray_ids)
-            keep = torch.exp(-(before - before[start])) >= early_stop_eps
-            if alpha_threshold > 0:
-                keep &= (1.0 - torch.exp(-optical)) >= alpha_threshold
+            keep = self._visible(origins, directions, ray_ids, t_mid, density_fn, step_size, alpha_threshold, early_stop_eps)
             kept = torch.nonzero(keep).squeeze(1)
             ray_ids, t_mid = ray_ids[kept], t_mid[kept]
         t_starts = t_mid - 0.5 * step_size
         return ray_ids, t_starts, t_starts + step_size
+
+    @staticmethod
+    def _visible(
+        origins: Tensor,
+        directions: Tensor,
+        ray_ids: Tensor,
+        t_mid: Tensor,
+        density_fn: Callable[[Tensor], Tensor],
+        step_size: float,
+        alpha_threshold: float,
+        early_stop_eps: float,
+    ) -> Tensor:
+        """(M,) bool: which packed candidates (sorted by ray) are in front of the point where transmittance falls
+        below ``early_stop_eps`` and have alpha >= ``alpha_threshold``.
+
+        With early stopping the density is evaluated in two rounds: each ray's first :data:`FIRST_ROUND`
+        candidates, then the rest only of the rays still transparent after them (the others cannot keep
+        any); unevaluated candidates count as empty, which changes no decision.
+        """
+        points = origins[ray_ids] + directions[ray_ids] * t_mid[:, None]
+        start = torch.searchsorted(ray_ids, ray_ids)  # each candidate's ray's first candidate
+        sigma = torch.zeros_like(t_mid)
+
+        def evaluate(mask: Tensor) -> None:
+            index = torch.nonzero(mask).squeeze(1)
+            if index.numel():
+                sigma[index] = torch.cat([density_fn(part).reshape(-1).float() for part in points[index].split(DENSITY_POINTS)])
+
+        def transmittance() -> Tensor:
+            # before each candidate, restarted at each ray's first one (packed, as packed_weights)
+            optical = sigma.double() * step_size
+            before = torch.cumsum(optical, 0) - optical
+            return torch.exp(-(before - before[start]))
+
+        if early_stop_eps > 0:
+            first = torch.arange(t_mid.numel(), device=t_mid.device) - start < FIRST_ROUND
+            evaluate(first)
+            evaluate(~first & (transmittance() >= early_stop_eps))
+        else:
+            evaluate(torch.ones_like(t_mid, dtype=torch.bool))
+        keep = transmittance() >= early_stop_eps
+        if alpha_threshold > 0:
+            keep &= (1.0 - torch.exp(-sigma * step_size)) >= alpha_threshold
+        return keep
 
     def _occupied_lattice(self, origins: Tensor, directions: Tensor, first_mid: Tensor, t_far: Tensor, steps: int, step_size: float) -> Tensor:
         """(rays, steps) bool: lattice midpoints ``first_mid + k * step_size`` before ``t_far`` in an occupied cell."""
