@@ -5,11 +5,13 @@ The field is analytic: the toy robot of recon/data/primitives.py as a density
 exported mesh can be measured against the true surface: Chamfer distance,
 F-score at 1 % of the bounding-box diagonal, area ratio, and the PSNR of
 renders of the exported textured GLB (exports/raster.py) against exact
-albedo renders from held-out views. The defaults (a 256^3 grid) decimate to
+albedo renders from held-out views. The defaults (a 256^3 grid) reduce to
 50k faces and bake a 1024 px texture. ``--bakes normal,project,point`` runs
 the new pipeline once per texture bake; ``--reference`` also runs each of them
 with the reference paths of the fast ones (a normal-bake ray per texel, xatlas
-on the whole mesh in one piece); ``--legacy`` also runs the settings
+on the whole mesh in one piece); ``--decimate`` also runs each with
+``export.reduce=decimate`` (the full-resolution mesh decimated rather than the
+solid meshed on a coarser grid); ``--legacy`` also runs the settings
 that approximate the old pipeline (dense grid, no solid, no smoothing,
 point-lookup bake, xatlas' default chart cost). Writes the front view of
 each exported mesh and its texture atlas as PNGs beside ``--out``.
@@ -17,6 +19,7 @@ each exported mesh and its texture atlas as PNGs beside ``--out``.
     python bench/export.py --legacy --out bench_export.json
     python bench/export.py --reference --out bench_export.json
     python bench/export.py --device cpu --mc-resolution 128 --target-faces 20000 --texture 512
+    python bench/export.py --device cpu --set cpu_max_mc_resolution=0 --set cpu_max_texture_resolution=0  # GPU sizes
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import trimesh
 from PIL import Image
 
 from recon.cameras import Cameras
+from recon.config import resolve
 from recon.data.primitives import PrimitiveObject, render_object, toy_robot
 from recon.exports import ExportConfig
 from recon.exports.pipeline import export_mesh
@@ -125,8 +129,11 @@ def main() -> None:
     parser.add_argument("--target-faces", type=int, default=50_000)
     parser.add_argument("--texture", type=int, default=1024, help="texture side in pixels")
     parser.add_argument("--legacy", action="store_true", help="also run the old pipeline's settings")
+    parser.add_argument("--decimate", action="store_true", help="also run with export.reduce=decimate (quadric decimation of the full-resolution mesh instead of marching cubes on a coarser grid)")
     parser.add_argument("--reference", action="store_true", help="also run the new pipeline with its reference paths (bake ray per texel, xatlas in one piece)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="an ExportConfig setting key=value on top of the flags (repeatable), e.g. cpu_max_mc_resolution=0")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (PNGs beside it)")
     args = parser.parse_args()
 
@@ -137,11 +144,14 @@ def main() -> None:
     diagonal = float(np.linalg.norm(box[1] - box[0]))
     truth_points = obj.sample_surface(50_000, seed=1)[0].numpy()
     cameras = Cameras.from_spherical(torch.tensor([10.0, 35.0, -20.0, 60.0]), torch.tensor([0.0, 100.0, 200.0, 300.0]), torch.full((4,), 3.0), 35.0, 256)
-    base = ExportConfig(formats=["glb"], mc_resolution=args.mc_resolution, target_faces=args.target_faces, texture_resolution=args.texture, threshold=100.0)
+    flags = {"formats": ["glb"], "mc_resolution": args.mc_resolution, "target_faces": args.target_faces, "texture_resolution": args.texture, "threshold": 100.0}
+    base = resolve(ExportConfig, flags, overrides=args.overrides)
     bakes = [b.strip() for b in args.bakes.split(",") if b.strip()]
     runs = {("new" if len(bakes) == 1 else f"new-{b}"): replace(base, bake=b) for b in bakes}
     if args.reference:
         runs.update({f"{name}-reference": replace(cfg, **REFERENCE) for name, cfg in list(runs.items())})
+    if args.decimate:
+        runs.update({f"{name}-decimate": replace(cfg, reduce="decimate") for name, cfg in list(runs.items())})
     if args.legacy:
         runs["legacy"] = replace(base, **LEGACY)
     rows = {}
@@ -157,6 +167,7 @@ def main() -> None:
                 "total_s": round(total, 2),
                 "stages_s": result.timings_s,
                 **{k: result.report[k] for k in ("faces", "is_watertight", "euler_characteristic", "components", "charts", "atlas_utilisation", "cleanup_notes")},
+                "grid_factor": result.report.get("grid_factor", 1.0),
                 **mesh_fidelity(glb, truth_points, truth_area, diagonal),
                 "texture_psnr": round(psnr, 2),
             }
@@ -165,7 +176,7 @@ def main() -> None:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.round(front * 255).astype(np.uint8)).save(args.out.with_name(f"{args.out.stem}_{name}_front.png"))
                 glb.visual.material.baseColorTexture.convert("RGB").save(args.out.with_name(f"{args.out.stem}_{name}_atlas.png"))
-    header = {"device": str(device), "mc_resolution": args.mc_resolution, "target_faces": args.target_faces, "texture": args.texture}
+    header = {"device": str(device), "mc_resolution": args.mc_resolution, "target_faces": args.target_faces, "texture": args.texture, "set": args.overrides}
     if device.type == "cuda":
         header["gpu"] = torch.cuda.get_device_name(device)
     print("| run | total s | stages s | faces | watertight | Euler | charts | utilisation | Chamfer | F@1% | area ratio | PSNR |")

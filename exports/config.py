@@ -59,7 +59,12 @@ class ExportConfig:
     smooth_iterations: int = 10
     """Taubin smoothing passes on the marching-cubes mesh before decimation (0 = none)."""
     target_faces: int = 50_000
-    """Decimate to at most this many faces before UV unwrapping (0 = no decimation); bounds xatlas time."""
+    """Bring the mesh to at most this many faces before UV unwrapping (see reduce; 0 = keep all); bounds xatlas time."""
+    reduce: Literal["remesh", "decimate"] = "remesh"
+    """With fill_interior, how a solid's mesh of more than 1.5 x target_faces gets to the budget: remesh (marching
+    cubes of the solid resampled on a coarser grid sized for the budget: regular triangles, which xatlas charts
+    into a few large islands quickly) or decimate (quadric decimation of the full-resolution mesh, kept closed:
+    sharper detail, but several times more UV charts and a slower unwrap; bench/export.py measures both)."""
     texture_resolution: int = 1024
     """Side of the square base-colour texture, in pixels."""
     cpu_max_mc_resolution: int = 128
@@ -67,6 +72,10 @@ class ExportConfig:
     minutes there; say --set export.cpu_max_mc_resolution=0 to keep the full grid."""
     cpu_max_texture_resolution: int = 512
     """On the CPU, texture_resolution is capped at this (0 = no cap): the bake evaluates the field per texel."""
+    cpu_min_uv_piece_faces: int = 8000
+    """On the CPU, uv_piece_faces (when not 0) is raised to at least this (0 = unchanged): a few cores chart only a
+    few pieces at once, and at the CPU's 512 px texture the seams of smaller pieces cost ~0.4 dB texture PSNR on
+    bench/export.py's robot."""
     texture_padding: int = 4
     """Gutter between UV charts (asked of xatlas; its atlas scaled to the texture keeps about 0.7-1x of it) and
     seam dilation of the baked texture, in pixels."""
@@ -101,10 +110,12 @@ class ExportConfig:
     """Side of the depth maps that decide visibility in the projection bake, in pixels."""
     chunk_size: int = 262_144
     """Points per call of the density/albedo functions (bounds memory)."""
-    uv_piece_faces: int = 8000
+    uv_piece_faces: int = 4000
     """xatlas charts the mesh in pieces of about this many faces (flat cuts; at most 16 pieces), in parallel
     threads, and packs all their charts into one atlas: on 50k faces several times faster than one piece, with
-    about as many charts (0 = the whole mesh as one piece, the reference)."""
+    about as many charts (0 = the whole mesh as one piece, the reference). Charting time grows faster than a
+    piece's size: 4000 halved the largest piece's time against 8000 on a fitted field's 40k-face mesh (198
+    charts instead of 301; 120 instead of 92 on bench/export.py's robot)."""
     uv_timeout_s: float = 600.0
     """Time limit of one xatlas unwrap in its subprocess; on timeout the fallback atlas is used."""
     turntable_frames: int = 60
@@ -125,7 +136,7 @@ class ExportConfig:
 
     def for_device(self, device: str | object) -> ExportConfig:
         """This config as it runs on ``device``: bake_rays auto decided; on the CPU, the grid and texture capped
-        (see the cpu_max_* fields)."""
+        and the UV pieces enlarged (see the cpu_max_* / cpu_min_* fields)."""
         cpu = str(device).split(":")[0] == "cpu"
         changes: dict = {"bake_rays": "vertices" if cpu else "texels"} if self.bake_rays == "auto" else {}
         if cpu:
@@ -137,6 +148,8 @@ class ExportConfig:
                 )
                 if 0 < limit < getattr(self, name)
             )
+            if 0 < self.uv_piece_faces < self.cpu_min_uv_piece_faces:
+                changes["uv_piece_faces"] = self.cpu_min_uv_piece_faces
         return replace(self, **changes) if changes else self
 
     def __post_init__(self) -> None:
@@ -153,6 +166,8 @@ class ExportConfig:
             raise ReconError(f"export.up_axis {self.up_axis!r}: choose one of {', '.join(UP_AXES)} (or auto in fit-views)")
         if self.bake not in ("normal", "project", "point"):
             raise ReconError(f"export.bake {self.bake!r}: choose normal, project or point")
+        if self.reduce not in ("remesh", "decimate"):
+            raise ReconError(f"export.reduce {self.reduce!r}: choose remesh or decimate")
         if self.bake_rays not in ("auto", "vertices", "texels"):
             raise ReconError(f"export.bake_rays {self.bake_rays!r}: choose auto, vertices or texels")
         if self.bake_band <= 0:
@@ -163,7 +178,7 @@ class ExportConfig:
             raise ReconError("export.carve_views must be >= 0 and export.carve_resolution >= 1")
         if self.bake_surface_points < 1:
             raise ReconError(f"export.bake_surface_points must be >= 1, got {self.bake_surface_points}")
-        if self.uv_piece_faces < 0:
-            raise ReconError(f"export.uv_piece_faces must be >= 0, got {self.uv_piece_faces}")
+        if min(self.uv_piece_faces, self.cpu_min_uv_piece_faces) < 0:
+            raise ReconError(f"export.uv_piece_faces and cpu_min_uv_piece_faces must be >= 0, got {self.uv_piece_faces}, {self.cpu_min_uv_piece_faces}")
         if self.target_faces < 0 or self.texture_padding < 0 or self.smooth_iterations < 0 or self.hole_voxels < 0:
             raise ReconError("export.target_faces, texture_padding, smooth_iterations and hole_voxels must be >= 0")

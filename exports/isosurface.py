@@ -140,22 +140,17 @@ def crop_to_surface(grid: np.ndarray, aabb: np.ndarray, level: float, margin: in
     return np.ascontiguousarray(part), np.stack([box[0] + low * step, box[0] + high * step])
 
 
-def _grid_points(axes: list[torch.Tensor], index: np.ndarray) -> torch.Tensor:
-    """World points (P, 3) of grid indices ``index`` (P, 3) on per-axis coordinates ``axes``."""
-    idx = torch.as_tensor(index)
-    return torch.stack([axes[a][idx[:, a]] for a in range(3)], dim=1)
-
-
-def _interpolate_axis(values: np.ndarray, coarse: np.ndarray, size: int, axis: int) -> np.ndarray:
+def _interpolate_axis(values: torch.Tensor, coarse: np.ndarray, size: int, axis: int) -> torch.Tensor:
     """Linear interpolation of ``values`` along ``axis`` from grid indices ``coarse`` to 0..size-1."""
     fine = np.arange(size, dtype=np.float64)
     upper = np.clip(np.searchsorted(coarse, fine, side="right"), 1, len(coarse) - 1)
     lower = upper - 1
-    t = ((fine - coarse[lower]) / (coarse[upper] - coarse[lower])).astype(np.float32)
+    t = torch.as_tensor((fine - coarse[lower]) / (coarse[upper] - coarse[lower]), dtype=torch.float32, device=values.device)
     shape = [1, 1, 1]
     shape[axis] = size
     t = t.reshape(shape)
-    return np.take(values, lower, axis=axis) * (1.0 - t) + np.take(values, upper, axis=axis) * t
+    pick = [torch.as_tensor(index, device=values.device) for index in (lower, upper)]
+    return values.index_select(axis, pick[0]) * (1.0 - t) + values.index_select(axis, pick[1]) * t
 
 
 @torch.no_grad()
@@ -176,7 +171,8 @@ def sample_density_near_surface(
     quarter of the level and some corner below it), grown by one cell, are
     then evaluated at full resolution; the rest of the grid is interpolated
     trilinearly from the coarse samples (well inside or well outside, where
-    no surface is lost). ``stride`` 1 evaluates every point. Returns the grid,
+    no surface is lost). ``stride`` 1 evaluates every point. The grid is
+    assembled on ``device`` (one copy to the CPU at the end). Returns the grid,
     the level and the fraction of grid points evaluated.
     """
     box = as_aabb(aabb)
@@ -191,33 +187,45 @@ def sample_density_near_surface(
     small = np.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
     # The coarse grid is uniform but for a shorter last step; its mean step is close enough for the level.
     level = auto_threshold(small, (box[1] - box[0]) / (len(coarse) - 1)) if threshold is None else float(threshold)
-    grid = small
+    grid = torch.as_tensor(small, device=device)
     for axis in range(3):
         grid = _interpolate_axis(grid, coarse, resolution, axis)
-    grid = np.ascontiguousarray(grid, dtype=np.float32)
+    grid = grid.contiguous()
     # Coarse cells (between consecutive coarse points) that may hold the surface.
-    corners = [small[i : len(coarse) - 1 + i, j : len(coarse) - 1 + j, k : len(coarse) - 1 + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    n = len(coarse) - 1
+    corners = [small[i : n + i, j : n + j, k : n + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
     high, low = np.max(corners, axis=0), np.min(corners, axis=0)
-    near = binary_dilation((high >= 0.25 * level) & (low < level), iterations=1)
+    near = torch.as_tensor(binary_dilation((high >= 0.25 * level) & (low < level), iterations=1), device=device)
     # Fine points inside (or on the border of) a chosen cell: a border point belongs to the cells on both sides.
     fine = np.arange(resolution)
-    upper = np.clip(np.searchsorted(coarse, fine, side="right") - 1, 0, len(coarse) - 2)
-    lower = np.clip(np.searchsorted(coarse, fine, side="left") - 1, 0, len(coarse) - 2)
-    wanted = np.zeros((resolution,) * 3, dtype=bool)
-    for a in (lower, upper):
-        for b in (lower, upper):
-            for c in (lower, upper):
-                wanted |= near[np.ix_(a, b, c)]
-    index = np.argwhere(wanted)
+    sides = [
+        torch.as_tensor(np.clip(np.searchsorted(coarse, fine, side=side) - 1, 0, n - 1), device=device) for side in ("right", "left")
+    ]
+    wanted = torch.zeros((resolution,) * 3, dtype=torch.bool, device=device)
+    for a in sides:
+        for b in sides:
+            for c in sides:
+                wanted |= near.index_select(0, a).index_select(1, b).index_select(2, c)
+    index = torch.nonzero(wanted)
+    device_axes = [axis.to(device) for axis in axes]
     for start in range(0, len(index), chunk_size):
         block = index[start : start + chunk_size]
-        values = density_fn(_grid_points(axes, block).to(device)).reshape(-1).float().cpu().numpy()
-        grid[block[:, 0], block[:, 1], block[:, 2]] = values
+        points = torch.stack([device_axes[a][block[:, a]] for a in range(3)], dim=1)
+        grid[block[:, 0], block[:, 1], block[:, 2]] = density_fn(points).reshape(-1).float()
+    grid = grid.cpu().numpy()
     bad = ~np.isfinite(grid)
     if bad.any():
         warn(f"{int(bad.sum())} non-finite density values replaced by 0 before marching cubes")
         grid[bad] = 0.0
     return grid, level, (len(coarse) ** 3 + len(index)) / resolution**3
+
+
+def resample_grid(grid: np.ndarray, factor: float, device: torch.device | str = "cpu") -> np.ndarray:
+    """``grid`` (X, Y, Z) resampled trilinearly to ``round(factor * size)`` points per axis (at least 2), its
+    corner points kept where they are (so it spans the same box, as scipy's ``zoom(order=1)``); on ``device``."""
+    size = [max(2, round(factor * s)) for s in grid.shape]
+    values = torch.as_tensor(np.ascontiguousarray(grid, dtype=np.float32), device=device)[None, None]
+    return torch.nn.functional.interpolate(values, size=size, mode="trilinear", align_corners=True)[0, 0].cpu().numpy()
 
 
 def extract_mesh(

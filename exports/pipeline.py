@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import zoom
 
 from recon.cameras import Cameras
 from recon.data.transforms_json import PosedImages
@@ -18,7 +17,7 @@ from recon.exports.bake import bake_colours, point_lookup
 from recon.exports.carve import seen_free
 from recon.exports.cleanup import clean_mesh, mesh_report
 from recon.exports.config import ExportConfig
-from recon.exports.isosurface import as_aabb, crop_to_surface, marching_cubes, sample_density_near_surface
+from recon.exports.isosurface import as_aabb, crop_to_surface, marching_cubes, resample_grid, sample_density_near_surface
 from recon.exports.photo_bake import PhotoProjector, PhotoSettings, with_photos
 from recon.exports.project import (
     ProjectionSettings,
@@ -41,6 +40,15 @@ CARVE_MARGIN = 1.0
 """Free-space carving counts a grid point as seen free this many grid steps in front of the rendered surface."""
 CARVE_REGROW = 2
 """...and grows the outside back by this many grid steps into the band in front of the surface it left out."""
+REMESH_ABOVE = 1.5
+"""With export.reduce=remesh, a solid's mesh of more than this many times target_faces is meshed again on a
+coarser grid rather than decimated."""
+
+
+def coarser_factor(faces: int, target_faces: int) -> float:
+    """The grid resolution factor whose marching-cubes mesh has about 0.9 x ``target_faces`` faces, from a mesh
+    of ``faces`` faces at the full resolution (faces ~ 1 / step^2), within [0.25, 0.95]."""
+    return float(np.clip(np.sqrt(0.9 * target_faces / faces), 0.25, 0.95))
 
 
 @dataclass
@@ -153,18 +161,24 @@ def export_mesh(
     raw = marching_cubes(grid, grid_box, level)
     stages.done("marching_cubes", f"marching cubes: {len(raw.faces)} faces ({solid_note})")
     notes: list[str] = []
+    factor = 1.0
+    if cfg.fill_interior and cfg.reduce == "remesh" and 0 < cfg.target_faces and len(raw.faces) > REMESH_ABOVE * cfg.target_faces:
+        # Marching cubes of the solid resampled on a coarser grid: closed by construction, regular triangles
+        # (xatlas makes a few large charts of them), no decimation to undo.
+        factor = coarser_factor(len(raw.faces), cfg.target_faces)
+        raw = marching_cubes(resample_grid(grid, factor, device), grid_box, level)
     mesh = clean_mesh(raw, cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
     if cfg.fill_interior and 0 < cfg.target_faces and len(mesh.faces) > 1.1 * cfg.target_faces:
         # Decimation could not keep the solid's mesh closed: mesh the solid resampled on a coarser grid (closed by
-        # construction, faces ~ 1 / step^2) sized for about 0.9 x target_faces, rather than hand xatlas a huge mesh.
-        factor = float(np.clip(np.sqrt(0.9 * cfg.target_faces / len(raw.faces)), 0.25, 0.95))
-        coarse = zoom(grid, factor, order=1, mode="nearest")
+        # construction) sized for about 0.9 x target_faces, rather than hand xatlas a huge mesh.
+        factor *= coarser_factor(len(raw.faces), cfg.target_faces)
         notes.append(f"re-meshed the solid at {factor:.2f} x the grid resolution ({len(mesh.faces)} faces after cleanup)")
-        mesh = clean_mesh(marching_cubes(coarse, grid_box, level), cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
+        mesh = clean_mesh(marching_cubes(resample_grid(grid, factor, device), grid_box, level), cfg.min_component_ratio, cfg.target_faces, cfg.smooth_iterations, notes)
     report = mesh_report(mesh)
-    report.update(cleanup_notes=notes, solid=solid)
+    report.update(cleanup_notes=notes, solid=solid, grid_factor=round(factor, 4))
     closed = "closed" if report["is_watertight"] else "NOT closed (watertight False)"
-    stages.done("cleanup", f"cleanup: {report['faces']} faces, {closed}, Euler characteristic {report['euler_characteristic']}")
+    coarser = f" (meshed at {factor:.2f} x the grid resolution)" if factor < 1.0 else ""
+    stages.done("cleanup", f"cleanup: {report['faces']} faces{coarser}, {closed}, Euler characteristic {report['euler_characteristic']}")
 
     voxel = float(np.mean((box[1] - box[0]) / (cfg.mc_resolution - 1)))
     band = cfg.bake_band * voxel

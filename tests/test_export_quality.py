@@ -245,7 +245,7 @@ def test_when_decimation_cannot_keep_it_closed_the_solid_is_meshed_on_a_coarser_
     from recon.exports import cleanup
 
     monkeypatch.setattr(cleanup, "_decimate_closed", lambda mesh, target: None)
-    cfg = ExportConfig(formats=["ply"], mc_resolution=64, threshold=100.0, target_faces=500, bake="point")
+    cfg = ExportConfig(formats=["ply"], mc_resolution=64, threshold=100.0, target_faces=500, bake="point", reduce="decimate")
     result = export_mesh(shell_density, surface_albedo, BOX, tmp_path, cfg)
     notes = result.report["cleanup_notes"]
     assert any(note.startswith("re-meshed the solid at") for note in notes), notes

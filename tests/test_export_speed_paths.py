@@ -141,9 +141,11 @@ def test_vertex_ray_bake_matches_the_texel_ray_bake(capsule_mesh):
 
 def test_the_speed_paths_are_the_defaults_and_the_references_are_settings():
     cfg = ExportConfig()
-    assert (cfg.bake_rays, cfg.bake_surface_points, cfg.uv_piece_faces) == ("auto", 2, 8000)
+    assert (cfg.bake_rays, cfg.bake_surface_points, cfg.uv_piece_faces) == ("auto", 2, 4000)
     # Vertex rays where the field is slow to evaluate (the CPU); a ray per texel on a GPU.
     assert cfg.for_device("cpu").bake_rays == "vertices" and cfg.for_device("cuda:0").bake_rays == "texels"
+    # Smaller UV pieces where many cores chart them at once; the CPU keeps larger ones (fewer seams).
+    assert cfg.for_device("cuda:0").uv_piece_faces == 4000 and cfg.for_device("cpu").uv_piece_faces == 8000
     reference = ExportConfig(bake_rays="texels", uv_piece_faces=0)
     assert reference.for_device("cpu").bake_rays == "texels" and reference.for_device("cuda") is reference
     for bad in ({"bake_rays": "pixels"}, {"bake_surface_points": 0}, {"uv_piece_faces": -1}):
