@@ -14,7 +14,8 @@ give ms per step and its parts per stage: grid (occupancy refresh), render
 losses, backward pass and the step's one sync) and optimiser. The
 sizes of the packed sample sets (read from tensor shapes, no sync) give the
 mean points per step whose density the sampler evaluates (``sampled``) and
-that the renderer shades with gradients (``shaded``). Prints Markdown
+that the renderer shades with gradients (``shaded``; a gradient-checkpointed
+chunk, as in the low-vram preset, is shaded twice and counted twice). Prints Markdown
 tables; writes the same numbers as JSON to ``--out``.
 """
 

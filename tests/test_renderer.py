@@ -172,6 +172,7 @@ def test_stratified_jitter_is_deterministic_given_the_seed():
 
 
 def test_occupancy_grid_is_module_state_and_checkpoints_cross_samplers():
+    pytest.importorskip("nerfacc")
     grid = _renderer(sampler="nerfacc", grid_resolution=8, grid_warmup_steps=10).train()
     assert grid.occupancy.occupied_fraction == 0.0
     grid.update_occupancy(0)  # runs in plain torch: the blob makes the centre occupied
