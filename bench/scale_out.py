@@ -146,7 +146,7 @@ def parse_batch(entry: str) -> tuple[int, int, bool]:
     return int(gpus), int(per_gpu or 1), flag != "nopin"
 
 
-PHASES = {"fit": ("coarse", "fine", "refine", "train"), "export": ("export",), "prepare": ("preprocess", "prepare guidance", "load models")}
+PHASES = {"fit": ("coarse", "fine", "refine", "train"), "export": ("export",), "prepare": ("preprocess", "prepare guidance", "import libraries", "load models")}
 """Per-image phases of the bench's report: which fit_image timer phases each one sums (the rest is ``other``)."""
 
 

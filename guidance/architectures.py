@@ -159,6 +159,16 @@ def architecture(name: str) -> dict[str, Any]:
     return copy.deepcopy(ARCHITECTURES[name])
 
 
+def import_model_libraries() -> None:
+    """Imports the diffusers and transformers classes the models are built from.
+
+    On a cold start this alone takes seconds (diffusers imports ``torch._dynamo`` and every one of its model
+    classes), so callers time it apart from reading weights.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPVisionModelWithProjection  # noqa: F401
+
+
 def build_components(arch: str | dict[str, Any]) -> dict[str, torch.nn.Module]:
     """Randomly initialised ``unet``, ``vae``, ``image_encoder`` and ``camera_projection`` for ``arch``.
 

@@ -111,11 +111,15 @@ class Models:
         self._cache: dict[str, Any] = {}
 
     def get(self, cfg: FitConfig, timer: PhaseTimer) -> Any:
-        """The Zero123Guidance of ``cfg.guidance``, loaded (timed under ``timer``'s "load models") on first use."""
+        """The Zero123Guidance of ``cfg.guidance``, loaded on first use (timed under ``timer``'s "import libraries"
+        for diffusers and transformers, then "load models")."""
         key = repr(to_plain(cfg.guidance))
         if key not in self._cache:
+            from recon.guidance.architectures import import_model_libraries
             from recon.guidance.interface import make_guidance
 
+            with timer.phase("import libraries"):
+                import_model_libraries()
             with timer.phase("load models"):
                 self._cache[key] = make_guidance(cfg.guidance, self.device)
         return self._cache[key]

@@ -253,7 +253,7 @@ def test_fit_end_to_end_writes_meshes_and_run_files(tmp_path, shared_models, cap
     assert cfg.guidance.model == "random-tiny" and cfg.stages["fine"].steps == 3 and cfg.export.formats == ["glb", "obj"]
     meta = json.loads((run / "meta.json").read_text())
     assert meta["seed"] == 0 and meta["device"] == "cpu" and meta["random_weights"] is True
-    assert {"coarse", "fine", "export", "turntable", "preprocess"} <= set(meta["timings_s"])
+    assert {"coarse", "fine", "export", "turntable", "preprocess", "import libraries", "load models"} <= set(meta["timings_s"])
     assert "torch" in meta["versions"] and "peak_gpu_memory_gib" in meta
     progress = json.loads((run / "progress.json").read_text())
     assert progress["status"] == "finished" and progress["step"] == progress["total"] == 6
