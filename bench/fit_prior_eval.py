@@ -208,18 +208,10 @@ def method_configs(preset: str, overrides: list[str], model: str, steps: int | N
 @torch.no_grad()
 def render_run(run_dir: Path, cameras: Cameras, device: torch.device) -> torch.Tensor:
     """RGB (N, H, W, 3) over white of the run's newest checkpoint (field + occupancy grid) at ``cameras``."""
-    from recon.config import from_plain
-    from recon.render import RendererConfig, VolumeRenderer
-    from recon.runs import RunDir
-    from recon.systems.checkpoint import load_field_from_run
+    from recon.systems.checkpoint import load_renderer_from_run
     from recon.systems.fit_views import render_views
 
-    field, checkpoint = load_field_from_run(run_dir, device)
-    renderer = VolumeRenderer(field, from_plain(RendererConfig, RunDir.open(run_dir).read_config()["renderer"])).to(device)
-    state = renderer.state_dict()
-    state.update(checkpoint.modules.get("renderer", {}))
-    renderer.load_state_dict(state)
-    renderer.eval()
+    renderer, _ = load_renderer_from_run(run_dir, device)
     white = torch.ones(3, device=device)
     return render_views(renderer, cameras.to(device), white).float().clamp(0, 1).cpu()
 

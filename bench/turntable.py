@@ -27,21 +27,9 @@ import torch
 from recon.config import from_plain
 from recon.exports import turntable
 from recon.exports.config import ExportConfig
+from recon.runs import RunDir
 from recon.runtime import resolve_device
-
-
-def run_renderer(run_dir: Path, device: torch.device):
-    """The run's renderer in eval mode on ``device`` (field and occupancy grid from the newest checkpoint)."""
-    from recon.render import RendererConfig, VolumeRenderer
-    from recon.runs import RunDir
-    from recon.systems.checkpoint import load_field_from_run
-
-    field, checkpoint = load_field_from_run(run_dir, device)
-    config = RunDir.open(run_dir).read_config()
-    renderer = VolumeRenderer(field, from_plain(RendererConfig, config.get("renderer", {})))
-    state = {f"field.{k}": v for k, v in field.state_dict().items()}
-    renderer.load_state_dict({**state, **checkpoint.modules.get("renderer", {})}, strict=False)
-    return renderer.to(device).eval(), config
+from recon.systems.checkpoint import load_renderer_from_run
 
 
 def robot_render(resolution: int):
@@ -84,7 +72,8 @@ def main() -> None:
     if args.robot:
         radius, fovy, background = 3.8, 20.0, None
     else:
-        renderer, config = run_renderer(args.run_dir, device)
+        renderer, _ = load_renderer_from_run(args.run_dir, device)
+        config = RunDir.open(args.run_dir).read_config()
         settings = from_plain(ExportConfig, config.get("export", {}))
         radius, fovy = 3.8, 20.0
         background = torch.tensor(config.get("background", [1.0, 1.0, 1.0]), device=device)

@@ -358,6 +358,21 @@ def load_field_from_run(run_dir: str | Path | RunDir, device: str | torch.device
     return field.to(device).eval(), checkpoint
 
 
+def load_renderer_from_run(run_dir: str | Path | RunDir, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
+    """The run's :class:`recon.render.VolumeRenderer` (config.yaml ``renderer``) over the field of
+    :func:`load_field_from_run`, with that checkpoint's occupancy grid; eval mode, on ``device``."""
+    from recon.config import from_plain
+    from recon.render import RendererConfig, VolumeRenderer
+
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    field, checkpoint = load_field_from_run(run, device)
+    renderer = VolumeRenderer(field, from_plain(RendererConfig, run.read_config().get("renderer", {}))).to(device)
+    state = renderer.state_dict()
+    state.update(checkpoint.modules.get("renderer", {}))
+    renderer.load_state_dict(state)
+    return renderer.eval(), checkpoint
+
+
 @dataclass(frozen=True)
 class SceneTransform:
     """Map from a run's output (user) frame to its field frame: ``field = (world - center) * scale``."""

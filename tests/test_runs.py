@@ -22,6 +22,7 @@ from recon.systems.checkpoint import (
     list_checkpoints,
     load_field_from_run,
     load_latest,
+    load_renderer_from_run,
     save_checkpoint,
 )
 
@@ -182,6 +183,25 @@ def test_load_field_from_run_rebuilds_the_field(tmp_path):
     empty = RunDir.create(tmp_path / "empty", {"field": to_plain(TINY_FIELD)})
     with pytest.raises(InputError, match="no checkpoint"):
         load_field_from_run(empty)
+
+
+def test_load_renderer_from_run_restores_the_renderer_config_and_its_occupancy_grid(tmp_path):
+    from recon.render import RendererConfig, VolumeRenderer
+
+    torch.manual_seed(2)
+    renderer = VolumeRenderer(RadianceField(TINY_FIELD), RendererConfig(sampler="grid", grid_resolution=8)).train()
+    renderer.update_occupancy(0)
+    grid_state = {k: v for k, v in renderer.state_dict().items() if not k.startswith("field.")}
+    config = {"field": to_plain(TINY_FIELD), "renderer": to_plain(RendererConfig(sampler="grid", grid_resolution=8))}
+    run = RunDir.create(tmp_path / "run", config)
+    save_checkpoint(run, 3, "fine", {"field": renderer.field, "renderer": grid_state})
+    loaded, ckpt = load_renderer_from_run(tmp_path / "run", "cpu")
+    assert ckpt.step == 3 and not loaded.training and loaded.cfg.sampler == "grid"
+    assert torch.equal(loaded.occupancy.estimator.binaries, renderer.occupancy.estimator.binaries)
+    assert loaded.occupancy.estimator.binaries.any() and not loaded.occupancy.estimator.binaries.all()
+    points = torch.rand(64, 3) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.field.density(points), renderer.field.density(points))
 
 
 def test_scene_transform_round_trip():
