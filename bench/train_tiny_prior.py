@@ -129,6 +129,9 @@ class RecipeConfig:
     """AdamW learning rate of the VAE."""
     kl_weight: float = 1e-6
     """KL weight of the VAE stage (per latent element)."""
+    chroma_weight: float = 1.0
+    """Weight of the VAE stage's extra L1 loss on the colour alone (TrainConfig.chroma_weight): without it a VAE
+    trained from scratch learns brightness first and carries colour in latent variations too small for the UNet."""
     base_steps: int = 1_000_000
     """Most base-stage steps (time usually ends the stage first)."""
     base_batch: int = 128
@@ -356,7 +359,7 @@ def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
 
     return TrainConfig(
         stage=stage, steps=max(1, steps), batch_size=batch, image_size=cfg.size, lr_unet=cfg.lr_unet,
-        lr_projection=cfg.lr_projection, lr_vae=cfg.lr_vae, kl_weight=cfg.kl_weight, warmup_steps=cfg.warmup_steps,
+        lr_projection=cfg.lr_projection, lr_vae=cfg.lr_vae, kl_weight=cfg.kl_weight, chroma_weight=cfg.chroma_weight, warmup_steps=cfg.warmup_steps,
         ema_decay=cfg.ema_decay, loss_weighting=cfg.loss_weighting, mixed_precision=cfg.mixed_precision, prompt_steps=cfg.prompt_steps,
         seed=cfg.seed, preload=True, checkpoint_every=10**9, keep_checkpoints=1, vae_decoder_only=bool(cfg.init),
     )
@@ -381,7 +384,11 @@ def run_stage(cfg: RecipeConfig, stage: str, steps: int, batch: int, data: Path,
 
     from accelerate import PartialState
 
-    processes = PartialState().num_processes
+    launch = PartialState()
+    processes = launch.num_processes
+    if launch.is_main_process and run.exists():
+        shutil.rmtree(run)  # this stage's scratch run from an earlier command into the same --work
+    launch.wait_for_everyone()
     log(f"stage {stage}: up to {steps} steps of batch {batch} x {processes} processes in {minutes:.2f} min from {init}")
     result = train(tcfg, data, str(init), run, cfg.device, max_minutes=minutes, resume=False, export_on_stop=True, on_step=on_step)
     tail = result.losses[-50:]

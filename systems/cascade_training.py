@@ -164,7 +164,8 @@ class TrainConfig:
     """Stage vae: train only the decoder; the encoder, hence the latent space and scaling_factor, stay as they
     are, so a UNet already trained on those latents keeps working (e.g. to sharpen a trained prior's colours)."""
     preload: bool = False
-    """Decode every view once into memory (8-bit RGBA) and draw batches there; fast for datasets that fit in RAM."""
+    """Decode every view once into memory (8-bit RGBA) and draw batches there; fast for datasets that fit in RAM.
+    In stage base also encode every view once with the frozen VAE and image encoder (EncodedViews)."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -274,16 +275,63 @@ class ViewCache:
         """``count`` views drawn uniformly (with replacement) from all views, (count, 3, S, S)."""
         return self.rgb(torch.randint(self.images.shape[0], (count,), generator=generator), background)
 
-    def sample(self, batch_size: int, generator: torch.Generator, background: float = 1.0) -> ViewBatch:
-        """A :class:`ViewBatch` of ``batch_size`` (object, input view, different target view) triples."""
+    def sample_pairs(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Flat view indices (B,) of ``batch_size`` input views and, of the same objects, different target views
+        (objects drawn with replacement)."""
         objects = torch.randint(len(self.counts), (batch_size,), generator=generator)
         counts = self.counts[objects]
         first = (torch.rand(batch_size, generator=generator) * counts).long().clamp_max(counts - 1)
         shift = 1 + (torch.rand(batch_size, generator=generator) * (counts - 1)).long().clamp_max(counts - 2)
-        i = self.offsets[objects] + first
-        j = self.offsets[objects] + torch.remainder(first + shift, counts)
-        pi, pj = self.poses[i], self.poses[j]
-        return ViewBatch(self.rgb(i, background), pi[:, 0], pi[:, 1], pi[:, 2], self.rgb(j, background), pj[:, 0], pj[:, 1], pj[:, 2])
+        return self.offsets[objects] + first, self.offsets[objects] + torch.remainder(first + shift, counts)
+
+    def batch(self, inputs: Tensor, targets: Tensor, background: float = 1.0) -> ViewBatch:
+        """The :class:`ViewBatch` of flat input and target view indices (B,)."""
+        pi, pj = self.poses[inputs], self.poses[targets]
+        return ViewBatch(self.rgb(inputs, background), pi[:, 0], pi[:, 1], pi[:, 2], self.rgb(targets, background), pj[:, 0], pj[:, 1], pj[:, 2])
+
+    def sample(self, batch_size: int, generator: torch.Generator, background: float = 1.0) -> ViewBatch:
+        """A :class:`ViewBatch` of ``batch_size`` (object, input view, different target view) triples."""
+        return self.batch(*self.sample_pairs(batch_size, generator), background)
+
+
+@dataclass
+class EncodedBatch:
+    """What the frozen encoders make of a :class:`ViewBatch`: the inputs' image embeddings (B, D), their concat
+    latents (B, 4, h, w; :meth:`Zero123Model.cond_latent`) and the targets' diffusion latents (B, 4, h, w;
+    :meth:`Zero123Model.encode`)."""
+
+    input_embeds: Tensor
+    cond_latent: Tensor
+    target: Tensor
+
+
+class EncodedViews:
+    """Every view of a :class:`ViewCache` passed once through the frozen VAE encoder (posterior mode) and image
+    encoder, on the model's device.
+
+    Both encoders are deterministic and frozen outside stage vae, so stage base
+    reads a batch's latents and embeddings here instead of encoding 2 B images
+    per step (over half of a step's arithmetic for the ``prior``
+    architecture). ``autocast``: the context the encoders run in (the
+    training's mixed precision).
+    """
+
+    def __init__(self, views: ViewCache, model: Zero123Model, background: float,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, chunk: int = 256) -> None:
+        modes, embeds = [], []
+        with torch.no_grad(), autocast():
+            for index in torch.arange(views.images.shape[0]).split(chunk):
+                rgb = views.rgb(index, background).to(model.device)
+                modes.append(model.cond_latent(rgb).float())
+                embeds.append(model.clip_embed(rgb).float())
+        self.modes = torch.cat(modes)
+        self.embeds = torch.cat(embeds)
+        self.scaling_factor = model.scaling_factor
+
+    def encoded(self, inputs: Tensor, targets: Tensor) -> EncodedBatch:
+        """The :class:`EncodedBatch` of flat input and target view indices (B,)."""
+        inputs, targets = inputs.to(self.modes.device), targets.to(self.modes.device)
+        return EncodedBatch(self.embeds[inputs], self.modes[inputs], self.modes[targets] * self.scaling_factor)
 
 
 @dataclass
@@ -361,17 +409,20 @@ def condition_dropout(
     return keep, (~no_latent).float()
 
 
-def cascade_tokens(model: Zero123Model, batch: ViewBatch, prompts: Prompts | None) -> tuple[Tensor, Tensor]:
+def cascade_tokens(model: Zero123Model, batch: ViewBatch, prompts: Prompts | None, input_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CLIP embeds (B, K, D) and poses (B, K, 4) of the conditioning tokens for each sample's target.
 
     With ``prompts`` the Refiner's tokens [input, coarse, nearby...] from
     :func:`guidance.cascade.refiner_tokens`; without, the single Zero123 token
-    (input, pose of the target relative to the input).
+    (input, pose of the target relative to the input), whose embeddings
+    ``input_embeds`` (B, D) gives when they are already known.
     """
     device = model.device
     b = batch.input_images.shape[0]
     if prompts is None:
-        embeds = model.clip_embed(batch.input_images.to(device))[:, None]
+        if input_embeds is None:
+            input_embeds = model.clip_embed(batch.input_images.to(device))
+        embeds = input_embeds.to(device, model.dtype)[:, None]
         poses = relative_pose(
             batch.target_elevation, batch.target_azimuth, batch.target_radius,
             batch.input_elevation, batch.input_azimuth, batch.input_radius, encoding=model.pose_encoding,
@@ -429,8 +480,8 @@ def trainable_modules(model: Zero123Model) -> list[nn.Module]:
 def ema_update(target: Zero123Model, source: Zero123Model, decay: float) -> None:
     """target <- decay * target + (1 - decay) * source, over the trainable modules' parameters and buffers."""
     for t_mod, s_mod in zip(trainable_modules(target), trainable_modules(source)):
-        for t, s in zip(t_mod.parameters(), s_mod.parameters()):
-            t.lerp_(s.detach().to(t.dtype), 1.0 - decay)
+        # One multi-tensor launch per module instead of one per parameter (a step of the tiny prior is short).
+        torch._foreach_lerp_(list(t_mod.parameters()), [s.detach() for s in s_mod.parameters()], 1.0 - decay)
         for t, s in zip(t_mod.buffers(), s_mod.buffers()):
             t.copy_(s)
 
@@ -561,11 +612,14 @@ class Trainer:
         for group, base_lr in zip(optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * scale
 
-    def train_step(self, batch: ViewBatch, generator: torch.Generator, prompts: Prompts | None = None) -> float:
+    def train_step(self, batch: ViewBatch, generator: torch.Generator, prompts: Prompts | None = None,
+                   encoded: EncodedBatch | None = None) -> float:
         """One optimiser step on ``batch`` (self-prompting first in stage cascade); returns the loss.
 
         All random draws (single-token choice, prompts, timesteps, noise,
-        dropout) come from ``generator``; ``prompts`` skips self-prompting.
+        dropout) come from ``generator``; ``prompts`` skips self-prompting;
+        ``encoded`` (the batch's :class:`EncodedBatch`) skips the frozen
+        encoders on single-token steps.
         """
         if self._prepared is None:
             self.prepare()
@@ -577,9 +631,13 @@ class Trainer:
             if use_cascade and prompts is None:
                 prompts = self_prompt(self.base, batch, cfg, generator)
             with torch.no_grad():
-                embeds, poses = cascade_tokens(model, batch, prompts if use_cascade else None)
-                cond_latent = model.cond_latent(batch.input_images.to(device))
-                target = model.encode(batch.target_images.to(device))
+                if encoded is not None and not use_cascade:
+                    embeds, poses = cascade_tokens(model, batch, None, encoded.input_embeds)
+                    cond_latent, target = encoded.cond_latent, encoded.target
+                else:
+                    embeds, poses = cascade_tokens(model, batch, prompts if use_cascade else None)
+                    cond_latent = model.cond_latent(batch.input_images.to(device))
+                    target = model.encode(batch.target_images.to(device))
         b = target.shape[0]
         t = torch.randint(0, model.scheduler.config.num_train_timesteps, (b,), generator=generator)
         noise = torch.randn(target.shape, generator=generator).to(device)
@@ -706,6 +764,7 @@ def train(
     trainer = Trainer(cfg, model, acc)
     dataset = MultiViewDataset(data, image_size=trainer.image_size)
     cache = ViewCache(dataset, acc.device) if cfg.preload else None
+    encoded = EncodedViews(cache, model, cfg.background, acc.autocast) if cache is not None and cfg.stage == "base" else None
     found = list_checkpoints(run.checkpoints)
     if found:
         trainer.load_state(read_checkpoint_file(found[-1][1]), found[-1][1])
@@ -722,11 +781,9 @@ def train(
                 stopped_early = True
                 break
             generator = step_generator(cfg.seed, acc.process_index, trainer.step)
-            if cache is not None:
-                batch = cache.sample(cfg.batch_size, generator, cfg.background)
-            else:
-                batch = sample_batch(dataset, cfg.batch_size, generator, cfg.background)
-            loss = trainer.train_step(batch, generator)
+            pair = cache.sample_pairs(cfg.batch_size, generator) if cache is not None else None
+            batch = cache.batch(*pair, cfg.background) if pair is not None else sample_batch(dataset, cfg.batch_size, generator, cfg.background)
+            loss = trainer.train_step(batch, generator, encoded=encoded.encoded(*pair) if encoded is not None else None)
             if not math.isfinite(loss):
                 from recon.errors import TrainingDivergedError
 

@@ -179,9 +179,10 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     assert cascade["objects"] == 2 and cascade["ci95"][0] <= cascade["mean_diff"] <= cascade["ci95"][1]
     assert "## Paired per-object comparisons" in (out / "eval.md").read_text()
 
-    # A second run continues from the first's weights (no VAE stage): the same VAE, provenance kept.
+    # A second run, into the same work folder, continues from the first's weights (no VAE stage): the same VAE,
+    # provenance kept.
     again = tmp_path / "again"
-    command = [*command[:3], str(again), "--work", str(tmp_path / "work2"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2", "--vae-minutes", "0",
+    command = [*command[:3], str(again), "--work", str(tmp_path / "work"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2", "--vae-minutes", "0",
                "--compare", str(folder), "--no-ablation", "--pose-embedding-gain", "0.25"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -17,8 +17,10 @@ from recon.data.synth import SynthConfig, synthesize
 from recon.errors import ReconError
 from recon.guidance.checkpoints import load_zero123
 from recon.systems.cascade_training import (
+    EncodedViews,
     TrainConfig,
     Trainer,
+    ViewCache,
     cascade_tokens,
     condition_dropout,
     ema_decay_at,
@@ -26,6 +28,7 @@ from recon.systems.cascade_training import (
     make_accelerator,
     sample_batch,
     self_prompt,
+    step_generator,
     timestep_weights,
     train,
     trainable_modules,
@@ -208,6 +211,40 @@ def test_weighted_loss_is_the_weighted_epsilon_mse(data):
     want = (per_sample * timestep_weights(model.scheduler, "truncated-snr")[t]).mean()
     got = trainer.train_step(batch, torch.Generator().manual_seed(5))
     assert got == pytest.approx(float(want), rel=1e-4)
+
+
+def test_encoded_views_give_the_step_the_encoders_would(data):
+    # Stage base reads each view's latents and image embedding from EncodedViews instead of encoding the batch.
+    cfg = TrainConfig(stage="base", warmup_steps=1, **NO_DROP)
+    cache = ViewCache(MultiViewDataset(data, image_size=64), workers=1)
+    inputs, targets = cache.sample_pairs(4, torch.Generator().manual_seed(0))
+    assert torch.all(inputs != targets)
+    batch = cache.batch(inputs, targets)
+    plain, fast = _trainer(cfg), _trainer(cfg)
+    encoded = EncodedViews(cache, fast.student, cfg.background, chunk=3).encoded(inputs, targets)
+    with torch.no_grad():
+        torch.testing.assert_close(encoded.target, plain.student.encode(batch.target_images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(encoded.cond_latent, plain.student.cond_latent(batch.input_images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(encoded.input_embeds, plain.student.clip_embed(batch.input_images), atol=1e-5, rtol=1e-5)
+    for step in range(3):
+        want = plain.train_step(batch, torch.Generator().manual_seed(step))
+        got = fast.train_step(batch, torch.Generator().manual_seed(step), encoded=encoded)
+        assert got == pytest.approx(want, rel=1e-4)
+    for a, b in zip(_params(plain.base), _params(fast.base)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_preloaded_stage_base_trains_as_the_plain_loader_does(data, tmp_path):
+    # train() with preload reads the encoded views of the very pairs it draws: replay its draws through the encoders.
+    cfg = TrainConfig(stage="base", batch_size=2, steps=3, warmup_steps=1, preload=True)
+    preloaded = train(cfg, data, "random-tiny", tmp_path / "run", device="cpu")
+    replay = _trainer(cfg)
+    cache = ViewCache(MultiViewDataset(data, image_size=replay.image_size), workers=1)
+    losses = []
+    for step in range(cfg.steps):
+        generator = step_generator(cfg.seed, 0, step)
+        losses.append(replay.train_step(cache.sample(cfg.batch_size, generator, cfg.background), generator))
+    assert preloaded.losses == pytest.approx(losses, rel=1e-4)
 
 
 def test_cli_train_cascade_stage_base(data, tmp_path):
