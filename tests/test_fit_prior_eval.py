@@ -90,7 +90,7 @@ def test_micro_benchmark_runs_both_methods(bench, tmp_path):
         assert saved["summary"][method]["chamfer"] == pytest.approx(result["chamfer"])
         config = yaml.safe_load((Path(result["run_dir"]) / "config.yaml").read_text())
         weights = {name: stage["weights"]["sds"] for name, stage in config["stages"].items()}
-        assert weights == ({"coarse": 0.1, "fine": 0.1} if method == "sds" else {"coarse": 0.0, "fine": 0.0})
+        assert weights == ({"coarse": 0.05, "fine": 0.05} if method == "sds" else {"coarse": 0.0, "fine": 0.0})
         assert config["guidance"]["model"] == "tiny"
         # the fit's input is the render itself, pixel for pixel (no recentring happened)
         fitted = decode_image(Path(result["run_dir"]) / "input_rgba.png")
