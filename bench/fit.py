@@ -11,8 +11,9 @@ into a scratch output folder; then the run's meta.json gives wall seconds
 per phase and peak CUDA memory, and CUDA events inside every training step
 give ms per step and its parts per stage: grid (occupancy refresh), render
 (sampling + field + compositing), SDS (VAE encode + UNet), backward (the
-losses, backward pass and the step's one sync) and optimiser. The
-sizes of the packed sample sets (read from tensor shapes, no sync) give the
+losses, backward pass and the step's one sync) and optimiser; the first
+steps of each stage are also listed one by one (their one-off costs: graph
+captures, first kernel loads). The sizes of the packed sample sets (read from tensor shapes, no sync) give the
 mean points per step whose density the sampler evaluates (``sampled``) and
 that the renderer shades with gradients (``shaded``; a gradient-checkpointed
 chunk, as in the low-vram preset, is shaded twice and counted twice). Prints Markdown
@@ -152,7 +153,13 @@ class StepTimer:
                 totals["step"] += e["start"].elapsed_time(e["end"])
                 for name in COUNTS:
                     totals[name] = totals.get(name, 0.0) + e[name]
-            result[stage] = {name: round(value / len(counted), 2) for name, value in totals.items()} | {"steps_timed": len(counted)}
+            first = [round(e["start"].elapsed_time(e["end"]), 1) for e in steps[:WARMUP_STEPS]]
+            every = sum(e["start"].elapsed_time(e["end"]) for e in steps) / 1000
+            result[stage] = {name: round(value / len(counted), 2) for name, value in totals.items()} | {
+                "steps_timed": len(counted),
+                "warmup_steps_ms": first,  # one-off costs: graph captures, first kernel loads, cuDNN plans
+                "all_steps_s": round(every, 3),
+            }
         return result
 
 
@@ -230,6 +237,12 @@ def markdown(record: dict[str, Any]) -> str:
         parts = s.get("parts_ms") or {}
         cells = " | ".join("n/a" if parts.get(c) is None else f"{parts[c] / 1e6:.2f} M" for c in COUNTS)
         lines.append(f"| {name} | {cells} |")
+    lines += ["", "| stage | first steps, ms each | all steps, s | stage time outside the steps, s |", "|---|---|---:|---:|"]
+    for name, s in record["stages"].items():
+        parts = s.get("parts_ms") or {}
+        if parts.get("all_steps_s") is not None and s["seconds"] is not None:
+            first = ", ".join(f"{v:.0f}" for v in parts["warmup_steps_ms"])
+            lines.append(f"| {name} | {first} | {parts['all_steps_s']:.1f} | {s['seconds'] - parts['all_steps_s']:.1f} |")
     return "\n".join(lines)
 
 

@@ -3,9 +3,10 @@
     python bench/fit_quality.py IMAGE [--model tiny] [--preset default] [--steps N] [--set key=value ...] [--out q.json]
 
 Fits ``IMAGE`` twice: as configured (batched render, analytic normals through
-the fused hash grid, near-empty samples pruned) and with the reference paths
+the fused hash grid, near-empty samples pruned, CUDA-graph replay of the UNet
+and of the VAE encoder) and with the reference paths
 (``batched_render=false``, ``field.normal_mode=finite_difference``,
-``renderer.alpha_threshold=0``). After
+``renderer.alpha_threshold=0``, ``guidance.cuda_graphs=false``). After
 each fit the reference view is rendered (eval mode) at the input's size and
 compared with the input: PSNR of the colour over the background and IoU of
 the silhouettes (opacity > 0.5 vs alpha > 0.5). Prints a table, writes JSON.
@@ -24,7 +25,12 @@ import torch
 from recon.fileio import write_json
 from recon.systems.fit import Trainer
 
-REFERENCE_PATHS = ["batched_render=false", "field.normal_mode=finite_difference", "renderer.alpha_threshold=0"]
+REFERENCE_PATHS = [
+    "batched_render=false",
+    "field.normal_mode=finite_difference",
+    "renderer.alpha_threshold=0",
+    "guidance.cuda_graphs=false",
+]
 
 
 def measure(trainer: Trainer) -> dict[str, float]:

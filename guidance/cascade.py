@@ -32,6 +32,7 @@ from torch import Tensor
 from recon.cameras import relative_pose, spherical_to_position
 from recon.fileio import atomic_path, read_json, write_json
 from recon.guidance.sampling import ddim_sample, to_8bit_levels
+from recon.runtime import to_device
 
 if TYPE_CHECKING:
     from recon.guidance.model import Zero123Model
@@ -259,7 +260,7 @@ def refiner_tokens(
     batch = t_el.shape[0]
 
     def pose_of(cond_el: Tensor, cond_az: Tensor, cond_r: Tensor) -> Tensor:
-        return relative_pose(t_el, t_az, t_r, cond_el, cond_az, cond_r, encoding=encoding).to(device)
+        return relative_pose(t_el, t_az, t_r, cond_el, cond_az, cond_r, encoding=encoding)
 
     embeds = [inputs.clip[:1].expand(batch, -1)]
     poses = [pose_of(inputs.elevation_deg[0].cpu(), inputs.azimuth_deg[0].cpu(), inputs.radius[0].cpu())]
@@ -267,12 +268,13 @@ def refiner_tokens(
         nearest = angular_distance_deg(
             t_el[:, None].cpu(), t_az[:, None].cpu(), bank.elevation_deg[None].cpu(), bank.azimuth_deg[None].cpu()
         ).argmin(dim=1)
-        embeds.append(bank.clip[nearest.to(device)])
+        embeds.append(bank.clip[to_device(nearest, device)])
         poses.append(pose_of(bank.elevation_deg.cpu()[nearest], bank.azimuth_deg.cpu()[nearest], bank.radius.cpu()[nearest]))
     for k in range(len(nearby)):
         embeds.append(nearby.clip[k : k + 1].expand(batch, -1))
         poses.append(pose_of(nearby.elevation_deg[k].cpu(), nearby.azimuth_deg[k].cpu(), nearby.radius[k].cpu()))
-    return torch.stack(embeds, dim=1), torch.stack(poses, dim=1)
+    # the poses are built on the host and sent in one copy that does not wait for the GPU
+    return torch.stack(embeds, dim=1), to_device(torch.stack(poses, dim=1), device)
 
 
 def training_free_eps(

@@ -68,8 +68,8 @@ class GuidanceConfig:
     """At most this many views per UNet call (each costs 2 UNet samples with CFG, more in the
     training-free cascade) and per VAE encode with gradients (checkpointed); 0 = the whole batch in one call."""
     cuda_graphs: bool = True
-    """Replay CUDA graphs for the UNet's gradient-free calls (CUDA only; removes kernel-launch gaps,
-    several times faster at the batch sizes SDS uses; one graph per batch shape)."""
+    """Replay CUDA graphs for the UNet's gradient-free calls and for the VAE encoder's forward and backward in SDS
+    (CUDA only; removes kernel-launch gaps, several times faster at the batch sizes SDS uses; one graph per batch shape)."""
     nearby_views: list[list[float]] = field(default_factory=lambda: [list(v) for v in NEARBY_VIEWS])
     """Self-prompted views as [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input camera
     (negative polar = higher up). The paper's three: +45 / -45 deg azimuth and 30 deg above."""

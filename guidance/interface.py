@@ -21,9 +21,11 @@ from recon.guidance.cascade import (
     training_free_eps,
 )
 from recon.guidance.config import GuidanceConfig, timestep_schedules
+from recon.guidance.cuda_graphs import encoder_runner
 from recon.guidance.model import Zero123Model
 from recon.guidance.protocol import Reference
 from recon.guidance.sds import SDSOutput, score_distillation, timestep_range
+from recon.runtime import to_device
 from recon.schedule import value_at
 
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -57,6 +59,7 @@ class Zero123Guidance:
         self.min_step_percent, self.max_step_percent, self.timestep_reason = timestep_schedules(cfg, self.model.pose_encoding)
         for model in {id(m): m for m in (base, self.refiner) if m is not None}.values():
             model.use_cuda_graphs(cfg.cuda_graphs)
+        self._encode_with_grad = encoder_runner(self.model.encode, cfg.cuda_graphs)
         self.nearby_views: ViewSet | None = None
         self.bank_views: ViewSet | None = None
         self._input: Conditions | None = None
@@ -157,7 +160,7 @@ class Zero123Guidance:
             parts = [checkpoint(self.model.encode, part, use_reentrant=False) for part in x.split(chunk)]
             latents = torch.cat(parts).float()
         else:
-            latents = self.model.encode(x).float()
+            latents = self._encode_with_grad(x).float()
         return _resize(latents, size // self.model.latent_scale)
 
     def sds(
@@ -210,7 +213,7 @@ class Zero123Guidance:
         pose = relative_pose(
             *target, inputs.elevation_deg[0], inputs.azimuth_deg[0], inputs.radius[0], encoding=model.pose_encoding
         )
-        return model.context(inputs.clip.expand(target[0].shape[0], -1), pose.to(model.device))
+        return model.context(inputs.clip.expand(target[0].shape[0], -1), to_device(pose, model.device))
 
     def eps_function(self, target: tuple[Tensor, Tensor, Tensor], scale: float) -> Callable[[Tensor, Tensor], Tensor]:
         """The guided noise prediction ``eps_fn(noisy (B, 4, h, w), t (B,)) -> (B, 4, h, w)`` fp32 for

@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from recon.runtime import to_device
+
 PoseEncoding = Literal["zero123", "stable-zero123"]
 
 
@@ -124,8 +126,8 @@ class Cameras:
         return Cameras(c2w=c2w, fovy=fovy, height=self.height, width=self.width)
 
     def to(self, device: torch.device | str) -> Cameras:
-        """The same cameras on ``device``."""
-        return Cameras(self.c2w.to(device), self.fovy.to(device), self.height, self.width)
+        """The same cameras on ``device`` (from the host to a GPU without waiting for the GPU)."""
+        return Cameras(to_device(self.c2w, device), to_device(self.fovy, device), self.height, self.width)
 
     def resized(self, height: int, width: int) -> Cameras:
         """The same poses and field of view rendered at another resolution."""

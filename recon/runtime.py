@@ -30,6 +30,15 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``. A host tensor bound for a GPU is staged in pinned memory and copied
+    asynchronously: a copy from pageable memory would make the host wait for the GPU's queued work."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seeds Python, NumPy and torch (all devices); returns a CPU generator seeded the same way."""
     random.seed(seed)

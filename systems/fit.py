@@ -312,6 +312,7 @@ class Trainer:
         self.last_losses: dict[str, float] = {}
         self.last_diagnostics: MutableMapping[str, float] = {}
         self._targets: dict[int, tuple[Tensor, Tensor]] = {}
+        self._reference_cameras: dict[int, Cameras] = {}
 
     # ------------------------------------------------------------ state
     def _modules(self) -> dict[str, Any]:
@@ -347,11 +348,13 @@ class Trainer:
 
     # ------------------------------------------------------------ data
     def reference_cameras(self, resolution: int) -> Cameras:
-        """The input camera rendered at ``resolution`` pixels."""
-        ref = self.reference
-        return Cameras.from_spherical(
-            torch.tensor([ref.elevation_deg]), torch.tensor([ref.azimuth_deg]), torch.tensor([ref.radius]), ref.fovy_deg, resolution
-        ).to(self.device)
+        """The input camera rendered at ``resolution`` pixels (made once per resolution)."""
+        if resolution not in self._reference_cameras:
+            ref = self.reference
+            self._reference_cameras[resolution] = Cameras.from_spherical(
+                torch.tensor([ref.elevation_deg]), torch.tensor([ref.azimuth_deg]), torch.tensor([ref.radius]), ref.fovy_deg, resolution
+            ).to(self.device)
+        return self._reference_cameras[resolution]
 
     def targets(self, resolution: int) -> tuple[Tensor, Tensor]:
         """Reference colour over the background (1, R, R, 3) and alpha (1, R, R, 1) at ``resolution``."""
@@ -407,8 +410,12 @@ class Trainer:
                 terms["orientation"] = losses.orientation(out["orientation"])
             if weights["normal_smooth_3d"] > 0:
                 origins, directions = generate_rays(cameras)
-                points = losses.surface_points(origins, directions, out["depth"].float(), out["opacity"].float(), stage.normal_points)
-                terms["normal_smooth_3d"] = losses.normal_smoothness_3d(self.field.normals, points, stage.normal_jitter, self.generator)
+                points, point_weights = losses.surface_points(
+                    origins, directions, out["depth"].float(), out["opacity"].float(), stage.normal_points
+                )
+                terms["normal_smooth_3d"] = losses.normal_smoothness_3d(
+                    self.field.normals, points, stage.normal_jitter, self.generator, point_weights
+                )
         total = sum(weights[name] * value for name, value in terms.items())
         if not isinstance(total, Tensor):
             raise ReconError("every loss weight is 0 at this step; nothing to optimise")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from recon.runtime import to_device
+
 _EPS = 1e-5
 
 
@@ -69,29 +71,45 @@ def normal_smoothness_3d(
     points: Tensor,
     jitter: float,
     generator: torch.Generator | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """Squared difference of field normals at ``points`` (P, 3) and at the same points moved by N(0, jitter^2) (world units).
+    """Squared difference of field normals at ``points`` (P, 3) and at the same points moved by N(0, jitter^2) (world units),
+    averaged over the points with ``weights`` (P,) (default all 1; a point of weight 0 does not count).
 
-    ``normals_fn(points) -> (P, 3)`` unit normals. Returns 0 (with a graph) for no points.
+    ``normals_fn(points) -> (P, 3)`` unit normals. Returns 0 (with a graph) when no point counts.
+    The jitter is drawn from ``generator`` on the host and sent without waiting for the GPU.
     """
     if points.shape[0] == 0:
         return points.sum() * 0.0
-    offsets = torch.randn(points.shape, generator=generator, dtype=points.dtype).to(points.device) * jitter
+    offsets = to_device(torch.randn(points.shape, generator=generator, dtype=points.dtype), points.device) * jitter
     both = normals_fn(torch.cat([points, points + offsets], dim=0)).float()
     here, there = both.chunk(2, dim=0)
-    return F.mse_loss(here, there)
+    per_point = (here - there).square().mean(dim=1)
+    if weights is None:
+        return per_point.mean()
+    return (weights * per_point).sum() / weights.sum().clamp_min(1.0)
 
 
-def surface_points(origins: Tensor, directions: Tensor, depth: Tensor, opacity: Tensor, count: int, threshold: float = 0.5) -> Tensor:
-    """Up to ``count`` world points (P, 3) on the rendered surface: ``o + depth * d`` for rays with opacity > ``threshold``.
+def surface_points(
+    origins: Tensor, directions: Tensor, depth: Tensor, opacity: Tensor, count: int, threshold: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """``count`` world points (count, 3) ``o + depth * d`` on the rendered surface and their weights (count,).
 
-    All inputs are per ray with a trailing channel dim ((..., 3) or (..., 1)),
-    detached; the points are evenly strided over the qualifying rays, so the
-    choice consumes no random numbers.
+    Of the N rays with opacity > ``threshold``: ``count`` of them evenly strided
+    when N > count, else all N, then count - N fillers of weight 0 (weight 1
+    for the others). The shapes do not depend on N, so choosing the points
+    never waits for the GPU, and consumes no random numbers. All inputs are
+    per ray with a trailing channel dim ((..., 3) or (..., 1)), detached.
     """
     o, d = origins.reshape(-1, 3), directions.reshape(-1, 3)
     z, a = depth.reshape(-1).detach(), opacity.reshape(-1).detach()
-    keep = torch.nonzero(a > threshold).squeeze(-1)
-    if keep.numel() > count:
-        keep = keep[torch.linspace(0, keep.numel() - 1, count, device=keep.device).long()]
-    return (o[keep] + d[keep] * (z[keep] / a[keep].clamp_min(_EPS))[:, None]).detach()
+    if a.numel() == 0:
+        return o.new_zeros(count, 3), a.new_zeros(count)
+    rank = torch.cumsum(a > threshold, dim=0)  # qualifying rays up to and including each ray
+    total = rank[-1]
+    slot = torch.arange(count, device=a.device)
+    strided = (slot.double() * (total - 1).clamp_min(0).double() / max(count - 1, 1)).long()
+    position = torch.where(total > count, strided, slot)  # the qualifying ray (0-based) that each slot takes
+    ray = torch.searchsorted(rank, position + 1).clamp_max(a.numel() - 1)
+    points = o[ray] + d[ray] * (z[ray] / a[ray].clamp_min(_EPS))[:, None]
+    return points.detach(), (position < total).to(a.dtype)

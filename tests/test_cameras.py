@@ -154,3 +154,12 @@ def test_stable_zero123_pose_uses_the_conditioning_polar_angle():
     torch.testing.assert_close(pose[0, :3], torch.tensor([-math.radians(10.0), 1.0, 0.0]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="unknown pose encoding"):
         relative_pose(0.0, 0.0, 1.0, 0.0, 0.0, 1.0, encoding="bogus")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cameras_reach_the_gpu_unchanged_from_expanded_host_tensors():
+    cameras = Cameras.from_spherical(torch.tensor([10.0, 20.0]), torch.tensor([0.0, 90.0]), torch.tensor([2.0, 2.0]), 40.0, 16)
+    assert cameras.fovy.stride() == (0,)  # expanded: pinning it as it is would fail
+    moved = cameras.to("cuda")
+    assert moved.c2w.is_cuda and torch.equal(moved.c2w.cpu(), cameras.c2w) and torch.equal(moved.fovy.cpu(), cameras.fovy)

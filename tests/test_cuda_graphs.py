@@ -1,8 +1,10 @@
-"""CUDA-graph replay of the UNet gives the eager result and is used only without autograd."""
+"""CUDA-graph replay of the UNet (without autograd) and of the VAE encoder's forward and backward gives the eager result."""
 
 import pytest
 import torch
 from guidance_fixtures import tiny_model
+
+from recon.guidance.cuda_graphs import GraphedEncoder, encoder_runner
 
 
 def test_graphs_are_a_no_op_without_cuda(monkeypatch):
@@ -10,6 +12,15 @@ def test_graphs_are_a_no_op_without_cuda(monkeypatch):
     model = tiny_model()
     model.use_cuda_graphs(True)
     assert model._graphed_unet is None
+    assert encoder_runner(model.encode, True) == model.encode
+
+
+def test_graphed_encoder_runs_eagerly_off_the_gpu_and_without_grad():
+    model = tiny_model()
+    encoder = GraphedEncoder(model.encode)
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    torch.testing.assert_close(encoder(images), model.encode(images))
+    assert encoder.graphed is None
 
 
 @pytest.mark.gpu
@@ -37,3 +48,23 @@ def test_graph_replay_matches_eager_for_new_inputs_and_shapes():
     context = context.clone().requires_grad_()
     model.eps(noisy, t, context, latent).sum().backward()  # with autograd: the eager path
     assert context.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_encoder_matches_eager_values_and_gradients_across_shapes():
+    model = tiny_model().to("cuda")
+    encoder = GraphedEncoder(model.encode)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for batch in (2, 2, 3, 2):
+        images = torch.rand(batch, 3, 32, 32, device="cuda", generator=generator)
+        weights = torch.randn(batch, 4, 4, 4, device="cuda", generator=generator)
+        results = []
+        for run in (model.encode, encoder):
+            pixels = images.clone().requires_grad_(True)
+            latents = run(pixels)
+            (latents.float() * weights).sum().backward()
+            results.append((latents.detach().clone(), pixels.grad))
+        assert encoder.key[0] == (batch, 3, 32, 32)  # one shape's graphs at a time
+        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)

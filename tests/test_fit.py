@@ -162,8 +162,44 @@ def test_surface_points_are_depth_along_rays_over_opacity():
     directions = torch.tensor([[[[0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]]])
     depth = torch.tensor([[[[1.5], [0.1]]]])  # weighted depth sum(w t), opacity 0.5 -> t = 3
     opacity = torch.tensor([[[[0.5], [0.2]]]])
-    points = losses.surface_points(origins, directions, depth, opacity, count=10, threshold=0.4)
-    assert torch.allclose(points, torch.tensor([[0.0, 0.0, -3.0]]))
+    points, weights = losses.surface_points(origins, directions, depth, opacity, count=10, threshold=0.4)
+    assert points.shape == (10, 3) and weights.tolist() == [1.0] + [0.0] * 9
+    assert torch.allclose(points[:1], torch.tensor([[0.0, 0.0, -3.0]]))
+
+
+@pytest.mark.parametrize("opaque", [0, 7, 20, 500])
+def test_surface_points_stride_over_the_opaque_rays_with_fixed_shapes(opaque):
+    rays = 600
+    gen = torch.Generator().manual_seed(opaque)
+    origins, directions = torch.randn(rays, 3, generator=gen), torch.randn(rays, 3, generator=gen)
+    opacity = torch.rand(rays, 1, generator=gen) * 0.4
+    chosen = torch.randperm(rays, generator=gen)[:opaque]
+    opacity[chosen] = 0.6 + 0.4 * torch.rand(opaque, 1, generator=gen)
+    depth = torch.rand(rays, 1, generator=gen) * opacity
+    count = 20
+    points, weights = losses.surface_points(origins, directions, depth, opacity, count=count)
+    assert points.shape == (count, 3) and weights.shape == (count,)
+    # the evenly strided opaque rays (all of them when there are at most `count`), then weight-0 fillers
+    keep = torch.nonzero(opacity[:, 0] > 0.5).squeeze(-1)
+    if keep.numel() > count:
+        keep = keep[torch.linspace(0, keep.numel() - 1, count).long()]
+    expected = origins[keep] + directions[keep] * (depth[keep] / opacity[keep])
+    used = min(opaque, count)
+    assert weights.tolist() == [1.0] * used + [0.0] * (count - used)
+    assert torch.allclose(points[:used], expected, atol=1e-6)
+
+
+def test_normal_smoothness_3d_counts_only_weighted_points():
+    def radial(p):
+        return p / p.norm(dim=-1, keepdim=True)
+
+    points = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.4, 0.1], [0.3, 0.3, 0.3]])
+    alone = losses.normal_smoothness_3d(radial, points[:2], 0.05, torch.Generator().manual_seed(3))
+    # the same draws for the first two points (jitter is drawn row by row), the third point weighted out
+    weighted = losses.normal_smoothness_3d(radial, points, 0.05, torch.Generator().manual_seed(3), torch.tensor([1.0, 1.0, 0.0]))
+    assert weighted.item() == pytest.approx(alone.item(), rel=1e-6)
+    nothing = losses.normal_smoothness_3d(radial, points, 0.05, torch.Generator().manual_seed(3), torch.zeros(3))
+    assert nothing.item() == 0.0
 
 
 # ------------------------------------------------------------------ configs

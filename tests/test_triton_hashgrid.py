@@ -178,3 +178,23 @@ def test_a_cold_triton_cache_is_told_apart_from_a_warm_one(tmp_path, monkeypatch
     (tmp_path / "0123abcd").mkdir()
     (tmp_path / "0123abcd" / "forward_kernel.json").write_text("{}")
     assert triton_backend._compiled_before()
+
+
+def test_cpu_points_on_a_gpu_machine_use_the_reference_lookup(monkeypatch):
+    # a field on the CPU of a GPU machine (recon fit --device cpu): the compiled kernels cannot read its tensors
+    from recon.encoding import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_interpreted", lambda: False)
+    monkeypatch.setattr(triton_backend, "_Encode", None)  # the kernels must not be called
+    monkeypatch.setattr(triton_backend, "_InputGradient", None)
+    cfg = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0)
+    torch.manual_seed(0)
+    reference, fused = TorchHashGrid(cfg), TritonHashGrid(cfg)
+    with torch.no_grad():
+        fused.table.copy_(reference.table)
+    x = torch.rand(33, 3)
+    torch.testing.assert_close(fused(x), reference(x))
+    grad = torch.randn(33, cfg.n_levels * cfg.n_features_per_level)
+    point = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference(point), point, grad)
+    torch.testing.assert_close(fused.input_gradient(x, grad), expected)

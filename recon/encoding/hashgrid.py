@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from recon.encoding.reference import HashGridConfig, TorchHashGrid
+from recon.encoding.reference import HashGridConfig, TorchHashGrid, autograd_input_gradient
 from recon.errors import ReconError
 
 
@@ -130,11 +130,7 @@ class HashGridEncoding(nn.Module):
         grad = grad_features.float() * self.level_mask
         if hasattr(self.backend, "input_gradient"):
             return self.backend.input_gradient(x, grad)
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            point = x.detach().requires_grad_(True)
-            (grad_x,) = torch.autograd.grad(self.backend(point).float(), point, grad, create_graph=create_graph)
-        return grad_x
+        return autograd_input_gradient(self.backend, x, grad)
 
 
 def make_encoding(cfg: HashGridConfig) -> HashGridEncoding:

@@ -141,3 +141,13 @@ def _corners(per_axis: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor
     y = per_axis[..., None, :, None, 1]
     z = per_axis[..., None, None, :, 2]
     return op(op(x, y), z)
+
+
+def autograd_input_gradient(lookup: Callable[[Tensor], Tensor], x: Tensor, grad_features: Tensor) -> Tensor:
+    """dL/dx (P, 3) at points ``x`` (P, 3) for dL/dfeatures ``grad_features`` (P, D) of ``lookup`` (points -> (P, D)
+    features), by differentiating the lookup with autograd; with grad enabled the result keeps its graph."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        point = x.detach().requires_grad_(True)
+        (grad_x,) = torch.autograd.grad(lookup(point).float(), point, grad_features, create_graph=create_graph)
+    return grad_x

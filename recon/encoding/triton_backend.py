@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from recon.encoding.reference import HashGridConfig, TorchHashGrid, level_layouts
+from recon.encoding.reference import HashGridConfig, TorchHashGrid, autograd_input_gradient, level_layouts
 
 # points per program and warps per program: 256 x 4 measured ~10-20% faster than 128 x 4 on H200 (bench/hashgrid.py)
 BLOCK = 256
@@ -45,14 +45,19 @@ def triton_available() -> bool:
     """True when Triton is importable and can run here (CUDA, or the interpreter on the CPU)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or _interpreted()
+
+
+def _interpreted() -> bool:
+    """Whether Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``, Triton's own switch)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
 def _kernels():
     from recon.encoding import triton_kernels
 
-    if not os.environ.get("TRITON_INTERPRET") and not _compiled_before():
+    if not _interpreted() and not _compiled_before():
         from recon.progress import info
 
         info("hash grid: compiling its Triton kernels (first run on this machine; cached for later runs)")
@@ -195,10 +200,19 @@ class TritonHashGrid(TorchHashGrid):
         self.active_levels = max(0, min(int(k), self.cfg.n_levels))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) float32."""
+        """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) float32.
+
+        Points the kernels cannot read (CPU tensors outside Triton's interpreter: a field on the CPU of a
+        GPU machine, as with ``--device cpu``) go through the reference lookup on the same table.
+        """
+        if not (x.is_cuda or _interpreted()):
+            return super().forward(x)
         return _Encode.apply(x, self.table, self)
 
     def input_gradient(self, x: Tensor, grad_features: Tensor) -> Tensor:
         """dL/dx (P, 3) of points ``x`` (P, 3) for dL/dfeatures (P, n_levels * F); differentiable w.r.t.
-        ``grad_features`` and the table (the graph analytic normals train through)."""
+        ``grad_features`` and the table (the graph analytic normals train through). CPU points outside
+        Triton's interpreter: the reference lookup differentiated with autograd."""
+        if not (x.is_cuda or _interpreted()):
+            return autograd_input_gradient(super().forward, x, grad_features)
         return _InputGradient.apply(grad_features, x.contiguous().float(), self.table, self)
