@@ -91,25 +91,38 @@ def normal_smoothness_3d(
 
 
 def surface_points(
-    origins: Tensor, directions: Tensor, depth: Tensor, opacity: Tensor, count: int, threshold: float = 0.5
+    origins: Tensor,
+    directions: Tensor,
+    depth: Tensor,
+    opacity: Tensor,
+    count: int,
+    threshold: float = 0.5,
+    fixed_shape: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``count`` world points (count, 3) ``o + depth * d`` on the rendered surface and their weights (count,).
+    """World points (P, 3) ``o + depth * d`` on the rendered surface and their weights (P,).
 
-    Of the N rays with opacity > ``threshold``: ``count`` of them evenly strided
-    when N > count, else all N, then count - N fillers of weight 0 (weight 1
-    for the others). The shapes do not depend on N, so choosing the points
-    never waits for the GPU, and consumes no random numbers. All inputs are
-    per ray with a trailing channel dim ((..., 3) or (..., 1)), detached.
+    Of the N rays with opacity > ``threshold``: ``count`` of them evenly
+    strided when N > count, else all N. With ``fixed_shape`` (default: on
+    CUDA) P = count, the last count - N points being fillers of weight 0, so
+    choosing the points never waits for the GPU; without it the fillers are
+    dropped (P = min(N, count), all of weight 1), which on the CPU saves
+    their normals. Consumes no random numbers. All inputs are per ray with a
+    trailing channel dim ((..., 3) or (..., 1)), detached.
     """
     o, d = origins.reshape(-1, 3), directions.reshape(-1, 3)
     z, a = depth.reshape(-1).detach(), opacity.reshape(-1).detach()
     if a.numel() == 0:
-        return o.new_zeros(count, 3), a.new_zeros(count)
+        return o.new_zeros(0, 3), a.new_zeros(0)
     rank = torch.cumsum(a > threshold, dim=0)  # qualifying rays up to and including each ray
     total = rank[-1]
     slot = torch.arange(count, device=a.device)
     strided = (slot.double() * (total - 1).clamp_min(0).double() / max(count - 1, 1)).long()
     position = torch.where(total > count, strided, slot)  # the qualifying ray (0-based) that each slot takes
     ray = torch.searchsorted(rank, position + 1).clamp_max(a.numel() - 1)
-    points = o[ray] + d[ray] * (z[ray] / a[ray].clamp_min(_EPS))[:, None]
-    return points.detach(), (position < total).to(a.dtype)
+    points = (o[ray] + d[ray] * (z[ray] / a[ray].clamp_min(_EPS))[:, None]).detach()
+    weights = (position < total).to(a.dtype)
+    fixed = a.is_cuda if fixed_shape is None else fixed_shape
+    if fixed:
+        return points, weights
+    used = weights > 0  # the fillers come last
+    return points[used], weights[used]

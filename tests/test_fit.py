@@ -163,12 +163,14 @@ def test_surface_points_are_depth_along_rays_over_opacity():
     depth = torch.tensor([[[[1.5], [0.1]]]])  # weighted depth sum(w t), opacity 0.5 -> t = 3
     opacity = torch.tensor([[[[0.5], [0.2]]]])
     points, weights = losses.surface_points(origins, directions, depth, opacity, count=10, threshold=0.4)
-    assert points.shape == (10, 3) and weights.tolist() == [1.0] + [0.0] * 9
-    assert torch.allclose(points[:1], torch.tensor([[0.0, 0.0, -3.0]]))
+    assert torch.allclose(points, torch.tensor([[0.0, 0.0, -3.0]])) and weights.tolist() == [1.0]
+    padded, weights = losses.surface_points(origins, directions, depth, opacity, count=10, threshold=0.4, fixed_shape=True)
+    assert padded.shape == (10, 3) and weights.tolist() == [1.0] + [0.0] * 9
+    assert torch.equal(padded[:1], points)
 
 
 @pytest.mark.parametrize("opaque", [0, 7, 20, 500])
-def test_surface_points_stride_over_the_opaque_rays_with_fixed_shapes(opaque):
+def test_surface_points_stride_over_the_opaque_rays_with_or_without_fixed_shapes(opaque):
     rays = 600
     gen = torch.Generator().manual_seed(opaque)
     origins, directions = torch.randn(rays, 3, generator=gen), torch.randn(rays, 3, generator=gen)
@@ -177,7 +179,7 @@ def test_surface_points_stride_over_the_opaque_rays_with_fixed_shapes(opaque):
     opacity[chosen] = 0.6 + 0.4 * torch.rand(opaque, 1, generator=gen)
     depth = torch.rand(rays, 1, generator=gen) * opacity
     count = 20
-    points, weights = losses.surface_points(origins, directions, depth, opacity, count=count)
+    points, weights = losses.surface_points(origins, directions, depth, opacity, count=count, fixed_shape=True)
     assert points.shape == (count, 3) and weights.shape == (count,)
     # the evenly strided opaque rays (all of them when there are at most `count`), then weight-0 fillers
     keep = torch.nonzero(opacity[:, 0] > 0.5).squeeze(-1)
@@ -187,6 +189,8 @@ def test_surface_points_stride_over_the_opaque_rays_with_fixed_shapes(opaque):
     used = min(opaque, count)
     assert weights.tolist() == [1.0] * used + [0.0] * (count - used)
     assert torch.allclose(points[:used], expected, atol=1e-6)
+    compact, compact_weights = losses.surface_points(origins, directions, depth, opacity, count=count, fixed_shape=False)
+    assert torch.equal(compact, points[:used]) and compact_weights.tolist() == [1.0] * used
 
 
 def test_normal_smoothness_3d_counts_only_weighted_points():
