@@ -53,6 +53,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _kernels_can_read(x: Tensor) -> bool:
+    """Whether the kernels can take ``x``: a CUDA tensor, or any tensor under Triton's interpreter. CPU tensors
+    outside it (a field on the CPU of a GPU machine, as with ``--device cpu``) go through the reference lookup."""
+    return x.is_cuda or _interpreted()
+
+
 @functools.cache
 def _kernels():
     from recon.encoding import triton_kernels
@@ -200,19 +206,16 @@ class TritonHashGrid(TorchHashGrid):
         self.active_levels = max(0, min(int(k), self.cfg.n_levels))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) float32.
-
-        Points the kernels cannot read (CPU tensors outside Triton's interpreter: a field on the CPU of a
-        GPU machine, as with ``--device cpu``) go through the reference lookup on the same table.
-        """
-        if not (x.is_cuda or _interpreted()):
+        """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) float32; points the kernels cannot
+        read (:func:`_kernels_can_read`) through the reference lookup on the same table."""
+        if not _kernels_can_read(x):
             return super().forward(x)
         return _Encode.apply(x, self.table, self)
 
     def input_gradient(self, x: Tensor, grad_features: Tensor) -> Tensor:
         """dL/dx (P, 3) of points ``x`` (P, 3) for dL/dfeatures (P, n_levels * F); differentiable w.r.t.
-        ``grad_features`` and the table (the graph analytic normals train through). CPU points outside
-        Triton's interpreter: the reference lookup differentiated with autograd."""
-        if not (x.is_cuda or _interpreted()):
+        ``grad_features`` and the table (the graph analytic normals train through). Points the kernels cannot
+        read: the reference lookup differentiated with autograd."""
+        if not _kernels_can_read(x):
             return autograd_input_gradient(super().forward, x, grad_features)
         return _InputGradient.apply(grad_features, x.contiguous().float(), self.table, self)
