@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 bench/fit_prior_eval.py --out prior_eval.json [--objects 8] [--preset fast]
         [--max-minutes 8] [--set key.path=value ...]
+    PYTHONPATH=. python3 bench/fit_prior_eval.py --merge shard_0.json shard_1.json --out all.json
 
 For each of N held-out objects (:func:`recon.data.primitives.random_object`)
 the script renders the input view and K held-out views, fits the input view
@@ -67,6 +68,7 @@ from recon.data.synth import object_seed
 from recon.errors import ReconError
 from recon.fileio import read_json, write_json
 from recon.imageio import composite
+from recon.systems.evaluation import bootstrap_interval
 
 HELDOUT_DATASET_SEED = 2
 """Dataset seed of the evaluated objects (the prior's recipe trained on 0 and evaluated on 1)."""
@@ -282,8 +284,13 @@ def evaluate_object(seed: int, configs: dict[str, Any], args: argparse.Namespace
     return row
 
 
+PAIRED_KEYS = ("chamfer", "psnr", "ssim", "input_psnr")
+"""Scores compared per object, sds - no-sds (Chamfer: lower is better; the rest: higher)."""
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: means over objects of chamfer, psnr, ssim, input_psnr (finite values), counts; and paired sds - no-sds."""
+    """Per method: means over objects of chamfer, psnr, ssim, input_psnr (finite values), counts; and paired
+    sds - no-sds per score: mean, 95 % bootstrap interval over objects, objects where sds is better."""
     out: dict[str, dict[str, Any]] = {}
     keys = ("chamfer", "psnr", "ssim", "input_psnr", "seconds")
     for method in METHODS:
@@ -294,13 +301,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             stats[key] = float(np.mean(values)) if values else None
         out[method] = stats
     paired = [row["results"] for row in rows if all("chamfer" in row["results"].get(m, {}) for m in METHODS)]
-    out["sds_minus_no_sds"] = {
-        "objects": len(paired),
-        "chamfer": float(np.mean([r["sds"]["chamfer"] - r["no-sds"]["chamfer"] for r in paired])) if paired else None,
-        "psnr": float(np.mean([r["sds"]["psnr"] - r["no-sds"]["psnr"] for r in paired])) if paired else None,
-        "sds_better_chamfer": sum(r["sds"]["chamfer"] < r["no-sds"]["chamfer"] for r in paired),
-        "sds_better_psnr": sum(r["sds"]["psnr"] > r["no-sds"]["psnr"] for r in paired),
-    }
+    diff: dict[str, Any] = {"objects": len(paired)}
+    for key in PAIRED_KEYS:
+        values = torch.tensor([r["sds"][key] - r["no-sds"][key] for r in paired], dtype=torch.float64)
+        diff[key] = float(values.mean()) if paired else None
+        diff[f"{key}_ci95"] = list(bootstrap_interval(values)) if paired else None
+        lower_is_better = key == "chamfer"
+        diff[f"sds_better_{key}"] = int(((values < 0) if lower_is_better else (values > 0)).sum())
+    out["sds_minus_no_sds"] = diff
     return out
 
 
@@ -325,12 +333,12 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {_fmt(s['input_psnr'], 2)} | {_fmt(s['seconds'], 1)} |"
         )
     d = summary["sds_minus_no_sds"]
+    lines += ["", f"sds - no-sds, paired over {d['objects']} objects (95 % bootstrap interval over objects):", "",
+              "| score | sds - no-sds | 95 % CI | objects where sds is better |", "|---|---:|---|---:|"]
+    for key, digits in zip(PAIRED_KEYS, (4, 2, 4, 2)):
+        ci = d[f"{key}_ci95"] or [None, None]
+        lines.append(f"| {key} | {_fmt(d[key], digits)} | [{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}] | {d[f'sds_better_{key}']} |")
     lines += [
-        "",
-        (
-            f"sds - no-sds over {d['objects']} paired objects: Chamfer {_fmt(d['chamfer'], 4)}, PSNR {_fmt(d['psnr'], 2)} dB; "
-            f"sds better on Chamfer for {d['sds_better_chamfer']}, on PSNR for {d['sds_better_psnr']}."
-        ),
         "",
         "| object seed | method | Chamfer | PSNR (dB) | SSIM | input PSNR (dB) | s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -367,6 +375,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None, help="keep the run folders here (default: a temporary folder, removed)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars from the fits")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None, metavar="JSON",
+        help="fit nothing: combine these --out records (shards of one benchmark, e.g. one per GPU) into one table and --out",
+    )
     args = parser.parse_args(argv)
     if args.objects < 1 or args.views < 1 or args.eval_size < 11 or args.chamfer_points < 1:
         parser.error("--objects, --views and --chamfer-points must be >= 1 and --eval-size >= 11")
@@ -378,8 +390,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from recon.progress import quiet_while
 
     args = parse_args(argv)
+    if args.merge:
+        record = merge(args.merge)
+        if args.out is not None:
+            write_json(args.out, record)
+        print(markdown(record))
+        return record
     with quiet_while(args.quiet):
         return run(args)
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One record from shard records of the same benchmark (same preset, model, steps, views; distinct objects)."""
+    shards = [read_json(path) for path in paths]
+    same = ("preset", "model", "overrides", "steps", "views", "eval_size", "chamfer_points")
+    for path, shard in zip(paths[1:], shards[1:]):
+        differs = [key for key in same if shard.get(key) != shards[0].get(key)]
+        if differs:
+            raise ReconError(f"{path}: not a shard of {paths[0]}'s benchmark (differs in {', '.join(differs)})")
+    rows = [row for shard in shards for row in shard["objects"]]
+    seeds = [row["seed"] for row in rows]
+    if len(set(seeds)) < len(seeds):
+        raise ReconError(f"{', '.join(map(str, paths))}: an object is in more than one shard")
+    record = {key: shards[0].get(key) for key in (*same, "device", "gpu", "heldout", "max_minutes")}
+    record.update(
+        shards=[str(path) for path in paths], seeds=seeds, objects=rows, objects_requested=sum(s["objects_requested"] for s in shards),
+        objects_done=len(rows), stopped_early=any(s["stopped_early"] for s in shards), summary=summarise(rows),
+        wall_s=max(s["wall_s"] for s in shards),
+    )
+    return record
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

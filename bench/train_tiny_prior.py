@@ -167,6 +167,9 @@ class RecipeConfig:
     before the evaluation, so a command killed during it still returns them)."""
     consistency: bool = True
     """Also score multi-view consistency in the evaluation (doubles its cost)."""
+    evaluate_only: bool = False
+    """Train nothing: render the held-out set and score --init as it is (evaluation, --compare, ablation, CFG
+    sweep); one process. The packed weights are --init's, unchanged."""
     compare: str = ""
     """Also evaluate these weights (e.g. the previously shipped prior) on the same held-out objects, with paired
     per-object comparisons against the new ones ('' = none)."""
@@ -193,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> RecipeConfig:
     cfg = RecipeConfig(**vars(parser.parse_args(argv)))
     if cfg.save_dtype not in ("fp16", "fp32"):
         parser.error("--save-dtype must be fp16 or fp32")
+    if cfg.evaluate_only and not cfg.init:
+        parser.error("--evaluate-only needs --init (the weights to score)")
     return cfg
 
 
@@ -468,7 +473,7 @@ def prepare_data(cfg: RecipeConfig, work: Path, log: Log, record: dict, timings:
                              supersample=cfg.supersample, orbit=True, families=cfg.heldout_families)
     log(f"synthesising {cfg.heldout_objects} held-out and up to {cfg.objects} training objects with {workers} processes")
     held_count = synthesize_parallel(held_synth, work / "heldout", workers, float("inf"), log)
-    train_count = synthesize_parallel(train_synth, work / "train", workers, START + 60.0 * cfg.synth_minutes, log)
+    train_count = 0 if cfg.evaluate_only else synthesize_parallel(train_synth, work / "train", workers, START + 60.0 * cfg.synth_minutes, log)
     timings["synth_s"] = time.perf_counter() - t
     record["data"] = {"train": {**asdict(train_synth), "objects": train_count}, "heldout": {**asdict(held_synth), "objects": held_count}}
     log(f"data: {train_count} training objects x {cfg.views} views, {held_count} held-out objects x {cfg.heldout_views} views ({timings['synth_s']:.0f} s)")
@@ -544,41 +549,14 @@ def evaluate_extras(cfg: RecipeConfig, model, heldout, ecfg, report: dict, out: 
     return extra
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the whole recipe; returns the exit code."""
-    cfg = parse_args(argv)
+def train_prior(cfg: RecipeConfig, work: Path, log: Log, record: dict, timings: dict) -> tuple[Path, dict[str, int]]:
+    """Stages vae (when due), base and cascade (when due) from --init or random weights, on every process;
+    returns the final weights folder and the steps per stage. Fills ``record``'s params, VAE metrics, pose use
+    and throughput."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = PartialState()
     is_main = state.is_main_process
-    out = Path(cfg.out)
-    if cfg.work:
-        work = Path(cfg.work)
-    elif state.num_processes == 1:
-        work = Path(tempfile.mkdtemp(prefix="tiny-prior-"))
-    else:
-        raise SystemExit("several processes need a shared --work folder")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        work.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "log.txt", is_main)
-    timings: dict[str, float] = {}
-    record: dict = {"recipe": asdict(cfg), "command": " ".join(sys.argv), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "processes": state.num_processes}
-    log(f"recipe: work folder {work}, output {out}, budget {cfg.budget_minutes} min, {state.num_processes} process(es)")
-
-    from accelerate.utils import broadcast_object_list
-
-    train_count = prepare_data(cfg, work, log, record, timings) if is_main else 0
-    state.wait_for_everyone()
-    train_count = broadcast_object_list([train_count])[0]  # every process stops, not only the main one
-    if train_count < 2:
-        raise SystemExit("fewer than 2 training objects were rendered; raise --synth-minutes")
-
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     from recon.guidance.checkpoints import load_zero123
 
     if cfg.init:
@@ -645,6 +623,52 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             record["pose_use"]["cascade"] = pose_use(cascade.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
             log(f"pose use after stage cascade: {record['pose_use']['cascade']}")
+    return final, stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the whole recipe; returns the exit code."""
+    cfg = parse_args(argv)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu")
+    is_main = state.is_main_process
+    out = Path(cfg.out)
+    if cfg.work:
+        work = Path(cfg.work)
+    elif state.num_processes == 1:
+        work = Path(tempfile.mkdtemp(prefix="tiny-prior-"))
+    else:
+        raise SystemExit("several processes need a shared --work folder")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "log.txt", is_main)
+    timings: dict[str, float] = {}
+    record: dict = {"recipe": asdict(cfg), "command": " ".join(sys.argv), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "processes": state.num_processes}
+    log(f"recipe: work folder {work}, output {out}, budget {cfg.budget_minutes} min, {state.num_processes} process(es)")
+
+    from accelerate.utils import broadcast_object_list
+
+    train_count = prepare_data(cfg, work, log, record, timings) if is_main else 0
+    state.wait_for_everyone()
+    train_count = broadcast_object_list([train_count])[0]  # every process stops, not only the main one
+    if train_count < 2 and not cfg.evaluate_only:
+        raise SystemExit("fewer than 2 training objects were rendered; raise --synth-minutes")
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    from recon.guidance.checkpoints import load_zero123
+
+    if cfg.evaluate_only:
+        final, stages = Path(cfg.init), {}
+        if (final / "recipe.json").is_file():
+            record["previous"] = read_json(final / "recipe.json")
+    else:
+        final, stages = train_prior(cfg, work, log, record, timings)
     record["steps"] = stages
     log.flush()
     if not is_main:
@@ -662,9 +686,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     shipped = work / PRIOR_NAME
-    done = f"{train_count} synthetic objects (base {stages['base']} steps, cascade {stages.get('cascade', 0)} steps)"
-    if cfg.init:
-        description = f"{initial.description}; then continued by bench/train_tiny_prior.py on {done}"
+    done = f"{train_count} synthetic objects (base {stages.get('base', 0)} steps, cascade {stages.get('cascade', 0)} steps)"
+    if cfg.evaluate_only:
+        description = load_zero123(cfg.init, "cpu", torch.float32).description
+    elif cfg.init:
+        description = f"{load_zero123(cfg.init, 'cpu', torch.float32).description}; then continued by bench/train_tiny_prior.py on {done}"
     else:
         description = f"recon tiny prior: {cfg.arch} architecture trained from scratch by bench/train_tiny_prior.py on {done}"
     save_shipped(final, shipped, cfg.save_dtype, description)

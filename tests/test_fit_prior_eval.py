@@ -109,3 +109,45 @@ def test_reference_only_guidance_refuses_sds(bench):
     assert guidance.prepare(object()) == {}
     with pytest.raises(ReconError, match="every stages"):
         guidance.sds(torch.zeros(1, 3, 8, 8), torch.zeros(1), torch.zeros(1), torch.ones(1), 0)
+
+
+def _record(bench, seeds, chamfer_gain):
+    """A benchmark record with made-up scores: sds beats no-sds on Chamfer by ``chamfer_gain`` on every object."""
+    rows = []
+    for seed in seeds:
+        base = {"chamfer": 0.07 + 0.001 * (seed % 5), "psnr": 11.0 + 0.1 * (seed % 3), "ssim": 0.55, "input_psnr": 32.0, "seconds": 10.0}
+        sds = dict(base, chamfer=base["chamfer"] - chamfer_gain, psnr=base["psnr"] + (0.5 if seed % 2 else -0.5), ssim=0.6, input_psnr=30.0)
+        rows.append({"seed": seed, "results": {"sds": sds, "no-sds": base}})
+    record = {"preset": "fast", "model": "tiny", "overrides": [], "steps": {"coarse": 60}, "views": 8, "eval_size": 128,
+              "chamfer_points": 100, "device": "cuda", "gpu": "x", "heldout": "h", "max_minutes": 1.0, "objects": rows,
+              "objects_requested": len(rows), "objects_done": len(rows), "stopped_early": False, "wall_s": 1.0}
+    record["summary"] = bench.summarise(rows)
+    return record
+
+
+def test_paired_summary_has_bootstrap_intervals_and_counts_wins_per_direction(bench):
+    d = _record(bench, range(2000006, 2000016), chamfer_gain=0.01)["summary"]["sds_minus_no_sds"]
+    assert d["objects"] == 10
+    assert d["chamfer"] == pytest.approx(-0.01) and d["chamfer_ci95"] == pytest.approx([-0.01, -0.01])
+    assert d["sds_better_chamfer"] == 10  # lower Chamfer is better
+    assert d["psnr"] == pytest.approx(0.0) and d["psnr_ci95"][0] < 0 < d["psnr_ci95"][1] and d["sds_better_psnr"] == 5
+    assert d["sds_better_input_psnr"] == 0 and d["input_psnr"] == pytest.approx(-2.0)
+
+
+def test_merge_combines_shards_and_refuses_mismatched_or_overlapping_ones(bench, tmp_path):
+    from recon.errors import ReconError
+    from recon.fileio import write_json
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    write_json(first, _record(bench, range(2000006, 2000009), chamfer_gain=0.01))
+    write_json(second, _record(bench, range(2000009, 2000011), chamfer_gain=0.02))
+    merged = bench.merge([first, second])
+    assert merged["objects_done"] == 5 and merged["seeds"] == list(range(2000006, 2000011))
+    assert merged["summary"]["sds_minus_no_sds"]["chamfer"] == pytest.approx(-(3 * 0.01 + 2 * 0.02) / 5)
+    assert "| chamfer | -0.0140 |" in bench.markdown(merged)
+    with pytest.raises(ReconError, match="more than one shard"):
+        bench.merge([first, first])
+    other = tmp_path / "c.json"
+    write_json(other, dict(_record(bench, [2000020], chamfer_gain=0.0), preset="default"))
+    with pytest.raises(ReconError, match=r"c.json: not a shard .*\(differs in preset\)"):
+        bench.merge([first, other])
