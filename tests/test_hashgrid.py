@@ -67,6 +67,26 @@ def test_vertex_values_are_table_entries(level):
     torch.testing.assert_close(out, enc.backend.table[rows].detach(), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        HashGridConfig(n_levels=2, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0, backend="torch"),  # dense only
+        HashGridConfig(n_levels=2, log2_hashmap_size=6, base_resolution=8, per_level_scale=1.5, backend="torch"),  # hashed only
+    ],
+    ids=["dense-only", "hashed-only"],
+)
+def test_vertex_values_with_levels_of_one_kind(cfg):
+    enc = _encoding(cfg)
+    layouts = level_layouts(cfg)
+    assert len({lay.hashed for lay in layouts}) == 1
+    for level, layout in enumerate(layouts):
+        top = int(layout.scale + 0.5)
+        vertices = [(1, 1, 1), (2, 1, 3), (top, 1, 2), (1, top, top)]
+        x = torch.stack([_vertex_point(layout, v) for v in vertices])
+        out = enc(x).view(len(vertices), cfg.n_levels, -1)[:, level]
+        torch.testing.assert_close(out, enc.backend.table[[_expected_row(layout, v) for v in vertices]].detach(), atol=1e-10, rtol=0)
+
+
 def test_interpolation_is_linear_along_an_edge():
     enc = _encoding()
     for level, layout in enumerate(level_layouts(SMALL)):

@@ -89,7 +89,8 @@ def level_layouts(cfg: HashGridConfig) -> list[LevelLayout]:
 
 
 class TorchHashGrid(nn.Module):
-    """Plain PyTorch hash-grid lookup, vectorised over levels and the 8 cell corners.
+    """Plain PyTorch hash-grid lookup, vectorised over the 8 cell corners and over the levels of each kind
+    (dense, then hashed).
 
     All levels gather from one flat ``table`` (rows, F) with per-level row
     offsets, so a forward pass is a few dozen kernels whatever the level count.
@@ -109,6 +110,8 @@ class TorchHashGrid(nn.Module):
         self.register_buffer("sizes", torch.tensor([lay.size for lay in layouts]), persistent=False)
         self.register_buffer("hashed", torch.tensor([lay.hashed for lay in layouts]), persistent=False)
         self.register_buffer("primes", torch.tensor(PRIMES), persistent=False)
+        # levels indexed densely come first: a level's vertex count only grows with the level
+        self.dense_levels = next((level for level, lay in enumerate(layouts) if lay.hashed), len(layouts))
 
     @property
     def output_dim(self) -> int:
@@ -117,22 +120,36 @@ class TorchHashGrid(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) in the table's dtype."""
-        n_points, n_levels = x.shape[0], self.scales.shape[0]
+        n_points = x.shape[0]
         points = x.to(self.table.dtype).clamp(0.0, 1.0)
         pos = points[:, None, :] * self.scales.to(points.dtype)[:, None] + 0.5  # (P, L, 3)
         base = pos.detach().floor()
         frac = pos - base  # gradients flow to x through the fractional part only
         low = base.long()
         ends = torch.stack([low, low + 1], dim=2)  # (P, L, 2, 3): [lower/upper vertex, axis]
-        # per-axis index terms, combined over the 2 x 2 x 2 corners by broadcasting
-        dense = _corners(ends * self.strides[:, None, :], torch.add)
-        hashed = _corners((ends * self.primes) & 0xFFFFFFFF, torch.bitwise_xor)
-        level = (slice(None), None, None, None)
-        rows = torch.where(self.hashed[level], hashed, dense) % self.sizes[level] + self.offsets[level]  # (P, L, 2, 2, 2)
         weights = _corners(torch.stack([1.0 - frac, frac], dim=2), torch.mul)  # trilinear, (P, L, 2, 2, 2)
+        # Dense levels come first (finer levels only grow), so each group's indices are computed for its own levels
+        # alone; per-axis index terms are combined over the 2 x 2 x 2 corners by broadcasting.
+        dense, groups = self.dense_levels, []
+        if dense > 0:
+            rows = _corners(ends[:, :dense] * self.strides[:dense, None, :], torch.add) % _per_level(self.sizes[:dense])
+            groups.append(self._interpolate(rows + _per_level(self.offsets[:dense]), weights[:, :dense]))
+        if dense < self.scales.shape[0]:
+            # a hashed level holds exactly 2**log2_hashmap_size rows: the modulo is a mask
+            rows = _corners((ends[:, dense:] * self.primes) & 0xFFFFFFFF, torch.bitwise_xor) & (2**self.cfg.log2_hashmap_size - 1)
+            groups.append(self._interpolate(rows + _per_level(self.offsets[dense:]), weights[:, dense:]))
+        return torch.cat(groups, dim=1).reshape(n_points, self.output_dim)
+
+    def _interpolate(self, rows: Tensor, weights: Tensor) -> Tensor:
+        """Table rows (P, l, 2, 2, 2) blended by their corner weights (P, l, 2, 2, 2) -> (P, l, F)."""
+        n_points, n_levels = rows.shape[:2]
         features = self.table.index_select(0, rows.reshape(-1)).view(n_points, n_levels, 8, self.cfg.n_features_per_level)
-        out = (features * weights.reshape(n_points, n_levels, 8, 1)).sum(2)
-        return out.reshape(n_points, self.output_dim)
+        return (features * weights.reshape(n_points, n_levels, 8, 1)).sum(2)
+
+
+def _per_level(values: Tensor) -> Tensor:
+    """Per-level values (l,) shaped to broadcast against (P, l, 2, 2, 2) corner tensors."""
+    return values[:, None, None, None]
 
 
 def _corners(per_axis: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
