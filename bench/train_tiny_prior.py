@@ -471,7 +471,8 @@ def prepare_data(cfg: RecipeConfig, work: Path, log: Log, record: dict, timings:
     train_synth = SynthConfig(objects=cfg.objects, views=cfg.views, size=cfg.size, seed=cfg.seed, supersample=cfg.supersample, families=cfg.families)
     held_synth = SynthConfig(objects=cfg.heldout_objects, views=cfg.heldout_views, size=cfg.size, seed=cfg.seed + 1,
                              supersample=cfg.supersample, orbit=True, families=cfg.heldout_families)
-    log(f"synthesising {cfg.heldout_objects} held-out and up to {cfg.objects} training objects with {workers} processes")
+    training = "no" if cfg.evaluate_only else f"up to {cfg.objects}"
+    log(f"synthesising {cfg.heldout_objects} held-out and {training} training objects with {workers} processes")
     held_count = synthesize_parallel(held_synth, work / "heldout", workers, float("inf"), log)
     train_count = 0 if cfg.evaluate_only else synthesize_parallel(train_synth, work / "train", workers, START + 60.0 * cfg.synth_minutes, log)
     timings["synth_s"] = time.perf_counter() - t
