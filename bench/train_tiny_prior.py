@@ -688,10 +688,10 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     shipped = work / PRIOR_NAME
     done = f"{train_count} synthetic objects (base {stages.get('base', 0)} steps, cascade {stages.get('cascade', 0)} steps)"
-    if cfg.evaluate_only:
+    if cfg.init:
         description = load_zero123(cfg.init, "cpu", torch.float32).description
-    elif cfg.init:
-        description = f"{load_zero123(cfg.init, 'cpu', torch.float32).description}; then continued by bench/train_tiny_prior.py on {done}"
+        if not cfg.evaluate_only:
+            description += f"; then continued by bench/train_tiny_prior.py on {done}"
     else:
         description = f"recon tiny prior: {cfg.arch} architecture trained from scratch by bench/train_tiny_prior.py on {done}"
     save_shipped(final, shipped, cfg.save_dtype, description)
