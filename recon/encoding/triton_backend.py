@@ -190,6 +190,8 @@ class TritonHashGrid(TorchHashGrid):
         if cfg.n_features_per_level & (cfg.n_features_per_level - 1):
             raise ValueError(f"the triton hash grid needs a power-of-two n_features_per_level, got {cfg.n_features_per_level}")
         super().__init__(cfg)
+        # the kernels read the layout as int64, whatever index type the reference lookup computes in
+        self.strides, self.offsets, self.sizes = self.strides.long(), self.offsets.long(), self.sizes.long()
         self.register_buffer("hashed_int", self.hashed.to(torch.int32), persistent=False)
         self.register_buffer("resolutions", self.strides[:, 1].contiguous(), persistent=False)
         layouts = level_layouts(cfg)
