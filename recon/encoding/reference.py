@@ -96,8 +96,8 @@ class TorchHashGrid(nn.Module):
     offsets, so a forward pass is a few dozen kernels whatever the level count.
     Every intermediate is laid out (corner, level, point) with the point index
     innermost: the elementwise kernels then run over long contiguous rows
-    instead of broadcasting within the 2 x 2 x 2 corners of each point (about
-    1.8x faster on a CPU). Memory: about 2.5 KB per point for 16 levels x 2
+    instead of broadcasting within the 2 x 2 x 2 corners of each point (with
+    int32 index arithmetic, about twice as fast on a CPU: docs/FIELD.md). Memory: about 2.5 KB per point for 16 levels x 2
     features (indices, corner features and weights kept for backward).
     """
 
