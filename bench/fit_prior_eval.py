@@ -292,7 +292,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method: means over objects of chamfer, psnr, ssim, input_psnr (finite values), counts; and paired
     sds - no-sds per score: mean, 95 % bootstrap interval over objects, objects where sds is better."""
     out: dict[str, dict[str, Any]] = {}
-    keys = ("chamfer", "psnr", "ssim", "input_psnr", "seconds")
+    keys = (*PAIRED_KEYS, "seconds")
     for method in METHODS:
         results = [row["results"][method] for row in rows if method in row["results"]]
         stats: dict[str, Any] = {"objects": len(results), "failed": sum("error" in r for r in results)}
