@@ -55,16 +55,19 @@ START = time.perf_counter()
 import torch
 
 from recon.fileio import read_json, write_bytes, write_json, write_text
+from recon.guidance.config import NEARBY_VIEWS
 
 PART_BYTES = 15 * 1024 * 1024
 PRIOR_NAME = "tiny-zero123"
-ABLATION: dict[str, list[list[float]]] = {
-    "one view (+45 az)": [[0.0, 45.0, 0.0]],
-    "near (+-20 az, 15 above)": [[0.0, 20.0, 0.0], [0.0, -20.0, 0.0], [-15.0, 0.0, 0.0]],
-    "far (+-90 az, 45 above)": [[0.0, 90.0, 0.0], [0.0, -90.0, 0.0], [-45.0, 0.0, 0.0]],
+NEARBY_SETS: dict[str, list[list[float]]] = {
+    "paper": [list(v) for v in NEARBY_VIEWS],
+    "near": [[0.0, 20.0, 0.0], [0.0, -20.0, 0.0], [-15.0, 0.0, 0.0]],
+    "far": [[0.0, 90.0, 0.0], [0.0, -90.0, 0.0], [-45.0, 0.0, 0.0]],
+    "one": [[0.0, 45.0, 0.0]],
 }
-"""Nearby-view sets of the cascade ablation ([delta_polar, delta_azimuth, delta_radius]), beside the default
-(the paper's +-45 deg azimuth and 30 deg above) that the main evaluation uses."""
+"""The cascade's self-prompted view sets ([delta_polar, delta_azimuth, delta_radius] from the input camera):
+the paper's (+-45 deg azimuth and 30 deg above), near (+-20 deg and 15 above), far (+-90 deg and 45 above) and
+one view (+45 deg). --nearby-views picks the one trained and evaluated; the ablation evaluates the others."""
 
 
 @dataclass
@@ -141,9 +144,12 @@ class RecipeConfig:
     cascade_batch: int = 32
     """Samples per cascade-stage step (each self-prompts 4 views)."""
     cascade_fraction: float = 0.3
-    """Share of the UNet training time given to the cascade stage."""
+    """Share of the UNet training time given to the cascade stage (1 with --init: no base stage, the cascade
+    stage continues --init's weights)."""
     prompt_steps: int = 8
     """DDIM steps of the Base's self-prompting in the cascade stage."""
+    nearby_views: str = "paper"
+    """Self-prompted view set (NEARBY_SETS: paper, near, far or one) of the cascade stage and the main evaluation."""
     lr_unet: float = 4e-4
     """AdamW learning rate of the UNet (from scratch: higher than fine-tuning's 1e-4)."""
     lr_projection: float = 1e-3
@@ -174,7 +180,7 @@ class RecipeConfig:
     """Also evaluate these weights (e.g. the previously shipped prior) on the same held-out objects, with paired
     per-object comparisons against the new ones ('' = none)."""
     ablation: bool = True
-    """Evaluate the cascade with other nearby-view counts and angles (ABLATION) after the main evaluation."""
+    """Evaluate the cascade with the other nearby-view sets (NEARBY_SETS) after the main evaluation."""
     cfg_sweep: str = "1.0,2.0"
     """Comma-separated classifier-free guidance scales at which the Base alone is also evaluated (no consistency;
     '' = none), beside the main evaluation's scale (3)."""
@@ -198,6 +204,10 @@ def parse_args(argv: list[str] | None = None) -> RecipeConfig:
         parser.error("--save-dtype must be fp16 or fp32")
     if cfg.evaluate_only and not cfg.init:
         parser.error("--evaluate-only needs --init (the weights to score)")
+    if cfg.nearby_views not in NEARBY_SETS:
+        parser.error(f"--nearby-views must be one of {', '.join(NEARBY_SETS)}")
+    if not 0.0 <= cfg.cascade_fraction <= 1.0 or (cfg.cascade_fraction == 1.0 and not cfg.init):
+        parser.error("--cascade-fraction must be in [0, 1], and 1 (no base stage) needs --init")
     return cfg
 
 
@@ -366,6 +376,7 @@ def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
         stage=stage, steps=max(1, steps), batch_size=batch, image_size=cfg.size, lr_unet=cfg.lr_unet,
         lr_projection=cfg.lr_projection, lr_vae=cfg.lr_vae, kl_weight=cfg.kl_weight, chroma_weight=cfg.chroma_weight, warmup_steps=cfg.warmup_steps,
         ema_decay=cfg.ema_decay, loss_weighting=cfg.loss_weighting, mixed_precision=cfg.mixed_precision, prompt_steps=cfg.prompt_steps,
+        nearby_views=NEARBY_SETS[cfg.nearby_views],
         seed=cfg.seed, preload=True, checkpoint_every=10**9, keep_checkpoints=1, vae_decoder_only=bool(cfg.init),
     )
 
@@ -526,16 +537,18 @@ def evaluate_extras(cfg: RecipeConfig, model, heldout, ecfg, report: dict, out: 
         log(f"compared weights {cfg.compare} ({time.perf_counter() - t:.0f} s): PSNR {summary}; pose use {extra['compare_pose_use']}")
         write_json(out / "extra.json", extra)
         del old
-    for label, views in ABLATION.items() if cfg.ablation else ():
+    others = [name for name in NEARBY_SETS if name != cfg.nearby_views]
+    for label in others if cfg.ablation else ():
         if remaining_s(cfg) < 25.0:
             log(f"ablation stopped before {label!r}: time is up")
             break
         t = time.perf_counter()
+        views = NEARBY_SETS[label]
         ablated = evaluate(heldout, model, model, dataclasses.replace(ecfg, nearby_views=views))
         extra["ablation"][label] = {"nearby_views": views, "summary": ablated["summary"],
                                     "consistency_by_object": ablated["consistency_by_object"], "views": ablated["views"]}
         paired[f"cascade [{label}] vs base"] = paired_comparison(ablated, "base", ablated, "cascade")
-        paired[f"cascade [{label}] vs cascade [default]"] = paired_comparison(report, "cascade", ablated, "cascade")
+        paired[f"cascade [{label}] vs cascade [{cfg.nearby_views}]"] = paired_comparison(report, "cascade", ablated, "cascade")
         log(f"ablation {label} ({time.perf_counter() - t:.0f} s): cascade PSNR {ablated['summary']['cascade']['psnr']:.3f}")
         write_json(out / "extra.json", extra)
     for scale in (float(v) for v in cfg.cfg_sweep.split(",") if v.strip()):
@@ -606,18 +619,21 @@ def train_prior(cfg: RecipeConfig, work: Path, log: Log, record: dict, timings: 
 
     unet_s = max(0.0, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes)
     cascade_share = cfg.cascade_fraction if cfg.cascade_steps > 0 else 0.0
-    t = time.perf_counter()
-    base = run_stage(cfg, "base", cfg.base_steps, cfg.base_batch, work / "train", start_weights, work / "run-base", unet_s * (1 - cascade_share) / 60.0, log)
-    timings["base_s"] = time.perf_counter() - t
-    final, stages = base.final, {"base": base.step}
-    record["throughput"] = {"base": stage_throughput(work / "run-base")}
-    if is_main:
-        record["pose_use"]["base"] = pose_use(base.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
-        log(f"pose use after stage base: {record['pose_use']['base']}")
+    final, stages = start_weights, {}
+    record["throughput"] = {}
+    if cascade_share < 1.0:
+        t = time.perf_counter()
+        base = run_stage(cfg, "base", cfg.base_steps, cfg.base_batch, work / "train", start_weights, work / "run-base", unet_s * (1 - cascade_share) / 60.0, log)
+        timings["base_s"] = time.perf_counter() - t
+        final, stages["base"] = base.final, base.step
+        record["throughput"]["base"] = stage_throughput(work / "run-base")
+        if is_main:
+            record["pose_use"]["base"] = pose_use(base.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
+            log(f"pose use after stage base: {record['pose_use']['base']}")
     if cascade_share > 0:
         t = time.perf_counter()
         minutes = max(0.1, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes) / 60.0
-        cascade = run_stage(cfg, "cascade", cfg.cascade_steps, cfg.cascade_batch, work / "train", base.final, work / "run-cascade", minutes, log)
+        cascade = run_stage(cfg, "cascade", cfg.cascade_steps, cfg.cascade_batch, work / "train", final, work / "run-cascade", minutes, log)
         timings["cascade_s"] = time.perf_counter() - t
         final, stages["cascade"] = cascade.final, cascade.step
         record["throughput"]["cascade"] = stage_throughput(work / "run-cascade")
@@ -703,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     names = pack(shipped, out)
     log(f"wrote {', '.join(names)} (weights before the evaluation)")
     ecfg = EvalConfig(steps=cfg.eval_steps, batch=cfg.eval_batch, group=cfg.eval_group, consistency=cfg.consistency,
-                      seed=cfg.seed, max_objects=min(cfg.eval_objects, len(heldout)))
+                      seed=cfg.seed, max_objects=min(cfg.eval_objects, len(heldout)), nearby_views=NEARBY_SETS[cfg.nearby_views])
     log(f"evaluating {ecfg.max_objects}/{len(heldout)} held-out objects")
     report = evaluate(heldout, model, model, ecfg)
     timings["eval_s"] = time.perf_counter() - t
