@@ -241,3 +241,20 @@ def test_fp16_cuda_gradient_reaches_pixels():
     out.loss.backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert out.diagnostics["sds_nonfinite"] == 0.0
+
+
+def test_vae_grad_resolution_bench_compares_like_with_like(tmp_path):
+    """bench/vae_grad_resolution.py on tiny random weights: at the model's own size the reduced gradient is the full one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_vae_grad_resolution", Path(__file__).parents[1] / "bench" / "vae_grad_resolution.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = ["--model", "random-tiny", "--device", "cpu", "--render-size", "16", "--trials", "2", "--draws", "2"]
+    same = bench.main([*common, "--resolution", "64", "--out", str(tmp_path / "same.json")])
+    assert same["encoded"] == {"reduced": 64, "full": 64}
+    assert same["mean"]["cosine"] == pytest.approx(1.0) and same["mean"]["norm_ratio"] == pytest.approx(1.0)
+    assert same["mean"]["noise_cosine"] < 0.999  # other draws: another gradient
+    reduced = bench.main([*common, "--resolution", "32"])
+    assert reduced["encoded"] == {"reduced": 32, "full": 64} and len(reduced["trials"]) == 2
+    assert all(-1.0 <= t["cosine"] < 0.999 and t["norm_ratio"] > 0 for t in reduced["trials"])
