@@ -173,6 +173,8 @@ class RecipeConfig:
     before the evaluation, so a command killed during it still returns them)."""
     consistency: bool = True
     """Also score multi-view consistency in the evaluation (doubles its cost)."""
+    mean_samples: int = 0
+    """Also score base-mean, the mean of this many Base samples per target (systems.evaluation; 0 = not scored)."""
     evaluate_only: bool = False
     """Train nothing: render the held-out set and score --init as it is (evaluation, --compare, ablation, CFG
     sweep); one process. The packed weights are --init's, unchanged."""
@@ -516,13 +518,16 @@ def evaluate_extras(cfg: RecipeConfig, model, heldout, ecfg, report: dict, out: 
     """After the main evaluation: the ``--compare`` model and the nearby-view ablation on the same objects, and
     the paired per-object comparisons; written to OUT/extra.json after each part. Returns the extra record."""
     from recon.guidance.checkpoints import load_zero123
-    from recon.systems.evaluation import evaluate, paired_comparison
+    from recon.systems.evaluation import MEAN_METHOD, evaluate, paired_comparison
 
     extra: dict = {"paired": {}, "ablation": {}, "compare": None, "cfg_sweep": {}}
     paired = extra["paired"]
     paired["cascade vs base"] = paired_comparison(report, "base", report, "cascade")
+    generative = [m for m in ("base", "cascade", MEAN_METHOD) if m in report["summary"]]
+    if MEAN_METHOD in generative:
+        paired[f"{MEAN_METHOD} vs base"] = paired_comparison(report, "base", report, MEAN_METHOD, ("psnr", "ssim"))
     for baseline in ("copy-input", "mean-image"):
-        for method in ("base", "cascade"):
+        for method in generative:
             paired[f"{method} vs {baseline}"] = paired_comparison(report, baseline, report, method, ("psnr", "ssim"))
     write_json(out / "extra.json", extra)
     if cfg.compare and remaining_s(cfg) > 20.0:
@@ -719,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     names = pack(shipped, out)
     log(f"wrote {', '.join(names)} (weights before the evaluation)")
     ecfg = EvalConfig(steps=cfg.eval_steps, batch=cfg.eval_batch, group=cfg.eval_group, consistency=cfg.consistency,
-                      seed=cfg.seed, max_objects=min(cfg.eval_objects, len(heldout)), nearby_views=NEARBY_SETS[cfg.nearby_views])
+                      seed=cfg.seed, max_objects=min(cfg.eval_objects, len(heldout)), nearby_views=NEARBY_SETS[cfg.nearby_views],
+                      mean_samples=cfg.mean_samples)
     log(f"evaluating {ecfg.max_objects}/{len(heldout)} held-out objects")
     report = evaluate(heldout, model, model, ecfg)
     timings["eval_s"] = time.perf_counter() - t

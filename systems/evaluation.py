@@ -9,7 +9,13 @@ every other view is a target. Methods:
   conditioning of :func:`guidance.cascade.refiner_tokens`;
 * ``copy-input``: the input image itself (a model that ignores the pose);
 * ``mean-image``: the mean of all ground-truth target images of the evaluated
-  set (the best constant prediction under MSE).
+  set (the best constant prediction under MSE);
+* ``base-mean`` (with ``mean_samples``): the pixel mean of that many Base
+  samples of each target (the first is ``base``'s), a Monte-Carlo estimate of
+  the Base's posterior mean, the prediction with the least expected squared
+  error under the model. Its gap to ``base`` is what the samples' spread
+  costs in PSNR; its gap to ``mean-image`` what the model knows beyond the
+  average view.
 
 Scores: PSNR and SSIM (torchmetrics, images composited over white, at the
 model's size), overall and per |delta azimuth| bin; and a multi-view
@@ -48,6 +54,8 @@ if TYPE_CHECKING:
     from recon.guidance.model import Zero123Model
 
 METHODS = ("base", "cascade", "copy-input", "mean-image")
+MEAN_METHOD = "base-mean"
+"""The extra method scored when ``EvalConfig.mean_samples`` > 0."""
 AZIMUTH_BINS = ((0.0, 45.0), (45.0, 90.0), (90.0, 135.0), (135.0, 180.01))
 
 
@@ -75,6 +83,9 @@ class EvalConfig:
     """Objects whose views are sampled together (fuller UNet batches: faster on a GPU; results do not change)."""
     seed: int = 0
     """Seed of the samplers' initial noise."""
+    mean_samples: int = 0
+    """Also score ``base-mean``: the mean of this many Base samples per target (each beyond the first costs one
+    more Base evaluation without consistency); 0 = not scored."""
 
 
 def _pose(poses: tuple[Tensor, Tensor, Tensor], index: int) -> tuple[float, float, float]:
@@ -132,6 +143,21 @@ def cascade_views(
     return cascade_views_many(base, refiner, image[None], [pose], [targets], [base_views], cfg, [seed])[0]
 
 
+def base_means(
+    base: Zero123Model, images: Tensor, poses: Sequence[tuple[float, float, float]], targets: Sequence[tuple[Tensor, Tensor, Tensor]],
+    first_samples: Sequence[Tensor], cfg: EvalConfig, seeds: Sequence[int], count: int,
+) -> list[Tensor]:
+    """The pixel mean of ``cfg.mean_samples`` Base samples of every target of the first ``count`` inputs: one
+    (N_g, 3, S, S) tensor per input. ``first_samples`` are the Base's views already made (seed ``seeds[g]``);
+    sample j > 0 is drawn with seed ``seeds[g] + 2 + j`` (``+ 1`` and ``+ 2`` are the cascade's)."""
+    draws = [list(first_samples[:count])]
+    for j in range(1, cfg.mean_samples):
+        draws.append(generate_views_many(
+            base, images[:count], poses[:count], targets[:count], cfg.steps, cfg.guidance_scale, [s + 2 + j for s in seeds[:count]], cfg.batch
+        ))  # fmt: skip
+    return [torch.stack([d[g] for d in draws]).mean(dim=0) for g in range(count)]
+
+
 def image_scores(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Per-image PSNR (dB) and SSIM of (N, 3, H, W) images, both clamped to [0, 1] first."""
     pred, target = pred.float().clamp(0, 1), target.float().clamp(0, 1)
@@ -165,7 +191,7 @@ def evaluate(
     rounding). ``progress(done, total)`` is called after each group of objects.
     """
     count = len(dataset) if cfg.max_objects <= 0 else min(cfg.max_objects, len(dataset))
-    methods = [m for m in METHODS if m != "cascade" or refiner is not None]
+    methods = [m for m in METHODS if m != "cascade" or refiner is not None] + ([MEAN_METHOD] if cfg.mean_samples > 0 else [])
     per_view: list[dict[str, Any]] = []
     predictions: dict[str, list[Tensor]] = {m: [] for m in methods if m != "mean-image"}
     truths: list[Tensor] = []
@@ -192,6 +218,8 @@ def evaluate(
         generated = {"base": generate_views_many(base, images, job_poses, job_targets, cfg.steps, cfg.guidance_scale, seeds, cfg.batch)}
         if refiner is not None:
             generated["cascade"] = cascade_views_many(base, refiner, images, job_poses, job_targets, generated["base"], cfg, seeds)
+        if cfg.mean_samples > 0:
+            predictions[MEAN_METHOD] += base_means(base, images, job_poses, job_targets, generated["base"], cfg, seeds, len(items))
         for k, (item, (first, target_ids, second)) in enumerate(zip(items, roles, strict=True)):
             for name, outputs in generated.items():
                 predictions[name].append(outputs[k])

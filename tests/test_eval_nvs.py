@@ -87,12 +87,35 @@ def test_evaluate_scores_baselines_and_consistency(heldout):
     assert "| cascade |" in table and "| mean-image |" in table and "| 90-135 | 135-180 |" in table and "0-45" not in table
 
 
+def test_base_mean_averages_base_samples_of_other_seeds(heldout):
+    dataset = MultiViewDataset(heldout, image_size=64)
+    model = load_zero123("random-tiny", "cpu", torch.float32)
+    one = evaluate(dataset, model, None, EvalConfig(steps=1, batch=4, consistency=False, mean_samples=1))
+    for row in one["views"]:  # the mean of one sample is the Base's own sample
+        assert row["base-mean_psnr"] == pytest.approx(row["base_psnr"], abs=1e-4)
+    report = evaluate(dataset, model, None, EvalConfig(steps=1, batch=4, consistency=False, mean_samples=3, seed=2))
+    assert list(report["summary"]) == ["base", "copy-input", "mean-image", "base-mean"]
+    assert report["summary"]["base-mean"]["consistency_psnr"] is None
+    # object 0's three samples by hand: the evaluation's seed, then + 3 and + 4
+    item = dataset[0]
+    views = composite(item.images, 1.0)
+    targets = tuple(p[1:] for p in (item.elevation_deg, item.azimuth_deg, item.radius))
+    pose = (float(item.elevation_deg[0]), float(item.azimuth_deg[0]), float(item.radius[0]))
+    seed = 2 * 1_000_003
+    samples = [generate_views_many(model, views[:1], [pose], [targets], 1, 3.0, [seed + offset], 4)[0] for offset in (0, 3, 4)]
+    expected, _ = image_scores(torch.stack(samples).mean(dim=0), views[1:])
+    rows = [r for r in report["views"] if r["object"] == item.object_id]
+    torch.testing.assert_close(torch.tensor([r["base-mean_psnr"] for r in rows]), expected, atol=1e-3, rtol=0)
+    assert "| base-mean |" in markdown_report(report)
+
+
 def test_cli_eval_nvs_writes_table_and_json(heldout, tmp_path):
     code = main(["eval-nvs", "--data", str(heldout), "--model", "random-tiny", "-o", str(tmp_path / "out"),
-                 "--steps", "1", "--max-objects", "1", "--no-consistency", "--device", "cpu", "--quiet"])
+                 "--steps", "1", "--max-objects", "1", "--no-consistency", "--device", "cpu", "--quiet", "--mean-samples", "2"])
     assert code == 0
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["objects"] == 1 and report["summary"]["base"]["consistency_psnr"] is None
+    assert report["config"]["mean_samples"] == 2 and "base-mean" in report["summary"]
     text = (tmp_path / "out" / "eval.md").read_text()
     assert text.startswith("# Novel-view evaluation (1 objects, 3 target views)")
     assert "| base |" in text and "| copy-input |" in text

@@ -206,13 +206,15 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     # --evaluate-only scores the weights as they are: no training data, no steps, the same tensors packed.
     scored = tmp_path / "scored"
     command = [*command[:3], str(scored), "--work", str(tmp_path / "work"), *command[6:], "--init", str(folder), "--evaluate-only",
-               "--no-ablation", "--cfg-sweep", ""]
+               "--no-ablation", "--cfg-sweep", "", "--mean-samples", "2"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     third = json.loads((scored / "recipe.json").read_text())
     assert third["steps"] == {} and third["data"]["train"]["objects"] == 0 and third["previous"]["steps"] == recipe["steps"]
     assert third["description"] == model.description
-    assert set(json.loads((scored / "eval.json").read_text())["summary"]) == set(METHODS)
+    assert set(json.loads((scored / "eval.json").read_text())["summary"]) == {*METHODS, "base-mean"}
+    paired = json.loads((scored / "extra.json").read_text())["paired"]
+    assert {"base-mean vs base", "base-mean vs mean-image", "base-mean vs copy-input"} <= set(paired)
     with tarfile.open(scored / "tiny-zero123.tar") as tar:
         tar.extractall(tmp_path / "unpacked3", filter="data")
     unet = "unet/diffusion_pytorch_model.safetensors"

@@ -41,6 +41,9 @@ class EvalNVSCommand:
     """Objects whose views are sampled together (fuller UNet batches; the scores do not change)."""
     seed: int = 0
     """Seed of the samplers' noise."""
+    mean_samples: int = 0
+    """Also score 'base-mean', the mean of this many Base samples per view (the model's posterior mean; each
+    sample beyond the first costs one more Base pass); 0 = not scored."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     quiet: bool = False
@@ -56,7 +59,7 @@ class EvalNVSCommand:
         cfg = EvalConfig(
             steps=self.steps, guidance_scale=self.guidance_scale, input_view=self.input_view,
             max_objects=self.max_objects, consistency=self.consistency, batch=self.batch, group=self.group,
-            seed=self.seed,
+            seed=self.seed, mean_samples=self.mean_samples,
         )
         with progress_bar() as bar:
             task = bar.add_task("evaluating objects", total=None, rate="", status="")
