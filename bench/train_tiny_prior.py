@@ -624,27 +624,27 @@ def train_prior(cfg: RecipeConfig, work: Path, log: Log, record: dict, timings: 
 
     unet_s = max(0.0, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes)
     cascade_share = cfg.cascade_fraction if cfg.cascade_steps > 0 else 0.0
-    final, stages = start_weights, {}
+    stages: dict[str, int] = {}
     record["throughput"] = {}
+
+    def unet_stage(stage: str, steps: int, batch: int, init: Path, minutes: float) -> Path:
+        """Runs UNet stage ``stage`` from ``init``; records its steps, time, throughput and pose use; returns its weights."""
+        t = time.perf_counter()
+        result = run_stage(cfg, stage, steps, batch, work / "train", init, work / f"run-{stage}", minutes, log)
+        timings[f"{stage}_s"] = time.perf_counter() - t
+        stages[stage] = result.step
+        record["throughput"][stage] = stage_throughput(work / f"run-{stage}")
+        if is_main:
+            record["pose_use"][stage] = pose_use(result.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
+            log(f"pose use after stage {stage}: {record['pose_use'][stage]}")
+        return result.final
+
+    final = start_weights
     if cascade_share < 1.0:
-        t = time.perf_counter()
-        base = run_stage(cfg, "base", cfg.base_steps, cfg.base_batch, work / "train", start_weights, work / "run-base", unet_s * (1 - cascade_share) / 60.0, log)
-        timings["base_s"] = time.perf_counter() - t
-        final, stages["base"] = base.final, base.step
-        record["throughput"]["base"] = stage_throughput(work / "run-base")
-        if is_main:
-            record["pose_use"]["base"] = pose_use(base.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
-            log(f"pose use after stage base: {record['pose_use']['base']}")
+        final = unet_stage("base", cfg.base_steps, cfg.base_batch, final, unet_s * (1 - cascade_share) / 60.0)
     if cascade_share > 0:
-        t = time.perf_counter()
         minutes = max(0.1, remaining_s(cfg) - 60.0 * cfg.eval_reserve_minutes) / 60.0
-        cascade = run_stage(cfg, "cascade", cfg.cascade_steps, cfg.cascade_batch, work / "train", final, work / "run-cascade", minutes, log)
-        timings["cascade_s"] = time.perf_counter() - t
-        final, stages["cascade"] = cascade.final, cascade.step
-        record["throughput"]["cascade"] = stage_throughput(work / "run-cascade")
-        if is_main:
-            record["pose_use"]["cascade"] = pose_use(cascade.final, work / "heldout", cfg.size, cfg.device, seed=cfg.seed)
-            log(f"pose use after stage cascade: {record['pose_use']['cascade']}")
+        final = unet_stage("cascade", cfg.cascade_steps, cfg.cascade_batch, final, minutes)
     return final, stages
 
 
