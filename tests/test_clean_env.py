@@ -1,20 +1,15 @@
 """bench/clean_env.py: the closure of recon-zero123's requirements, linked into a folder."""
 
-import importlib.util
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).parents[1] / "bench" / "clean_env.py"
+from script_loading import load_script
 
 
 @pytest.fixture(scope="module")
 def clean_env():
-    spec = importlib.util.spec_from_file_location("bench_clean_env", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/clean_env.py")
 
 
 def test_requirements_leave_out_extras(clean_env):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,16 +10,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from script_loading import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_fit_prior_eval", ROOT / "bench" / "fit_prior_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/fit_prior_eval.py")
 
 
 def test_heldout_seeds_are_disjoint_from_the_prior_training_set(bench):

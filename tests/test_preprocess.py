@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import types
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loading import load_script
 
 from recon import background
 from recon.errors import InputError, ReconError
@@ -219,9 +219,7 @@ def test_shipped_example_is_a_usable_rgba_reference(tmp_path):
     view = load_reference(root / "robot.png", size=64)
     assert view.background_method == "alpha"
     # The script that made it is deterministic (checked at a small size to stay fast).
-    spec = importlib.util.spec_from_file_location("make_example", root / "make_example.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/make_example.py")
     first = module.make_example(tmp_path / "a.png", size=48, supersample=1)
     second = module.make_example(tmp_path / "b.png", size=48, supersample=1)
     assert first.read_bytes() == second.read_bytes()

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from script_loading import load_script
 
 from recon.data.multiview import MultiViewDataset
 from recon.data.synth import SynthConfig, synthesize
@@ -222,12 +223,7 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
 
 
 def test_recipe_rejects_an_unknown_view_set_and_a_cascade_only_run_from_scratch(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_train_tiny_prior", ROOT / "bench" / "train_tiny_prior.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # its dataclasses look their module up there
-    spec.loader.exec_module(recipe)
+    recipe = load_script("bench/train_tiny_prior.py")
     assert recipe.parse_args(["--out", "o", "--nearby-views", "near"]).nearby_views == "near"
     for flags, message in ((["--nearby-views", "close"], "--nearby-views must be one of paper, near, far, one"),
                            (["--cascade-fraction", "1"], "1 (no base stage) needs --init")):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from guidance_fixtures import tiny_images, tiny_model
+from script_loading import load_script
 
 from recon.cameras import relative_pose
 from recon.guidance.config import GuidanceConfig
@@ -193,11 +194,7 @@ def test_sds_before_prepare_is_an_error(model):
 
 def test_bench_script_runs_on_tiny_weights(tmp_path):
     """bench/guidance.py end to end on the CPU with the tiny network (the lead runs it full-size on CUDA)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_guidance", Path(__file__).parents[1] / "bench" / "guidance.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/guidance.py")
     out = tmp_path / "bench.json"
     argv = [
         "--out",
@@ -245,11 +242,7 @@ def test_fp16_cuda_gradient_reaches_pixels():
 
 def test_vae_grad_resolution_bench_compares_like_with_like(tmp_path):
     """bench/vae_grad_resolution.py on tiny random weights: at the model's own size the reduced gradient is the full one."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_vae_grad_resolution", Path(__file__).parents[1] / "bench" / "vae_grad_resolution.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/vae_grad_resolution.py")
     common = ["--model", "random-tiny", "--device", "cpu", "--render-size", "16", "--trials", "2", "--draws", "2"]
     same = bench.main([*common, "--resolution", "64", "--out", str(tmp_path / "same.json")])
     assert same["encoded"] == {"reduced": 64, "full": 64}
