@@ -53,13 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
     from recon.guidance.checkpoints import load_zero123
     from recon.guidance.config import GuidanceConfig
     from recon.guidance.interface import Zero123Guidance
+    from recon.guidance.sampling import native_size
     from recon.preprocess import load_reference
     from recon.runtime import resolve_device
 
     device = resolve_device(args.device)
     model = load_zero123(args.model, device, torch.float32)
     reference = load_reference(args.image)
-    size = int(model.unet.config.sample_size) * model.latent_scale
+    size = native_size(model)
     render = args.render_size or size // 4
     sizes = {"reduced": args.resolution or size // 2, "full": size}
     guidances = {}
