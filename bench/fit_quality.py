@@ -4,9 +4,10 @@
 
 Fits ``IMAGE`` twice: as configured (batched render, analytic normals through
 the fused hash grid, near-empty samples pruned, CUDA-graph replay of the UNet
-and of the VAE encoder) and with the reference paths
-(``batched_render=false``, ``field.normal_mode=finite_difference``,
-``renderer.alpha_threshold=0``, ``guidance.cuda_graphs=false``). After
+and of the VAE encoder, the encoder channels-last with fused GroupNorm and matmul attention) and
+with the reference paths (``batched_render=false``,
+``field.normal_mode=finite_difference``, ``renderer.alpha_threshold=0``,
+``guidance.cuda_graphs=false``, ``guidance.fast_vae_encoder=false``). After
 each fit the reference view is rendered (eval mode) at the input's size and
 compared with the input: PSNR of the colour over the background and IoU of
 the silhouettes (opacity > 0.5 vs alpha > 0.5). Prints a table, writes JSON.
@@ -30,6 +31,7 @@ REFERENCE_PATHS = [
     "field.normal_mode=finite_difference",
     "renderer.alpha_threshold=0",
     "guidance.cuda_graphs=false",
+    "guidance.fast_vae_encoder=false",
 ]
 
 

@@ -1,10 +1,13 @@
 """Times score distillation with full-size (random-weight) Zero123 networks.
 
-    python bench/guidance.py --out bench-guidance.json [--batches 1 4 8] [--steps 20]
+    python bench/guidance.py --out bench-guidance.json [--batches 2 4 12] [--steps 20] [--encoders reference fast]
 
-For modes zero123 and cascade (Refiner = the Base's weights, 5 tokens) and
-each batch size: milliseconds per SDS step = VAE encode of 256x256 renders
-with grad + CFG UNet call + backward to the pixels, and peak CUDA memory.
+For each VAE encoder path (the reference: NCHW, SDPA attention; then the
+fast one, guidance.fast_vae_encoder: channels-last with fused GroupNorm +
+SiLU, matmul attention), modes zero123 and cascade (Refiner = the Base's
+weights, 5 tokens), CUDA graphs off and on, and each batch size:
+milliseconds per SDS step = VAE encode of 256x256 renders with grad + CFG
+UNet call + backward to the pixels, and peak CUDA memory.
 Also the one-time cascade preparation (Base self-prompting of the nearby
 views and of the coarse-target bank, DDIM 25 steps + CFG). CUDA timings use
 CUDA events after warm-up. Prints a Markdown table; writes JSON to --out.
@@ -90,11 +93,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--spec", default="random-full", help="weights to load (random-full times the real network)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 4, 12])
     parser.add_argument("--resolution", type=int, default=256, help="render size fed to the guidance")
     parser.add_argument("--steps", type=int, default=20, help="timed SDS steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--nearby-steps", type=int, default=25, help="DDIM steps of the self-prompting")
+    parser.add_argument(
+        "--encoders",
+        nargs="+",
+        default=["reference", "fast"],
+        choices=["reference", "fast"],
+        help="VAE encoder paths to time (the reference runs first: switching the shared model to the fast one is one-way)",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sds": [],
         "prepare": {},
     }
-    for mode, graphs in [(m, g) for m in ("zero123", "cascade") for g in (False, True)]:
+    encoders = sorted(set(args.encoders), key=["reference", "fast"].index)
+    for encoder, mode, graphs in [(e, m, g) for e in encoders for m in ("zero123", "cascade") for g in (False, True)]:
         cfg = GuidanceConfig(
             model=args.spec,
             mode=mode,
@@ -121,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             vae_grad_resolution=args.resolution,
             nearby_steps=args.nearby_steps,
             cuda_graphs=graphs,
+            fast_vae_encoder=encoder == "fast",
         )
         guidance = make_guidance(cfg, device, base=base)
         if device.type == "cuda":
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         info = guidance.prepare(reference, None)
         _sync(device)
         if mode == "cascade":
-            results["prepare"]["graphs" if graphs else "eager"] = {
+            results["prepare"][f"{encoder}, {'graphs' if graphs else 'eager'}"] = {
                 "seconds": time.perf_counter() - t0,
                 "nearby_views": len(guidance.nearby_views),
                 "nearby_seconds": info["nearby_seconds"],
@@ -141,11 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
             }
         tokens = guidance.context((torch.zeros(1), torch.zeros(1), torch.full((1,), 3.8))).shape[1]
         for batch in args.batches:
-            row = {"mode": mode, "cuda_graphs": graphs, "batch": batch, "tokens": tokens}
+            row = {"encoder": encoder, "mode": mode, "cuda_graphs": graphs, "batch": batch, "tokens": tokens}
             row.update(time_sds(guidance, batch, args.resolution, args.steps, args.warmup))
             results["sds"].append(row)
             print(
-                f"  {mode:<8} graphs={graphs!s:<5} B={batch:<2} {row['ms_per_step']:8.1f} ms/step  peak {_gib(row['peak_memory_gib'])} GiB", flush=True
+                f"  {encoder:<9} {mode:<8} graphs={graphs!s:<5} B={batch:<2} {row['ms_per_step']:8.1f} ms/step  peak {_gib(row['peak_memory_gib'])} GiB", flush=True
             )
         del guidance
         if device.type == "cuda":
@@ -155,11 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"\nSDS step on {name}, {args.dtype}, {args.resolution}x{args.resolution} renders, grad through the VAE encoder "
         f"(model load {load_seconds:.1f} s)\n"
     )
-    print("| mode | CUDA graphs | tokens | batch | ms / step | ms / view | peak GiB | non-finite |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| VAE encoder | mode | CUDA graphs | tokens | batch | ms / step | ms / view | peak GiB | non-finite |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in results["sds"]:
         print(
-            f"| {row['mode']} | {'on' if row['cuda_graphs'] else 'off'} | {row['tokens']} | {row['batch']} | {row['ms_per_step']:.1f} "
+            f"| {row['encoder']} | {row['mode']} | {'on' if row['cuda_graphs'] else 'off'} | {row['tokens']} | {row['batch']} | {row['ms_per_step']:.1f} "
             f"| {row['ms_per_step'] / row['batch']:.1f} | {_gib(row['peak_memory_gib'])} | {row['nonfinite_samples']:.0f} |"
         )
     for runner, prep in results["prepare"].items():

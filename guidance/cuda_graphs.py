@@ -17,6 +17,7 @@ and their activation memory.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import torch
@@ -81,7 +82,12 @@ class GraphedEncoder:
             return self.encode(images)
         key = (tuple(images.shape), images.dtype, images.device)
         if key != self.key:
-            self.graphed = None  # frees the previous shape's graphs before capturing the new ones
+            # frees the previous shape's graphs before capturing the new ones. They sit in reference cycles
+            # (make_graphed_callables builds an autograd.Function class per callable), so only the cyclic
+            # collector frees them: left to run on its own it can do so mid-capture, and destroying a graph
+            # while a stream captures invalidates the capture (a CUDA error at the next shape change).
+            self.graphed = None
+            gc.collect()
             sample = torch.rand_like(images).requires_grad_(True)
             self.graphed = torch.cuda.make_graphed_callables(self.encode, (sample,), num_warmup_iters=WARMUP_CALLS)
             self.key = key

@@ -59,6 +59,8 @@ class Zero123Guidance:
         self.min_step_percent, self.max_step_percent, self.timestep_reason = timestep_schedules(cfg, self.model.pose_encoding)
         for model in {id(m): m for m in (base, self.refiner) if m is not None}.values():
             model.use_cuda_graphs(cfg.cuda_graphs)
+            if cfg.fast_vae_encoder:
+                model.use_fast_encoder()
         self._encode_with_grad = encoder_runner(self.model.encode, cfg.cuda_graphs)
         self.nearby_views: ViewSet | None = None
         self.bank_views: ViewSet | None = None

@@ -217,6 +217,21 @@ class Zero123Model(nn.Module):
 
         self._graphed_unet = unet_runner(self.unet, enabled)
 
+    def use_fast_encoder(self) -> None:
+        """On CUDA: the VAE's attention as plain matmuls, and (with Triton) its encoder in channels-last layout
+        with fused GroupNorm + SiLU (guidance/groupnorm.py). Elsewhere nothing changes. One-way: it edits the
+        VAE's modules in place (same parameters, same state-dict keys)."""
+        from diffusers.models.attention_processor import AttnProcessor
+
+        from recon.encoding.triton_backend import triton_available
+        from recon.guidance.groupnorm import channels_last_encoder
+
+        if self.vae.device.type != "cuda":
+            return
+        self.vae.set_attn_processor(AttnProcessor())
+        if triton_available():
+            channels_last_encoder(self.vae)
+
     def eps(self, noisy: Tensor, t: Tensor, context: Tensor, cond_latent: Tensor) -> Tensor:
         """Predicted noise (B, 4, h, w) for ``noisy`` diffusion latents at integer timesteps ``t`` (B,)."""
         x = torch.cat([noisy, cond_latent], dim=1).to(self.dtype)

@@ -68,3 +68,23 @@ def test_graphed_encoder_matches_eager_values_and_gradients_across_shapes():
         assert encoder.key[0] == (batch, 3, 32, 32)  # one shape's graphs at a time
         torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_encoder_frees_the_previous_shapes_graphs_before_capturing():
+    # the previous graphs sit in reference cycles: if the cyclic collector freed them during the next capture,
+    # that capture would fail; they must be gone as soon as the new shape's graphs exist
+    import gc
+
+    model = tiny_model().to("cuda")
+    encoder = GraphedEncoder(model.encode)
+    gc.collect()  # earlier tests' graphs
+    gc.disable()
+    try:
+        for batch in (2, 3):
+            encoder(torch.rand(batch, 3, 32, 32, device="cuda", requires_grad=True)).sum().backward()
+        graphs = [o for o in gc.get_objects() if isinstance(o, torch.cuda.CUDAGraph)]
+    finally:
+        gc.enable()
+    assert len(graphs) == 2  # the forward and backward graph of batch 3 only

@@ -218,9 +218,10 @@ def test_bench_script_runs_on_tiny_weights(tmp_path):
     ]
     results = bench.main(argv)
     saved = __import__("json").loads(out.read_text())
-    rows = [(r["mode"], r["cuda_graphs"], r["batch"], r["tokens"]) for r in saved["sds"]]
-    assert rows == [("zero123", False, 2, 1), ("zero123", True, 2, 1), ("cascade", False, 2, 5), ("cascade", True, 2, 5)]
-    for runner in ("eager", "graphs"):
+    rows = [(r["encoder"], r["mode"], r["cuda_graphs"], r["batch"], r["tokens"]) for r in saved["sds"]]
+    modes = [("zero123", False, 2, 1), ("zero123", True, 2, 1), ("cascade", False, 2, 5), ("cascade", True, 2, 5)]
+    assert rows == [(encoder, *row) for encoder in ("reference", "fast") for row in modes]
+    for runner in ("reference, eager", "reference, graphs", "fast, eager", "fast, graphs"):
         assert saved["prepare"][runner]["nearby_views"] == 3 and saved["prepare"][runner]["bank_views"] == 36
     assert all(r["ms_per_step"] > 0 for r in results["sds"])
 

@@ -174,17 +174,17 @@ def test_a_cold_triton_cache_is_told_apart_from_a_warm_one(tmp_path, monkeypatch
     from recon.encoding import triton_backend
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    assert not triton_backend._compiled_before()
+    assert not triton_backend.compiled_before("forward_kernel")
     (tmp_path / "0123abcd").mkdir()
     (tmp_path / "0123abcd" / "forward_kernel.json").write_text("{}")
-    assert triton_backend._compiled_before()
+    assert triton_backend.compiled_before("forward_kernel")
 
 
 def test_cpu_points_on_a_gpu_machine_use_the_reference_lookup(monkeypatch):
     # a field on the CPU of a GPU machine (recon fit --device cpu): the compiled kernels cannot read its tensors
     from recon.encoding import triton_backend
 
-    monkeypatch.setattr(triton_backend, "_interpreted", lambda: False)
+    monkeypatch.setattr(triton_backend, "interpreted", lambda: False)
     monkeypatch.setattr(triton_backend, "_Encode", None)  # the kernels must not be called
     monkeypatch.setattr(triton_backend, "_InputGradient", None)
     cfg = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0)

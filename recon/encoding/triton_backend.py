@@ -45,38 +45,38 @@ def triton_available() -> bool:
     """True when Triton is importable and can run here (CUDA, or the interpreter on the CPU)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return torch.cuda.is_available() or _interpreted()
+    return torch.cuda.is_available() or interpreted()
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
     """Whether Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``, Triton's own switch)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _kernels_can_read(x: Tensor) -> bool:
+def kernels_can_read(x: Tensor) -> bool:
     """Whether the kernels can take ``x``: a CUDA tensor, or any tensor under Triton's interpreter. CPU tensors
     outside it (a field on the CPU of a GPU machine, as with ``--device cpu``) go through the reference lookup."""
-    return x.is_cuda or _interpreted()
+    return x.is_cuda or interpreted()
 
 
 @functools.cache
 def _kernels():
     from recon.encoding import triton_kernels
 
-    if not _interpreted() and not _compiled_before():
+    if not interpreted() and not compiled_before("forward_kernel"):
         from recon.progress import info
 
         info("hash grid: compiling its Triton kernels (first run on this machine; cached for later runs)")
     return triton_kernels
 
 
-def _compiled_before() -> bool:
+def compiled_before(kernel: str) -> bool:
     """Whether Triton's on-disk cache (``TRITON_CACHE_DIR``, default ~/.triton/cache) holds a build of the
-    forward kernel: then the first launches load cached binaries instead of compiling."""
+    Triton function named ``kernel``: then the first launches load cached binaries instead of compiling."""
     from pathlib import Path
 
     cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
-    return cache.is_dir() and any(cache.glob("*/forward_kernel.*"))
+    return cache.is_dir() and any(cache.glob(f"*/{kernel}.*"))
 
 
 def _grid(n_points: int) -> tuple[int]:
@@ -209,8 +209,8 @@ class TritonHashGrid(TorchHashGrid):
 
     def forward(self, x: Tensor) -> Tensor:
         """Encodes points ``x`` (P, 3) in [0, 1] (clamped) -> (P, n_levels * F) float32; points the kernels cannot
-        read (:func:`_kernels_can_read`) through the reference lookup on the same table."""
-        if not _kernels_can_read(x):
+        read (:func:`kernels_can_read`) through the reference lookup on the same table."""
+        if not kernels_can_read(x):
             return super().forward(x)
         return _Encode.apply(x, self.table, self)
 
@@ -218,6 +218,6 @@ class TritonHashGrid(TorchHashGrid):
         """dL/dx (P, 3) of points ``x`` (P, 3) for dL/dfeatures (P, n_levels * F); differentiable w.r.t.
         ``grad_features`` and the table (the graph analytic normals train through). Points the kernels cannot
         read: the reference lookup differentiated with autograd."""
-        if not _kernels_can_read(x):
+        if not kernels_can_read(x):
             return autograd_input_gradient(super().forward, x, grad_features)
         return _InputGradient.apply(grad_features, x.contiguous().float(), self.table, self)
