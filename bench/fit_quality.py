@@ -10,7 +10,11 @@ with the reference paths (``batched_render=false``,
 ``guidance.cuda_graphs=false``, ``guidance.fast_vae_encoder=false``). After
 each fit the reference view is rendered (eval mode) at the input's size and
 compared with the input: PSNR of the colour over the background and IoU of
-the silhouettes (opacity > 0.5 vs alpha > 0.5). Prints a table, writes JSON.
+the silhouettes (opacity > 0.5 vs alpha > 0.5); and 8 views around the
+object (15 degrees up, 128 px) are rendered with normals, scored by what the
+normal regularisers minimise (``normal_smooth_2d``: squared differences of
+neighbouring pixels of the normal maps, and ``orientation``), a measure of
+how smooth the geometry came out. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import Any
 
 import torch
 
+from recon.cameras import orbit
 from recon.fileio import write_json
+from recon.systems import losses
 from recon.systems.fit import Trainer
 
 REFERENCE_PATHS = [
@@ -45,7 +51,15 @@ def measure(trainer: Trainer) -> dict[str, float]:
     mse = torch.mean((out["rgb"].float().clamp(0, 1) - target_rgb) ** 2).item()
     mine, theirs = out["opacity"].float() > 0.5, target_mask > 0.5
     iou = ((mine & theirs).sum() / (mine | theirs).sum().clamp_min(1)).item()
-    return {"psnr_db": round(-10.0 * math.log10(max(mse, 1e-12)), 3), "mask_iou": round(iou, 4)}
+    around = orbit(8, 15.0, trainer.sampler.radius, trainer.sampler.fovy_deg, 128).to(trainer.device)
+    with torch.no_grad():
+        views = trainer.renderer.render(around, trainer.background, normals=True)
+    return {
+        "psnr_db": round(-10.0 * math.log10(max(mse, 1e-12)), 3),
+        "mask_iou": round(iou, 4),
+        "normal_smooth_2d": round(losses.normal_smoothness_2d(views["normal"]).item(), 6),
+        "orientation": round(losses.orientation(views["orientation"]).item(), 6),
+    }
 
 
 def main() -> None:
@@ -79,9 +93,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             fit(args.image, Path(scratch), args.preset, [*args.overrides, *extra], model=args.model, steps=args.steps, overwrite=True, batch=False)
         rows[name] = results[-1]
-    print("| paths | reference PSNR dB | mask IoU |\n|---|---:|---:|")
+    print("| paths | reference PSNR dB | mask IoU | normal smoothness (8 views) | orientation (8 views) |\n|---|---:|---:|---:|---:|")
     for name, row in rows.items():
-        print(f"| {name} | {row['psnr_db']:.2f} | {row['mask_iou']:.4f} |")
+        print(f"| {name} | {row['psnr_db']:.2f} | {row['mask_iou']:.4f} | {row['normal_smooth_2d']:.5f} | {row['orientation']:.5f} |")
     if args.out is not None:
         write_json(args.out, {
             "image": str(args.image), "model": args.model, "preset": args.preset, "steps": args.steps,

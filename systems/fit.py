@@ -84,6 +84,11 @@ class StageConfig:
     """Adam learning rate of the field in this stage."""
     weights: LossWeights = dataclasses.field(default_factory=LossWeights)
     """Loss weights (schedules in stage steps)."""
+    normal_views: int = 0
+    """Views per step (the first of the batch) whose rays get normals for the normal_smooth_2d and orientation
+    losses; 0 = every view. Each such ray costs a second-order pass through the field (the normals are the
+    density's gradient, trained through), so fewer views make steps cheaper; both losses are means over the
+    views that have normals."""
     normal_points: int = 4096
     """Surface points per step for the 3D normal smoothness loss."""
     normal_jitter: float = 0.01
@@ -110,6 +115,7 @@ def _default_stages() -> dict[str, StageConfig]:
             batch_size={0: 4, 200: 2},
             reference_resolution=256,
             lr=0.005,
+            normal_views=1,
             weights=LossWeights(
                 sds=0.1,
                 rgb=500.0,
@@ -384,7 +390,9 @@ class Trainer:
             cameras, elevation, azimuth = self.sampler.sample(batch_size, resolution, self.generator)
             cameras = cameras.to(self.device)
         with_normals = weights["normal_smooth_2d"] > 0 or weights["orientation"] > 0
-        ref, out = self.render_views(self.reference_cameras(reference_resolution) if with_reference else None, cameras, with_normals)
+        normal_views = batch_size if stage.normal_views <= 0 else min(stage.normal_views, batch_size)
+        reference = self.reference_cameras(reference_resolution) if with_reference else None
+        ref, out = self.render_views(reference, cameras, with_normals, normal_views)
         if ref is not None:
             target_rgb, target_mask = self.targets(reference_resolution)
             if weights["rgb"] > 0:
@@ -405,9 +413,9 @@ class Trainer:
             if weights["sparsity"] > 0:
                 terms["sparsity"] = losses.sparsity(out["opacity"])
             if weights["normal_smooth_2d"] > 0:
-                terms["normal_smooth_2d"] = losses.normal_smoothness_2d(out["normal"])
+                terms["normal_smooth_2d"] = losses.normal_smoothness_2d(out["normal"][:normal_views])
             if weights["orientation"] > 0:
-                terms["orientation"] = losses.orientation(out["orientation"])
+                terms["orientation"] = losses.orientation(out["orientation"][:normal_views])
             if weights["normal_smooth_3d"] > 0:
                 origins, directions = generate_rays(cameras)
                 points, point_weights = losses.surface_points(
@@ -422,12 +430,14 @@ class Trainer:
         return total, terms
 
     def render_views(
-        self, reference: Cameras | None, views: Cameras | None, normals: bool
+        self, reference: Cameras | None, views: Cameras | None, normals: bool, normal_views: int | None = None
     ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
         """Renders the reference camera (without normals) and the random views (with ``normals``), each (N, H, W, C).
 
         With ``batched_render`` both go through the renderer as one ray set (one sampling pass; the field
-        computes normals only for the random views' samples); otherwise one render each.
+        computes normals only for the samples of the first ``normal_views`` random views, None = all; the
+        other views' normal and orientation maps are 0); otherwise one render each, with normals for every
+        random view (the reference path).
         """
         with self._autocast():
             if not self.cfg.batched_render or reference is None or views is None:
@@ -439,7 +449,8 @@ class Trainer:
             origins = torch.cat([o.reshape(-1, 3) for o, _ in rays])
             directions = torch.cat([d.reshape(-1, 3) for _, d in rays])
             split = rays[0][0].shape[:3].numel()
-            both = self.renderer.render_rays(origins, directions, self.background, normals, normal_rays=split)
+            with_normals = rays[0][0][:normal_views].shape[:3].numel()
+            both = self.renderer.render_rays(origins, directions, self.background, normals, normal_rays=with_normals)
         shapes = [o.shape[:3] for o, _ in rays]
         out = {key: value[:split].view(*shapes[0], -1) for key, value in both.items()}
         ref = {key: value[split:].view(*shapes[1], -1) for key, value in both.items() if key in ("rgb", "opacity", "depth")}

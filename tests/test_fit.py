@@ -494,3 +494,23 @@ def test_a_fit_that_fails_mid_stage_leaves_no_checkpoint_write_in_flight(tmp_pat
         trainer.fit()
     assert checkpoint._WRITER._thread is None  # waited for
     assert (trainer.run.checkpoints / "step_000002.pt").is_file()
+
+
+def test_normals_for_the_first_views_only(tmp_path):
+    # stages.*.normal_views: the field computes normals for the first views' rays only; their maps are the same
+    trainer, _ = make_trainer(tmp_path, "renderer.sampler=stratified")
+    trainer.renderer.eval()  # no jitter: both renders take the same samples
+    cameras, _, _ = trainer.sampler.sample(3, 12, torch.Generator().manual_seed(0))
+    reference = trainer.reference_cameras(16)
+    _, every = trainer.render_views(reference, cameras, True)
+    ref, first = trainer.render_views(reference, cameras, True, normal_views=1)
+    assert first["normal"].shape == every["normal"].shape == (3, 12, 12, 3) and ref["rgb"].shape == (1, 16, 16, 3)
+    assert every["normal"][1:].abs().sum() > 0 and (first["normal"][1:] == 0).all() and (first["orientation"][1:] == 0).all()
+    for key in ("normal", "orientation"):
+        torch.testing.assert_close(first[key][:1], every[key][:1])
+    torch.testing.assert_close(first["rgb"], every["rgb"])
+    fine = trainer.cfg.stages["fine"]
+    fine.batch_size, fine.normal_views = 3, 2
+    fine.weights.normal_smooth_2d = fine.weights.orientation = 1.0
+    terms = trainer.losses(fine, 0)[1]  # the losses take the 2 views with normals
+    assert torch.isfinite(terms["normal_smooth_2d"]) and terms["normal_smooth_2d"] > 0 and terms["orientation"] >= 0
