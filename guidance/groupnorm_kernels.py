@@ -33,6 +33,12 @@ def _tile(row0, tile, HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _program(HW, C, BLOCK_HW: tl.constexpr, TILES: tl.constexpr):
+    """This program's image's first element and its first row."""
+    return tl.program_id(2).to(tl.int64) * HW * C, tl.program_id(0) * BLOCK_HW * TILES
+
+
+@triton.jit
 def _channel_values(ptr, C, BLOCK_C: tl.constexpr):
     """This program's image's per-channel coefficients (BLOCK_C,) from a (B, C) float32 array."""
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -40,12 +46,15 @@ def _channel_values(ptr, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _activation_derivative(a, SILU: tl.constexpr):
-    """d act(a) / da."""
+def _input_and_da(x_ptr, dy_ptr, offsets, inside, s, t, SILU: tl.constexpr):
+    """x and da = dy * act'(x * s + t) on one tile (float32; 0 outside it)."""
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    a = x * s[None, :] + t[None, :]
     if SILU:
         sig = tl.sigmoid(a)
-        return sig * (1.0 + a * (1.0 - sig))
-    return tl.full(a.shape, 1.0, tl.float32)
+        return x, dy * sig * (1.0 + a * (1.0 - sig))
+    return x, dy
 
 
 @triton.jit
@@ -58,28 +67,19 @@ def _store_chunk(ptr, value, n_chunks, C, BLOCK_C: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_chunks"])  # one build for every chunk count
 def groupnorm_moments_kernel(
-    x_ptr,
-    shift_ptr,
-    sum_ptr,
-    squares_ptr,
-    HW,
-    C,
-    n_chunks,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    TILES: tl.constexpr,
-):
+    x_ptr, shift_ptr, sum_ptr, squares_ptr, HW, C, n_chunks,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
+):  # fmt: skip
     """Per chunk and channel: the shift (the chunk's first row), sum(x - shift) and sum((x - shift)^2)."""
-    image = x_ptr + tl.program_id(2).to(tl.int64) * HW * C
-    row0 = tl.program_id(0) * BLOCK_HW * TILES
+    start, row0 = _program(HW, C, BLOCK_HW, TILES)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    shift = tl.load(image + row0 * C + cols, mask=cols < C, other=0.0).to(tl.float32)
+    shift = tl.load(x_ptr + start + row0 * C + cols, mask=cols < C, other=0.0).to(tl.float32)
     # elementwise accumulators, reduced across rows once at the end (a reduction per tile costs more than the loads)
     total = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     squares = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for tile in tl.static_range(TILES):
         offsets, inside = _tile(row0, tile, HW, C, BLOCK_HW, BLOCK_C)
-        x = tl.load(image + offsets, mask=inside, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + start + offsets, mask=inside, other=0.0).to(tl.float32)
         d = tl.where(inside, x - shift[None, :], 0.0)
         total += d
         squares += d * d
@@ -90,20 +90,11 @@ def groupnorm_moments_kernel(
 
 @triton.jit
 def groupnorm_forward_kernel(
-    x_ptr,
-    y_ptr,
-    s_ptr,
-    t_ptr,
-    HW,
-    C,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    TILES: tl.constexpr,
-    SILU: tl.constexpr,
-):
+    x_ptr, y_ptr, s_ptr, t_ptr, HW, C,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
     """y = act(x * s + t), s and t per (image, channel); y in x's dtype and layout."""
-    start = tl.program_id(2).to(tl.int64) * HW * C
-    row0 = tl.program_id(0) * BLOCK_HW * TILES
+    start, row0 = _program(HW, C, BLOCK_HW, TILES)
     s = _channel_values(s_ptr, C, BLOCK_C)
     t = _channel_values(t_ptr, C, BLOCK_C)
     for tile in tl.static_range(TILES):
@@ -115,27 +106,13 @@ def groupnorm_forward_kernel(
         tl.store(y_ptr + start + offsets, a.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=["n_chunks"])  # one build for every chunk count
+@triton.jit(do_not_specialize=["n_chunks"])
 def groupnorm_backward_sums_kernel(
-    x_ptr,
-    dy_ptr,
-    s_ptr,
-    t_ptr,
-    r_ptr,
-    q_ptr,
-    da_sum_ptr,
-    da_xhat_sum_ptr,
-    HW,
-    C,
-    n_chunks,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    TILES: tl.constexpr,
-    SILU: tl.constexpr,
-):
+    x_ptr, dy_ptr, s_ptr, t_ptr, r_ptr, q_ptr, da_sum_ptr, da_xhat_sum_ptr, HW, C, n_chunks,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
     """Per chunk and channel: sum(da) and sum(da * xhat), da = dy * act'(x * s + t), xhat = x * r + q."""
-    start = tl.program_id(2).to(tl.int64) * HW * C
-    row0 = tl.program_id(0) * BLOCK_HW * TILES
+    start, row0 = _program(HW, C, BLOCK_HW, TILES)
     s = _channel_values(s_ptr, C, BLOCK_C)
     t = _channel_values(t_ptr, C, BLOCK_C)
     r = _channel_values(r_ptr, C, BLOCK_C)
@@ -144,9 +121,7 @@ def groupnorm_backward_sums_kernel(
     da_xhat_sum = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for tile in tl.static_range(TILES):
         offsets, inside = _tile(row0, tile, HW, C, BLOCK_HW, BLOCK_C)
-        x = tl.load(x_ptr + start + offsets, mask=inside, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + start + offsets, mask=inside, other=0.0).to(tl.float32)  # 0 outside: no contribution
-        da = dy * _activation_derivative(x * s[None, :] + t[None, :], SILU)
+        x, da = _input_and_da(x_ptr + start, dy_ptr + start, offsets, inside, s, t, SILU)  # da = 0 outside the tile
         da_sum += da
         da_xhat_sum += da * (x * r[None, :] + q[None, :])
     _store_chunk(da_sum_ptr, tl.sum(da_sum, axis=0), n_chunks, C, BLOCK_C)
@@ -155,24 +130,11 @@ def groupnorm_backward_sums_kernel(
 
 @triton.jit
 def groupnorm_backward_kernel(
-    x_ptr,
-    dy_ptr,
-    dx_ptr,
-    s_ptr,
-    t_ptr,
-    alpha_ptr,
-    beta_ptr,
-    gamma_ptr,
-    HW,
-    C,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    TILES: tl.constexpr,
-    SILU: tl.constexpr,
-):
+    x_ptr, dy_ptr, dx_ptr, s_ptr, t_ptr, alpha_ptr, beta_ptr, gamma_ptr, HW, C,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
     """dx = da * alpha + x * beta + gamma with da = dy * act'(x * s + t); all coefficients per (image, channel)."""
-    start = tl.program_id(2).to(tl.int64) * HW * C
-    row0 = tl.program_id(0) * BLOCK_HW * TILES
+    start, row0 = _program(HW, C, BLOCK_HW, TILES)
     s = _channel_values(s_ptr, C, BLOCK_C)
     t = _channel_values(t_ptr, C, BLOCK_C)
     alpha = _channel_values(alpha_ptr, C, BLOCK_C)
@@ -180,8 +142,6 @@ def groupnorm_backward_kernel(
     gamma = _channel_values(gamma_ptr, C, BLOCK_C)
     for tile in tl.static_range(TILES):
         offsets, inside = _tile(row0, tile, HW, C, BLOCK_HW, BLOCK_C)
-        x = tl.load(x_ptr + start + offsets, mask=inside, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + start + offsets, mask=inside, other=0.0).to(tl.float32)
-        da = dy * _activation_derivative(x * s[None, :] + t[None, :], SILU)
+        x, da = _input_and_da(x_ptr + start, dy_ptr + start, offsets, inside, s, t, SILU)
         dx = da * alpha[None, :] + x * beta[None, :] + gamma[None, :]
         tl.store(dx_ptr + start + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)

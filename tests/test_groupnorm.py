@@ -1,18 +1,11 @@
-"""The channels-last GroupNorm (+ SiLU) kernels compute what F.group_norm (+ F.silu) computes, values and gradients.
-
-On a machine without CUDA the kernels run under Triton's interpreter, so
-these parity tests run in CI; on CUDA they check the compiled kernels.
-"""
+"""The channels-last GroupNorm (+ SiLU) kernels compute what F.group_norm (+ F.silu) computes, values and gradients."""
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
+from triton_setup import DEVICE  # before any kernel: without CUDA, Triton's interpreter runs them
 
 pytest.importorskip("triton")
 
@@ -20,8 +13,6 @@ from guidance_fixtures import tiny_images, tiny_model
 
 from recon.guidance import groupnorm
 from recon.guidance.groupnorm import ChannelsLastGroupNorm, channels_last_encoder, group_statistics
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _norm(channels: int, groups: int, silu: bool, seed: int = 0) -> tuple[torch.nn.GroupNorm, ChannelsLastGroupNorm]:

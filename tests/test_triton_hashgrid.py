@@ -1,23 +1,13 @@
-"""The fused Triton hash grid computes the same function, gradients and second-order terms as the torch reference.
-
-On a machine without CUDA the kernels run under Triton's interpreter, so
-these parity tests run in CI; on CUDA they check the compiled kernels.
-"""
-
-import os
+"""The fused Triton hash grid computes the same function, gradients and second-order terms as the torch reference."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
+from triton_setup import DEVICE  # before any kernel: without CUDA, Triton's interpreter runs them
 
 pytest.importorskip("triton")
 
 from recon.encoding.reference import HashGridConfig, TorchHashGrid
 from recon.encoding.triton_backend import TritonHashGrid
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _pair(cfg: HashGridConfig, **options) -> tuple[TorchHashGrid, TritonHashGrid]:
