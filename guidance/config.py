@@ -76,7 +76,9 @@ class GuidanceConfig:
     """On CUDA, run the VAE encoder in channels-last layout with its GroupNorm + SiLU pairs fused in Triton
     (guidance/groupnorm.py; with Triton installed) and the VAE's attention as plain matmuls (diffusers'
     AttnProcessor: PyTorch's fused attention kernels have no fast path for its one 512-wide head). The same
-    function, its forward and backward ~30% faster at 256 x 256. False = the reference path (NCHW, SDPA)."""
+    function, its forward and backward ~30% faster at 256 x 256. Used only where the encoder replays CUDA graphs
+    (cuda_graphs on, cfg_chunk 0): run eagerly, as low-vram runs it, its many small launches cost more than it
+    saves (bench/guidance.py, graphs off). False = the reference path (NCHW, SDPA)."""
     nearby_views: list[list[float]] = field(default_factory=lambda: [list(v) for v in NEARBY_VIEWS])
     """Self-prompted views as [delta_polar_deg, delta_azimuth_deg, delta_radius] from the input camera
     (negative polar = higher up). The paper's three: +45 / -45 deg azimuth and 30 deg above."""

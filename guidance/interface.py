@@ -57,9 +57,11 @@ class Zero123Guidance:
         self.refiner = (base if refiner is None else refiner) if cfg.mode == "cascade" else None
         self.model = self.refiner if self.refiner is not None else base
         self.min_step_percent, self.max_step_percent, self.timestep_reason = timestep_schedules(cfg, self.model.pose_encoding)
+        # the fast encoder pays off only replayed from graphs: eager, its many small launches cost more than it saves
+        fast_encoder = cfg.fast_vae_encoder and cfg.cuda_graphs and not cfg.cfg_chunk
         for model in {id(m): m for m in (base, self.refiner) if m is not None}.values():
             model.use_cuda_graphs(cfg.cuda_graphs)
-            if cfg.fast_vae_encoder:
+            if fast_encoder:
                 model.use_fast_encoder()
         self._encode_with_grad = encoder_runner(self.model.encode, cfg.cuda_graphs)
         self.nearby_views: ViewSet | None = None

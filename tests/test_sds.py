@@ -220,8 +220,8 @@ def test_bench_script_runs_on_tiny_weights(tmp_path):
     saved = __import__("json").loads(out.read_text())
     rows = [(r["encoder"], r["mode"], r["cuda_graphs"], r["batch"], r["tokens"]) for r in saved["sds"]]
     modes = [("zero123", False, 2, 1), ("zero123", True, 2, 1), ("cascade", False, 2, 5), ("cascade", True, 2, 5)]
-    assert rows == [(encoder, *row) for encoder in ("reference", "fast") for row in modes]
-    for runner in ("reference, eager", "reference, graphs", "fast, eager", "fast, graphs"):
+    assert rows == [("reference", *row) for row in modes] + [("fast", *row) for row in modes if row[1]]
+    for runner in ("reference, eager", "reference, graphs", "fast, graphs"):
         assert saved["prepare"][runner]["nearby_views"] == 3 and saved["prepare"][runner]["bank_views"] == 36
     assert all(r["ms_per_step"] > 0 for r in results["sds"])
 
@@ -252,3 +252,14 @@ def test_vae_grad_resolution_bench_compares_like_with_like(tmp_path):
     reduced = bench.main([*common, "--resolution", "32"])
     assert reduced["encoded"] == {"reduced": 32, "full": 64} and len(reduced["trials"]) == 2
     assert all(-1.0 <= t["cosine"] < 0.999 and t["norm_ratio"] > 0 for t in reduced["trials"])
+
+
+def test_fast_vae_encoder_only_where_the_encoder_replays_graphs(model, monkeypatch):
+    from recon.guidance.model import Zero123Model
+
+    calls = []
+    monkeypatch.setattr(Zero123Model, "use_fast_encoder", lambda self: calls.append(self))
+    for overrides, expected in (({}, 1), ({"cuda_graphs": False}, 0), ({"cfg_chunk": 1}, 0), ({"fast_vae_encoder": False}, 0)):
+        calls.clear()
+        Zero123Guidance(GuidanceConfig(model="random-tiny", **overrides), model)
+        assert len(calls) == expected, overrides
