@@ -3,11 +3,13 @@
     python bench/fit_quality.py IMAGE [--model tiny] [--preset default] [--steps N] [--set key=value ...] [--out q.json]
 
 Fits ``IMAGE`` twice: as configured (batched render, analytic normals through
-the fused hash grid, near-empty samples pruned, CUDA-graph replay of the UNet
-and of the VAE encoder, the encoder channels-last with fused GroupNorm and matmul attention) and
-with the reference paths (``batched_render=false``,
-``field.normal_mode=finite_difference``, ``renderer.alpha_threshold=0``,
-``guidance.cuda_graphs=false``, ``guidance.fast_vae_encoder=false``). After
+the fused hash grid for the first view of each fine step, near-empty samples
+pruned, CUDA-graph replay of the UNet and of the VAE encoder, the encoder
+channels-last with fused GroupNorm and matmul attention) and with the
+reference paths (``batched_render=false``,
+``field.normal_mode=finite_difference``, ``stages.fine.normal_views=0``,
+``renderer.alpha_threshold=0``, ``guidance.cuda_graphs=false``,
+``guidance.fast_vae_encoder=false``). After
 each fit the reference view is rendered (eval mode) at the input's size and
 compared with the input: PSNR of the colour over the background and IoU of
 the silhouettes (opacity > 0.5 vs alpha > 0.5); and 8 views around the
@@ -35,6 +37,7 @@ from recon.systems.fit import Trainer
 REFERENCE_PATHS = [
     "batched_render=false",
     "field.normal_mode=finite_difference",
+    "stages.fine.normal_views=0",
     "renderer.alpha_threshold=0",
     "guidance.cuda_graphs=false",
     "guidance.fast_vae_encoder=false",

@@ -6,9 +6,9 @@ For each VAE encoder path (the reference: NCHW, SDPA attention; then the
 fast one, guidance.fast_vae_encoder: channels-last with fused GroupNorm +
 SiLU, matmul attention, used with CUDA graphs only), modes zero123 and
 cascade (Refiner = the Base's weights, 5 tokens), CUDA graphs off and on,
-and each batch size:
-milliseconds per SDS step = VAE encode of 256x256 renders with grad + CFG
-UNet call + backward to the pixels, and peak CUDA memory.
+and each batch size: milliseconds per SDS step = VAE encode of 256x256
+renders with grad + CFG UNet call + backward to the pixels, and peak CUDA
+memory.
 Also the one-time cascade preparation (Base self-prompting of the nearby
 views and of the coarse-target bank, DDIM 25 steps + CFG). CUDA timings use
 CUDA events after warm-up. Prints a Markdown table; writes JSON to --out.

@@ -8,8 +8,9 @@ no channels-last GroupNorm on CUDA, so each GroupNorm converts the layout
 and back instead (a net loss, measured). :class:`ChannelsLastGroupNorm`
 normalises channels-last tensors in place of that, and takes the SiLU that
 follows every GroupNorm of the encoder's ResNet blocks into the same pass
-(recon/guidance/groupnorm_kernels.py): 2 reads and 1 write of the
-activation forward, 2 + 3 backward.
+(recon/guidance/groupnorm_kernels.py): forward, 2 reads and 1 write of
+the activation; backward, 4 reads (input and incoming gradient, twice) and
+1 write.
 
 Only the gradient with respect to the input is computed: the module falls
 back to ``F.group_norm`` (+ ``F.silu``), the reference path, whenever its

@@ -449,8 +449,8 @@ class Trainer:
             origins = torch.cat([o.reshape(-1, 3) for o, _ in rays])
             directions = torch.cat([d.reshape(-1, 3) for _, d in rays])
             split = rays[0][0].shape[:3].numel()
-            with_normals = rays[0][0][:normal_views].shape[:3].numel()
-            both = self.renderer.render_rays(origins, directions, self.background, normals, normal_rays=with_normals)
+            normal_rays = rays[0][0][:normal_views].shape[:3].numel()
+            both = self.renderer.render_rays(origins, directions, self.background, normals, normal_rays=normal_rays)
         shapes = [o.shape[:3] for o, _ in rays]
         out = {key: value[:split].view(*shapes[0], -1) for key, value in both.items()}
         ref = {key: value[split:].view(*shapes[1], -1) for key, value in both.items() if key in ("rgb", "opacity", "depth")}
