@@ -99,8 +99,9 @@ class _GroupNormActivation(torch.autograd.Function):
         mean, rstd = group_statistics(x, groups, eps)
         r = _per_channel(rstd, channels)
         q = -_per_channel(mean, channels) * r
-        s = r * weight.float()
-        t = bias.float() + q * weight.float()
+        w = weight.float()
+        s = r * w
+        t = bias.float() + q * w
         y = torch.empty_like(x, memory_format=torch.channels_last)
         _launch(_kernels().groupnorm_forward_kernel, x, x, y, s, t, height * width, channels, SILU=silu)
         ctx.save_for_backward(x, weight, s, t, r, q)

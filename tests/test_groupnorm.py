@@ -29,6 +29,18 @@ def _input(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
     return x.to(DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
 
 
+def _assert_same_encoding(images: torch.Tensor, encode, reference_encode) -> None:
+    """``encode`` gives ``reference_encode``'s latents of ``images`` and the same gradient back to them."""
+    results = []
+    for run in (reference_encode, encode):
+        pixels = images.clone().requires_grad_()
+        latents = run(pixels)
+        latents.pow(2).sum().backward()
+        results.append((latents.detach(), pixels.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("shape", "groups", "silu"),
     [
@@ -95,14 +107,7 @@ def test_channels_last_vae_encoder_matches_the_reference_encoder(monkeypatch):
     assert channels_last_encoder(vae) == 0  # a second call finds nothing left to replace
     reference = model.vae.to(DEVICE)
     images = (tiny_images(2) * 2 - 1).to(DEVICE)
-    outputs = []
-    for net in (reference, vae):
-        x = images.clone().requires_grad_()
-        latents = net.encode(x).latent_dist.mode()
-        latents.pow(2).sum().backward()
-        outputs.append((latents.detach(), x.grad))
-    torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=1e-4, rtol=1e-4)
+    _assert_same_encoding(images, lambda x: vae.encode(x).latent_dist.mode(), lambda x: reference.encode(x).latent_dist.mode())
 
 
 def test_fast_encoder_changes_nothing_off_cuda():
@@ -125,12 +130,4 @@ def test_fast_encoder_on_cuda_encodes_like_the_reference(monkeypatch):
     fast.use_fast_encoder()
     assert all(isinstance(p, AttnProcessor) for p in fast.vae.attn_processors.values())
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in fast.vae.encoder.modules())
-    images = tiny_images(3).to("cuda")
-    results = []
-    for model in (reference, fast):
-        pixels = images.clone().requires_grad_()
-        latents = model.encode(pixels)
-        latents.pow(2).sum().backward()
-        results.append((latents.detach(), pixels.grad))
-    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)
+    _assert_same_encoding(tiny_images(3).to("cuda"), fast.encode, reference.encode)

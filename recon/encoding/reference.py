@@ -97,8 +97,9 @@ class TorchHashGrid(nn.Module):
     Every intermediate is laid out (corner, level, point) with the point index
     innermost: the elementwise kernels then run over long contiguous rows
     instead of broadcasting within the 2 x 2 x 2 corners of each point (with
-    int32 index arithmetic, about twice as fast on a CPU: docs/FIELD.md). Memory: about 2.5 KB per point for 16 levels x 2
-    features (indices, corner features and weights kept for backward).
+    int32 index arithmetic, about twice as fast on a CPU: docs/FIELD.md).
+    Memory: about 2.5 KB per point for 16 levels x 2 features (indices,
+    corner features and weights kept for backward).
     """
 
     def __init__(self, cfg: HashGridConfig) -> None:
