@@ -1,13 +1,18 @@
 """Times the hash-grid encoding forward + backward on the current device.
 
-    python bench/hashgrid.py [--backend torch triton] [--points 18 20] [--repeats 20] [--copies 16 0]
+    python bench/hashgrid.py [--backend torch triton] [--points 18 20] [--repeats 20] [--copies 16 0] [--density]
 
 Prints one row per backend and point count: milliseconds for forward alone,
 for forward + backward (gradient w.r.t. the table), for the second-order
 pass analytic normals train through (forward, dL/dx with a graph, then the
 backward of both), and peak CUDA memory. The Triton backend runs once per
 ``--copies`` value (replicas of the coarse levels' gradient rows; 0 = plain
-atomic adds). CUDA timings use CUDA events after warm-up.
+atomic adds). With ``--density`` (Triton), a second table times the default
+field's density queries without gradients, as the ray sampler makes them
+(chunks of 2^21 points, bf16 autocast, float32 too): the encoding then the
+MLP in PyTorch against the fused lookup + MLP kernel (``field.fused_density``),
+and the largest difference between the two. CUDA timings use CUDA events
+after warm-up.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--spread", type=float, default=1.0, help="points uniform in a centred cube of this side (small = clustered, contended)")
     parser.add_argument("--copies", type=int, nargs="+", default=[16, 0], help="Triton: gradient replicas of the coarse levels")
+    parser.add_argument("--density", action="store_true", help="also time the field's density queries, reference vs fused kernel")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -56,6 +62,8 @@ def main() -> None:
     for backend in args.backend:
         for copies in args.copies if backend == "triton" else [None]:
             _bench_backend(backend, args, device, copies)
+    if args.density:
+        _bench_density(args, device)
 
 
 def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device, copies: int | None) -> None:
@@ -94,6 +102,34 @@ def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device,
         second = _time_ms(second_order, args.repeats, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         print(f"{name:>12} {2**log2:>10} {fwd:>11.2f} {both:>11.2f} {2**log2 / both / 1e3:>8.2f} {second:>13.2f} {peak:>9.2f}")
+
+
+def _bench_density(args: argparse.Namespace, device: torch.device) -> None:
+    """Prints one row per point count and precision: the field's density queries, reference vs fused."""
+    from recon.field import FieldConfig, RadianceField
+
+    torch.manual_seed(0)
+    field = RadianceField(FieldConfig(encoding=HashGridConfig(backend="triton"), fused_density=True)).to(device)
+    with torch.no_grad():
+        field.encoding.backend.table.uniform_(-0.1, 0.1)  # a trained-like table, not the near-zero initial one
+    print(f"\n{'precision':>10} {'points':>10} {'reference ms':>13} {'fused ms':>9} {'max |diff|':>11} {'max density':>12}")
+    for log2 in args.points:
+        x = (torch.rand(2**log2, 3, device=device) - 0.5) * args.spread
+        chunks = x.split(2**21)
+        for precision in ("bf16", "fp32"):
+
+            def densities(chunks: tuple[torch.Tensor, ...] = chunks, bf16: bool = precision == "bf16") -> torch.Tensor:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    return torch.cat([field.density(chunk) for chunk in chunks])
+
+            fused = _time_ms(densities, args.repeats, device)
+            fused_values = densities()
+            field.cfg.fused_density = False
+            reference = _time_ms(densities, args.repeats, device)
+            reference_values = densities()
+            field.cfg.fused_density = True
+            diff = (fused_values.float() - reference_values.float()).abs().max().item()
+            print(f"{precision:>10} {2**log2:>10} {reference:>13.2f} {fused:>9.2f} {diff:>11.2e} {reference_values.max().item():>12.3g}")
 
 
 if __name__ == "__main__":

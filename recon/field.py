@@ -69,6 +69,12 @@ class FieldConfig:
     auto: analytic with the torch and Triton grids, finite differences with tinycudann."""
     fd_step: float = 0.01
     """Finite-difference step for normals (world units)."""
+    fused_density: bool = False
+    """Density queries without gradients (the ray sampler's visibility test, the occupancy grid's refresh, the
+    export's density grid) in one Triton kernel, hash-grid lookup and MLP together, features never stored
+    (Triton hash grid only; the MLP in the precision it runs in otherwise: bfloat16 under mixed precision,
+    else float32 with tf32 tile products). Off by default until its effect on fit quality is measured
+    (README, Speed); false = the encoding then the MLP in PyTorch."""
 
     def __post_init__(self) -> None:
         if self.bound <= 0 or self.blob_radius <= 0 or self.fd_step <= 0:
@@ -121,16 +127,24 @@ class RadianceField(nn.Module):
     def _inside(self, points: Tensor) -> Tensor:
         return (points.abs() <= self.cfg.bound).all(dim=-1)
 
+    def _unit(self, points: Tensor) -> Tensor:
+        return (points / self.cfg.bound + 1.0) * 0.5
+
     def _raw(self, points: Tensor) -> Tensor:
         """(P, 4) MLP output: raw density (with bias) and albedo logits."""
-        unit = (points / self.cfg.bound + 1.0) * 0.5
-        return self._head(self.encoding(unit), points)
+        return self._head(self.encoding(self._unit(points)), points)
+
+    def _density_bias(self, points: Tensor) -> Tensor | None:
+        """(P,) the bias added to the raw density at world ``points``, None without one."""
+        if self.cfg.density_bias != "blob":
+            return None
+        return self.cfg.blob_density * (1.0 - points.norm(dim=-1) / self.cfg.blob_radius)
 
     def _head(self, features: Tensor, points: Tensor) -> Tensor:
         """(P, 4) raw density (with the bias at ``points``) and albedo logits from encoded features."""
         raw = self.mlp(features).to(points.dtype)
-        if self.cfg.density_bias == "blob":
-            bias = self.cfg.blob_density * (1.0 - points.norm(dim=-1) / self.cfg.blob_radius)
+        bias = self._density_bias(points)
+        if bias is not None:
             raw = torch.cat([raw[:, :1] + bias[:, None], raw[:, 1:]], dim=-1)
         return raw
 
@@ -142,7 +156,17 @@ class RadianceField(nn.Module):
         return torch.where(self._inside(points), density, torch.zeros_like(density))
 
     def density(self, points: Tensor) -> Tensor:
-        """Density (P,) >= 0 at world points (P, 3); exactly 0 outside the box."""
+        """Density (P,) >= 0 at world points (P, 3); exactly 0 outside the box.
+
+        Where no gradient can flow (grad mode off, or a frozen field at points that need none) and with
+        ``fused_density`` the fused kernel computes it where the encoding has one."""
+        needs_graph = torch.is_grad_enabled() and (points.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if self.cfg.fused_density and not needs_graph:
+            linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
+            raw = self.encoding.mlp_channel(self._unit(points), linears, 0)
+            if raw is not None:
+                raw, bias = raw.to(points.dtype), self._density_bias(points)
+                return self._activate(raw if bias is None else raw + bias, points)
         return self._activate(self._raw(points)[:, 0], points)
 
     def albedo(self, points: Tensor) -> Tensor:
@@ -180,7 +204,7 @@ class RadianceField(nn.Module):
         with torch.enable_grad():
             p = points.detach().requires_grad_(True)
             if hasattr(self.encoding.backend, "input_gradient"):
-                unit = (points.detach() / self.cfg.bound + 1.0) * 0.5
+                unit = self._unit(points.detach())
                 features = self.encoding(unit)
                 raw = self._head(features, p)
                 density = self._activate(raw[:, 0], p)

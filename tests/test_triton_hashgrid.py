@@ -188,3 +188,91 @@ def test_cpu_points_on_a_gpu_machine_use_the_reference_lookup(monkeypatch):
     point = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(reference(point), point, grad)
     torch.testing.assert_close(fused.input_gradient(x, grad), expected)
+
+
+def _fields_sharing_weights(field_cfg) -> tuple:
+    """(torch-grid field in float64, Triton-grid field on DEVICE with ``fused_density`` on) with the same weights
+    and a random table."""
+    import dataclasses
+
+    from recon.field import RadianceField
+
+    field_cfg = dataclasses.replace(field_cfg, fused_density=True)
+
+    torch.manual_seed(5)
+    reference = RadianceField(field_cfg).double()
+    fused = RadianceField(field_cfg)
+    fused.encoding.backend = TritonHashGrid(field_cfg.encoding)
+    fused.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        reference.encoding.backend.table.normal_(0, 0.5)
+        fused.encoding.backend.table.copy_(reference.encoding.backend.table.float())
+    return reference, fused.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("features", "width", "hidden_layers", "bias", "activation"),
+    [(2, 16, 2, "blob", "softplus"), (1, 32, 1, "none", "trunc_exp"), (4, 16, 3, "blob", "trunc_exp")],
+)
+def test_fused_density_matches_the_encoding_then_the_mlp(features, width, hidden_layers, bias, activation):
+    # the sampler's and the export's density queries (no gradients): one kernel for the lookup and the MLP
+    from recon.field import FieldConfig
+
+    grid = HashGridConfig(n_levels=5, n_features_per_level=features, log2_hashmap_size=9, base_resolution=4, per_level_scale=1.6, backend="torch")
+    field_cfg = FieldConfig(encoding=grid, mlp_width=width, mlp_hidden_layers=hidden_layers, density_bias=bias, density_activation=activation)
+    reference, fused = _fields_sharing_weights(field_cfg)
+    for field in (reference, fused):
+        field.set_active_levels(3)  # the masked levels' first-layer rows must not count
+    points = torch.rand(300, 3, dtype=torch.float64) * 2.4 - 1.2  # some outside the box: density 0
+    with torch.no_grad():
+        expected = reference.density(points)
+        got = fused.density(points.float().to(DEVICE))
+    assert (expected == 0).any() and (expected > 0).any()
+    # compiled, the kernel's tile dots run in tf32 (10-bit mantissa); the interpreter's in float32
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if DEVICE == "cpu" else {"atol": 2e-3, "rtol": 5e-3}
+    torch.testing.assert_close(got.double().cpu(), expected, **tolerance)
+    # the same through the reference path of the fused field (the kernel's switch off), also under autocast,
+    # where both compute the MLP in bfloat16
+    device_points = points.float().to(DEVICE)
+    with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        got_bf16 = fused.density(device_points)
+    fused.cfg.fused_density = False
+    with torch.no_grad():
+        torch.testing.assert_close(fused.density(device_points), got, **tolerance)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            expected_bf16 = fused.density(device_points)
+    assert (got_bf16 - got).abs().max() > 1e-4  # it did round to bfloat16
+    torch.testing.assert_close(got_bf16, expected_bf16, atol=5e-3, rtol=5e-3)
+
+
+def test_fused_density_only_without_gradients(monkeypatch):
+    # a training query (gradients to the field) and widths the kernel cannot tile use the encoding and the MLP
+    from recon.field import FieldConfig
+
+    grid = HashGridConfig(n_levels=3, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0, backend="torch")
+    calls = []  # what each kernel call returned
+    original = TritonHashGrid.mlp_channel
+
+    def counted(self, *args):
+        calls.append(original(self, *args))
+        return calls[-1]
+
+    monkeypatch.setattr(TritonHashGrid, "mlp_channel", counted)
+    _, fused = _fields_sharing_weights(FieldConfig(encoding=grid, mlp_width=16))
+    points = torch.rand(50, 3, device=DEVICE) - 0.5
+    density = fused.density(points)
+    assert density.requires_grad and not calls
+    with torch.no_grad():
+        no_grad = fused.density(points)
+    assert len(calls) == 1
+    fused.requires_grad_(False)  # a frozen field needs no graph either, unless the points do
+    torch.testing.assert_close(fused.density(points), no_grad)
+    assert len(calls) == 2
+    assert fused.density(points.clone().requires_grad_()).requires_grad and len(calls) == 2
+    torch.testing.assert_close(no_grad, density.detach(), atol=2e-3, rtol=5e-3)  # tf32 dots when compiled
+    _, odd = _fields_sharing_weights(FieldConfig(encoding=grid, mlp_width=24))
+    with torch.no_grad():
+        expected = odd.density(points)
+        odd.cfg.fused_density = False
+        torch.testing.assert_close(odd.density(points), expected)
+    assert calls[-1] is None  # a width of 24 cannot be tiled: the reference path answered

@@ -119,6 +119,17 @@ class HashGridEncoding(nn.Module):
             features = features.float()
         return features * self.level_mask.to(features.dtype)
 
+    def mlp_channel(self, x: Tensor, linears: list[nn.Linear], channel: int) -> Tensor | None:
+        """Output ``channel`` (P,) float32 of the MLP ``linears`` (ReLU between layers, at least two layers) on the
+        features of points ``x`` (P, 3) in [0, 1], without gradients, in one fused kernel that never stores
+        the features; None where the backend has none for this input (then encode and run the MLP)."""
+        if not hasattr(self.backend, "mlp_channel") or len(linears) < 2:
+            return None
+        first, last = linears[0], linears[-1]
+        with torch.no_grad():
+            w_first = (first.weight * self.level_mask).t()
+            return self.backend.mlp_channel(x, w_first, first.bias, linears[1:-1], last.weight[channel], last.bias[channel : channel + 1])
+
     def input_gradient(self, x: Tensor, grad_features: Tensor) -> Tensor:
         """dL/dx (P, 3) at points ``x`` (P, 3) in [0, 1] for dL/dfeatures (P, output_dim) of :meth:`forward`.
 

@@ -18,6 +18,10 @@ the others (zero features, zero gradients), so they cost nothing.
   spread over ``copies`` addresses instead of contending for one. The
   weights u_c are the trilinear weights (first order) or their directional
   derivative along a per-point vector (second order, analytic normals).
+
+:func:`mlp_channel_kernel` goes on from the gather to one output of a ReLU
+MLP on the features, so a density query without gradients never writes the
+features to memory.
 """
 
 import triton
@@ -86,6 +90,30 @@ def _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale):
 
 
 @triton.jit
+def _level_gather(
+    table_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level, r0, r1, r2, v0, v1, v2, valid, F: tl.constexpr, DIRECTIONAL: tl.constexpr
+):
+    """(BLOCK_P, F) one level's sum over the 8 corners of the points' cells of u_c T[row_c]: u_c the trilinear
+    weights, or with DIRECTIONAL their derivative along (v0, v1, v2)."""
+    scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
+    i0, f0 = _cell(r0, scale)
+    i1, f1 = _cell(r1, scale)
+    i2, f2 = _cell(r2, scale)
+    feature = tl.arange(0, F)
+    acc = tl.zeros((r0.shape[0], F), dtype=tl.float32)
+    for corner in tl.static_range(8):
+        c0, c1, c2, w0, w1, w2 = _corner_weights(corner, f0, f1, f2)
+        rows = _corner_rows(i0 + c0, i1 + c1, i2 + c2, res, size, offset, hashed)
+        values = tl.load(table_ptr + rows[:, None] * F + feature[None, :], mask=valid[:, None], other=0.0)
+        if DIRECTIONAL:
+            u = _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale)
+        else:
+            u = w0 * w1 * w2
+        acc += u[:, None] * values
+    return acc
+
+
+@triton.jit
 def forward_kernel(
     x_ptr, table_ptr, out_ptr, v_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
     n_points, n_levels, n_active, F: tl.constexpr, BLOCK_P: tl.constexpr, DIRECTIONAL: tl.constexpr,
@@ -97,24 +125,14 @@ def forward_kernel(
     valid = points < n_points
     feature = tl.arange(0, F)
     r0, r1, r2 = _load_unit_points(x_ptr, points, valid)
+    v0, v1, v2 = r0, r1, r2  # unused without DIRECTIONAL
     if DIRECTIONAL:
         v0, v1, v2 = _load_unit_points(v_ptr, points, valid)
         v0, v1, v2 = v0 * _inside(r0), v1 * _inside(r1), v2 * _inside(r2)
     for level in range(n_active):
-        scale, res, offset, size, hashed = _level(scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level)
-        i0, f0 = _cell(r0, scale)
-        i1, f1 = _cell(r1, scale)
-        i2, f2 = _cell(r2, scale)
-        acc = tl.zeros((BLOCK_P, F), dtype=tl.float32)
-        for corner in tl.static_range(8):
-            c0, c1, c2, w0, w1, w2 = _corner_weights(corner, f0, f1, f2)
-            rows = _corner_rows(i0 + c0, i1 + c1, i2 + c2, res, size, offset, hashed)
-            values = tl.load(table_ptr + rows[:, None] * F + feature[None, :], mask=valid[:, None], other=0.0)
-            if DIRECTIONAL:
-                u = _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale)
-            else:
-                u = w0 * w1 * w2
-            acc += u[:, None] * values
+        acc = _level_gather(
+            table_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level, r0, r1, r2, v0, v1, v2, valid, F, DIRECTIONAL
+        )
         out_index = points[:, None] * (n_levels * F) + level * F + feature[None, :]
         tl.store(out_ptr + out_index, acc, mask=valid[:, None])
 
@@ -194,3 +212,61 @@ def scatter_kernel(
                 u = w0 * w1 * w2
             index = (rows + shift)[:, None] * F + feature[None, :]
             tl.atomic_add(grad_ptr + index, u[:, None] * grad, mask=valid[:, None], sem="relaxed")
+
+
+@triton.jit
+def _rounded(x, HALF: tl.constexpr):
+    """x rounded to the half type ``HALF`` names (1 = bfloat16, 2 = float16), back in float32; x for 0."""
+    if HALF == 1:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    elif HALF == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _matmul(a, b, HALF: tl.constexpr):
+    """a @ b accumulated in float32 by tf32 tile dots; with ``HALF`` the inputs rounded to that half type first
+    (see :func:`_rounded`), as a linear layer under autocast computes it (bfloat16 and float16 values are
+    exact in tf32)."""
+    return tl.dot(_rounded(a, HALF), _rounded(b, HALF), input_precision="tf32")
+
+
+@triton.jit
+def mlp_channel_kernel(
+    x_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
+    w_first_ptr, b_first_ptr, w_hidden_ptr, b_hidden_ptr, w_last_ptr, b_last_ptr,
+    n_points, n_active, n_hidden,
+    F: tl.constexpr, IN: tl.constexpr, WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, HALF: tl.constexpr,
+):
+    """out (P,) = one output of a ReLU MLP on the point's features, in registers (the features never reach memory).
+
+    The features f are the forward gather's over the first ``n_active`` levels, padded with zeros to
+    ``IN`` (a power of two >= 16) columns. The MLP is h = relu(f W_first + b_first) (``w_first`` (IN,
+    WIDTH), input by output; rows of masked levels and of the padding zero), then ``n_hidden`` layers
+    h = relu(h W + b) (``w_hidden`` (n_hidden, WIDTH, WIDTH), input by output, ``b_hidden`` (n_hidden,
+    WIDTH)), then out = h . w_last + b_last (``w_last`` (WIDTH,), ``b_last`` (1,)). ``HALF`` follows the
+    autocast of the reference MLP: 0 = float32 (tile dots in tf32), 1 = bfloat16, 2 = float16 (each
+    layer's inputs and weights and the output rounded to it, float32 accumulation).
+    """
+    points = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = points < n_points
+    unit = tl.arange(0, WIDTH)
+    column = tl.arange(0, IN)
+    features = tl.arange(0, F)
+    r0, r1, r2 = _load_unit_points(x_ptr, points, valid)
+    f = tl.zeros((BLOCK_P, IN), dtype=tl.float32)
+    for level in range(n_active):
+        acc = _level_gather(table_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr, level, r0, r1, r2, r0, r1, r2, valid, F, False)
+        for feature in tl.static_range(F):
+            value = tl.sum(tl.where(features[None, :] == feature, acc, 0.0), axis=1)
+            f = tl.where(column[None, :] == level * F + feature, value[:, None], f)
+    w_first = tl.load(w_first_ptr + column[:, None] * WIDTH + unit[None, :])
+    h = tl.maximum(_matmul(f, w_first, HALF) + tl.load(b_first_ptr + unit)[None, :], 0.0)
+    square = unit[:, None] * WIDTH + unit[None, :]
+    for layer in range(n_hidden):
+        w = tl.load(w_hidden_ptr + layer * WIDTH * WIDTH + square)
+        h = tl.maximum(_matmul(h, w, HALF) + tl.load(b_hidden_ptr + layer * WIDTH + unit)[None, :], 0.0)
+    w_last = _rounded(tl.load(w_last_ptr + unit), HALF)
+    out = _rounded(tl.sum(_rounded(h, HALF) * w_last[None, :], axis=1) + tl.load(b_last_ptr), HALF)
+    tl.store(out_ptr + points, out, mask=valid)
