@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from recon.encoding.triton_backend import compiled_before, interpreted, kernels_can_read, triton_available
+from recon.encoding.triton_backend import kernels_can_read, notice_first_build, triton_available
 
 # a tile of 32 rows x 128 channels (4096 values, 4 warps); 8 tiles per program: per-chunk sums are 1/256 of the rows
 BLOCK_HW = 32
@@ -41,10 +41,7 @@ NUM_WARPS = 4
 def _kernels():
     from recon.guidance import groupnorm_kernels
 
-    if not interpreted() and not compiled_before("groupnorm_forward_kernel"):
-        from recon.progress import info
-
-        info("VAE encoder: compiling its Triton GroupNorm kernels (first run on this machine; cached for later runs)")
+    notice_first_build("groupnorm_forward_kernel", "VAE encoder: compiling its Triton GroupNorm kernels")
     return groupnorm_kernels
 
 

@@ -160,14 +160,17 @@ class RadianceField(nn.Module):
 
         Where no gradient can flow (grad mode off, or a frozen field at points that need none) and with
         ``fused_density`` the fused kernel computes it where the encoding has one."""
-        needs_graph = torch.is_grad_enabled() and (points.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if self.cfg.fused_density and not needs_graph:
+        if self.cfg.fused_density and not self._needs_graph(points):
             linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
             raw = self.encoding.mlp_channel(self._unit(points), linears, 0)
             if raw is not None:
                 raw, bias = raw.to(points.dtype), self._density_bias(points)
                 return self._activate(raw if bias is None else raw + bias, points)
         return self._activate(self._raw(points)[:, 0], points)
+
+    def _needs_graph(self, points: Tensor) -> bool:
+        """Whether a query at ``points`` must keep an autograd graph (to the points or to the field)."""
+        return torch.is_grad_enabled() and (points.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def albedo(self, points: Tensor) -> Tensor:
         """Albedo (P, 3) in [0, 1] at world points (P, 3)."""

@@ -67,11 +67,17 @@ def kernels_can_read(x: Tensor) -> bool:
 def _kernels():
     from recon.encoding import triton_kernels
 
-    if not interpreted() and not compiled_before("forward_kernel"):
+    notice_first_build("forward_kernel", "hash grid: compiling its Triton kernels")
+    return triton_kernels
+
+
+def notice_first_build(kernel: str, what: str) -> None:
+    """Prints "``what`` (first run on this machine; ...)" when Triton is about to compile the kernel named
+    ``kernel`` rather than load a cached build (never under the interpreter, which compiles nothing)."""
+    if not interpreted() and not compiled_before(kernel):
         from recon.progress import info
 
-        info("hash grid: compiling its Triton kernels (first run on this machine; cached for later runs)")
-    return triton_kernels
+        info(f"{what} (first run on this machine; cached for later runs)")
 
 
 def compiled_before(kernel: str) -> bool:
