@@ -69,12 +69,11 @@ class FieldConfig:
     auto: analytic with the torch and Triton grids, finite differences with tinycudann."""
     fd_step: float = 0.01
     """Finite-difference step for normals (world units)."""
-    fused_density: bool = False
+    fused_density: bool = True
     """Density queries without gradients (the ray sampler's visibility test, the occupancy grid's refresh, the
     export's density grid) in one Triton kernel, hash-grid lookup and MLP together, features never stored
     (Triton hash grid only; the MLP in the precision it runs in otherwise: bfloat16 under mixed precision,
-    else float32 with tf32 tile products). Off by default until its effect on fit quality is measured
-    (README, Speed); false = the encoding then the MLP in PyTorch."""
+    rounded as PyTorch rounds, else float32 with tf32 tile products). false = the encoding then the MLP in PyTorch."""
 
     def __post_init__(self) -> None:
         if self.bound <= 0 or self.blob_radius <= 0 or self.fd_step <= 0:

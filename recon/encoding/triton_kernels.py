@@ -216,9 +216,16 @@ def scatter_kernel(
 
 @triton.jit
 def _rounded(x, HALF: tl.constexpr):
-    """x rounded to the half type ``HALF`` names (1 = bfloat16, 2 = float16), back in float32; x for 0."""
+    """x rounded to the half type ``HALF`` names (1 = bfloat16, 2 = float16), back in float32; x for 0.
+
+    Both round to nearest, ties to even, as PyTorch's casts do. bfloat16 is rounded on the float32 bits
+    (keep the top 16): Triton's interpreter truncates in ``.to(tl.bfloat16)``, which would make its
+    results differ from the compiled kernel's by up to one bfloat16 step per layer.
+    """
     if HALF == 1:
-        x = x.to(tl.bfloat16).to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
     elif HALF == 2:
         x = x.to(tl.float16).to(tl.float32)
     return x
@@ -247,7 +254,7 @@ def mlp_channel_kernel(
     h = relu(h W + b) (``w_hidden`` (n_hidden, WIDTH, WIDTH), input by output, ``b_hidden`` (n_hidden,
     WIDTH)), then out = h . w_last + b_last (``w_last`` (WIDTH,), ``b_last`` (1,)). ``HALF`` follows the
     autocast of the reference MLP: 0 = float32 (tile dots in tf32), 1 = bfloat16, 2 = float16 (each
-    layer's inputs and weights and the output rounded to it, float32 accumulation).
+    layer's inputs, weights, biases and the output rounded to it, float32 accumulation).
     """
     points = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = points < n_points
@@ -262,11 +269,11 @@ def mlp_channel_kernel(
             value = tl.sum(tl.where(features[None, :] == feature, acc, 0.0), axis=1)
             f = tl.where(column[None, :] == level * F + feature, value[:, None], f)
     w_first = tl.load(w_first_ptr + column[:, None] * WIDTH + unit[None, :])
-    h = tl.maximum(_matmul(f, w_first, HALF) + tl.load(b_first_ptr + unit)[None, :], 0.0)
+    h = tl.maximum(_matmul(f, w_first, HALF) + _rounded(tl.load(b_first_ptr + unit), HALF)[None, :], 0.0)
     square = unit[:, None] * WIDTH + unit[None, :]
     for layer in range(n_hidden):
         w = tl.load(w_hidden_ptr + layer * WIDTH * WIDTH + square)
-        h = tl.maximum(_matmul(h, w, HALF) + tl.load(b_hidden_ptr + layer * WIDTH + unit)[None, :], 0.0)
+        h = tl.maximum(_matmul(h, w, HALF) + _rounded(tl.load(b_hidden_ptr + layer * WIDTH + unit), HALF)[None, :], 0.0)
     w_last = _rounded(tl.load(w_last_ptr + unit), HALF)
-    out = _rounded(tl.sum(_rounded(h, HALF) * w_last[None, :], axis=1) + tl.load(b_last_ptr), HALF)
+    out = _rounded(tl.sum(_rounded(h, HALF) * w_last[None, :], axis=1) + _rounded(tl.load(b_last_ptr), HALF), HALF)
     tl.store(out_ptr + points, out, mask=valid)
