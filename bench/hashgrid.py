@@ -9,9 +9,10 @@ backward of both), and peak CUDA memory. The Triton backend runs once per
 ``--copies`` value (replicas of the coarse levels' gradient rows; 0 = plain
 atomic adds). With ``--density`` (Triton), a second table times the default
 field's density queries without gradients, as the ray sampler makes them
-(chunks of 2^21 points, bf16 autocast, float32 too): the encoding then the
-MLP in PyTorch against the fused lookup + MLP kernel (``field.fused_density``),
-and the largest difference between the two. CUDA timings use CUDA events
+(chunks of 2^21 points, under bf16 and fp16 autocast: the kernel serves only
+half-precision queries): the encoding then the MLP in PyTorch against the fused
+lookup + MLP kernel (``field.fused_density``), and the largest difference
+between the two. CUDA timings use CUDA events
 after warm-up.
 """
 
@@ -116,10 +117,10 @@ def _bench_density(args: argparse.Namespace, device: torch.device) -> None:
     for log2 in args.points:
         x = (torch.rand(2**log2, 3, device=device) - 0.5) * args.spread
         chunks = x.split(2**21)
-        for precision in ("bf16", "fp32"):
+        for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
 
-            def densities(chunks: tuple[torch.Tensor, ...] = chunks, bf16: bool = precision == "bf16") -> torch.Tensor:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            def densities(chunks: tuple[torch.Tensor, ...] = chunks, dtype: torch.dtype = dtype) -> torch.Tensor:
+                with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
                     return torch.cat([field.density(chunk) for chunk in chunks])
 
             fused = _time_ms(densities, args.repeats, device)

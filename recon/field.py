@@ -72,8 +72,8 @@ class FieldConfig:
     fused_density: bool = True
     """Density queries without gradients (the ray sampler's visibility test, the occupancy grid's refresh, the
     export's density grid) in one Triton kernel, hash-grid lookup and MLP together, features never stored
-    (Triton hash grid only; the MLP in the precision it runs in otherwise: bfloat16 under mixed precision,
-    rounded as PyTorch rounds, else float32 with tf32 tile products). false = the encoding then the MLP in PyTorch."""
+    (Triton hash grid, under half-precision autocast, as the fit renders: the MLP rounded as PyTorch rounds it;
+    float32 queries take the reference path). false = the encoding then the MLP in PyTorch."""
 
     def __post_init__(self) -> None:
         if self.bound <= 0 or self.blob_radius <= 0 or self.fd_step <= 0:
@@ -158,7 +158,8 @@ class RadianceField(nn.Module):
         """Density (P,) >= 0 at world points (P, 3); exactly 0 outside the box.
 
         Where no gradient can flow (grad mode off, or a frozen field at points that need none) and with
-        ``fused_density`` the fused kernel computes it where the encoding has one."""
+        ``fused_density`` the fused kernel computes it where the encoding has one for the query (see
+        ``FieldConfig.fused_density``)."""
         if self.cfg.fused_density and not self._needs_graph(points):
             linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
             raw = self.encoding.mlp_channel(self._unit(points), linears, 0)

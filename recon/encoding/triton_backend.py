@@ -95,7 +95,7 @@ def _grid(n_points: int, block: int = BLOCK) -> tuple[int]:
 
 def _autocast_half(device: torch.device) -> int:
     """The fused MLP kernel's ``HALF``: the half type a linear layer on ``device`` computes in now (1 = bfloat16,
-    2 = float16 under autocast), else 0 (float32)."""
+    2 = float16 under autocast), else 0 (float32, which the kernel does not serve)."""
     if not torch.is_autocast_enabled(device.type):
         return 0
     return {torch.bfloat16: 1, torch.float16: 2}.get(torch.get_autocast_dtype(device.type), 0)
@@ -239,10 +239,11 @@ class TritonHashGrid(TorchHashGrid):
         keeps the features in registers; no gradients. ``w_first`` (n_levels * F, width) input by output (the
         rows of masked levels zeroed by the caller), ``b_first`` (width,), ``hidden`` width -> width layers,
         ``w_last`` (width,) and ``b_last`` (1,) the output's row of the last layer. None where the kernel does
-        not apply (points it cannot read, a width that is not a power of two >= 16): the caller encodes and runs
-        the MLP instead."""
-        width = w_first.shape[1]
-        if not kernels_can_read(x) or width < 16 or width & (width - 1):
+        not apply (points it cannot read, a width that is not a power of two >= 16; the caller encodes and runs
+        the MLP instead), and outside half-precision autocast: the kernel rounds as a bfloat16 or float16 linear
+        layer does, while its float32 tile products would be tf32, less exact than PyTorch's float32."""
+        width, half = w_first.shape[1], _autocast_half(x.device)
+        if not half or not kernels_can_read(x) or width < 16 or width & (width - 1):
             return None
         n_points, cfg = x.shape[0], self.cfg
         out = torch.empty(n_points, device=x.device, dtype=torch.float32)
@@ -258,7 +259,7 @@ class TritonHashGrid(TorchHashGrid):
                 x.contiguous().float(), self.table.detach().contiguous(), out, *_layout_args(self),
                 w_first, b_first.float().contiguous(), w_hidden, b_hidden, w_last.float().contiguous(), b_last.float().contiguous(),
                 n_points, self.active_levels, len(hidden), F=cfg.n_features_per_level, IN=inputs, WIDTH=width, BLOCK_P=MLP_BLOCK,
-                HALF=_autocast_half(x.device), num_warps=MLP_WARPS,
+                HALF=half, num_warps=MLP_WARPS,
             )
         return out
 

@@ -216,7 +216,7 @@ def scatter_kernel(
 
 @triton.jit
 def _rounded(x, HALF: tl.constexpr):
-    """x rounded to the half type ``HALF`` names (1 = bfloat16, 2 = float16), back in float32; x for 0.
+    """x rounded to the half type ``HALF`` names (1 = bfloat16, 2 = float16), back in float32.
 
     Both round to nearest, ties to even, as PyTorch's casts do. bfloat16 is rounded on the float32 bits
     (keep the top 16): Triton's interpreter truncates in ``.to(tl.bfloat16)``, which would make its
@@ -226,16 +226,16 @@ def _rounded(x, HALF: tl.constexpr):
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-    elif HALF == 2:
+    else:
         x = x.to(tl.float16).to(tl.float32)
     return x
 
 
 @triton.jit
 def _matmul(a, b, HALF: tl.constexpr):
-    """a @ b accumulated in float32 by tf32 tile dots; with ``HALF`` the inputs rounded to that half type first
-    (see :func:`_rounded`), as a linear layer under autocast computes it (bfloat16 and float16 values are
-    exact in tf32)."""
+    """a @ b as a linear layer under autocast computes it: the inputs rounded to the half type ``HALF`` (see
+    :func:`_rounded`), then tf32 tile dots accumulated in float32 (bfloat16 and float16 values are exact in
+    tf32)."""
     return tl.dot(_rounded(a, HALF), _rounded(b, HALF), input_precision="tf32")
 
 
@@ -252,9 +252,9 @@ def mlp_channel_kernel(
     ``IN`` (a power of two >= 16) columns. The MLP is h = relu(f W_first + b_first) (``w_first`` (IN,
     WIDTH), input by output; rows of masked levels and of the padding zero), then ``n_hidden`` layers
     h = relu(h W + b) (``w_hidden`` (n_hidden, WIDTH, WIDTH), input by output, ``b_hidden`` (n_hidden,
-    WIDTH)), then out = h . w_last + b_last (``w_last`` (WIDTH,), ``b_last`` (1,)). ``HALF`` follows the
-    autocast of the reference MLP: 0 = float32 (tile dots in tf32), 1 = bfloat16, 2 = float16 (each
-    layer's inputs, weights, biases and the output rounded to it, float32 accumulation).
+    WIDTH)), then out = h . w_last + b_last (``w_last`` (WIDTH,), ``b_last`` (1,)). ``HALF`` is the
+    autocast type of the reference MLP, 1 = bfloat16 or 2 = float16: each layer's inputs, weights, biases
+    and the output are rounded to it, with float32 accumulation.
     """
     points = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = points < n_points
