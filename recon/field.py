@@ -70,10 +70,10 @@ class FieldConfig:
     fd_step: float = 0.01
     """Finite-difference step for normals (world units)."""
     fused_density: bool = True
-    """Density queries without gradients (the ray sampler's visibility test, the occupancy grid's refresh, the
-    export's density grid) in one Triton kernel, hash-grid lookup and MLP together, features never stored
-    (Triton hash grid, under half-precision autocast, as the fit renders: the MLP rounded as PyTorch rounds it;
-    float32 queries take the reference path). false = the encoding then the MLP in PyTorch."""
+    """Density queries without gradients under half-precision autocast (the ray sampler's visibility test, as
+    the fit renders in bfloat16) in one Triton kernel, hash-grid lookup and MLP together, features never
+    stored, the MLP rounded as PyTorch rounds it (Triton hash grid only; float32 queries such as the occupancy
+    refresh and the export take the reference path). false = the encoding then the MLP in PyTorch."""
 
     def __post_init__(self) -> None:
         if self.bound <= 0 or self.blob_radius <= 0 or self.fd_step <= 0:
