@@ -160,13 +160,14 @@ class RadianceField(nn.Module):
         Where no gradient can flow (grad mode off, or a frozen field at points that need none) and with
         ``fused_density`` the fused kernel computes it where the encoding has one for the query (see
         ``FieldConfig.fused_density``)."""
+        unit = self._unit(points)
         if self.cfg.fused_density and not self._needs_graph(points):
             linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
-            raw = self.encoding.mlp_channel(self._unit(points), linears, 0)
+            raw = self.encoding.mlp_channel(unit, linears, 0)
             if raw is not None:
                 raw, bias = raw.to(points.dtype), self._density_bias(points)
                 return self._activate(raw if bias is None else raw + bias, points)
-        return self._activate(self._raw(points)[:, 0], points)
+        return self._activate(self._head(self.encoding(unit), points)[:, 0], points)
 
     def _needs_graph(self, points: Tensor) -> bool:
         """Whether a query at ``points`` must keep an autograd graph (to the points or to the field)."""
