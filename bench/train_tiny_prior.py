@@ -418,14 +418,15 @@ def run_stage(cfg: RecipeConfig, stage: str, steps: int, batch: int, data: Path,
 
 
 # ------------------------------------------------------------------ outputs
-def save_shipped(final: Path, folder: Path, dtype: str, description: str) -> Path:
-    """The Base of ``final`` rewritten as the shipped folder in ``dtype`` (fp16 / fp32)."""
-    from recon.guidance.checkpoints import load_zero123, save_diffusers
+def save_shipped(final: Path, folder: Path, dtype: str, description: str, foreground_ratio: float) -> Path:
+    """The Base of ``final`` rewritten as the shipped folder in ``dtype`` (fp16 / fp32), recording the framing of its
+    training images (``foreground_ratio``, :func:`recon.data.synth.median_foreground_ratio`) for ``recon fit``."""
+    from recon.guidance.checkpoints import FOREGROUND_RATIO_KEY, load_zero123, save_diffusers
 
     model = load_zero123(final, "cpu", torch.float16 if dtype == "fp16" else torch.float32)
     model.is_random = False
     model.description = description
-    return save_diffusers(model, folder, overwrite=True)
+    return save_diffusers(model, folder, overwrite=True, extra_meta={FOREGROUND_RATIO_KEY: round(foreground_ratio, 3)})
 
 
 def sample_grid(base, dataset, count: int, cfg, background: float) -> torch.Tensor:
@@ -697,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from recon.data.multiview import MultiViewDataset
+    from recon.data.synth import SynthConfig, median_foreground_ratio
     from recon.runtime import resolve_device
     from recon.systems.evaluation import (
         EvalConfig,
@@ -715,7 +717,9 @@ def main(argv: list[str] | None = None) -> int:
             description += f"; then continued by bench/train_tiny_prior.py on {done}"
     else:
         description = f"recon tiny prior: {cfg.arch} architecture trained from scratch by bench/train_tiny_prior.py on {done}"
-    save_shipped(final, shipped, cfg.save_dtype, description)
+    train_synth = SynthConfig(**{**record["data"]["train"], "objects": max(1, train_count)})
+    record["foreground_ratio"] = median_foreground_ratio(train_synth)
+    save_shipped(final, shipped, cfg.save_dtype, description, record["foreground_ratio"])
     device = resolve_device(cfg.device)
     model = load_zero123(shipped, device, torch.float32)
     heldout = MultiViewDataset(work / "heldout", image_size=cfg.size)

@@ -58,6 +58,8 @@ SHIPPED_SPEC = "tiny"
 PROJECTION_FOLDERS = ("cc_projection", "clip_camera_projection")
 # Our own sidecar in folders written by save_diffusers.
 RECON_META = "recon_zero123.json"
+# Its entry for the framing of the training images (recorded_foreground_ratio).
+FOREGROUND_RATIO_KEY = "foreground_ratio"
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -138,6 +140,40 @@ def shipped_prior_path() -> Path:
 
     # the package folder itself: importlib.resources cannot list an editable install's package
     return Path(assets.__file__).resolve().parent / "tiny-zero123"
+
+
+def recorded_foreground_ratio(spec: str | os.PathLike[str]) -> float | None:
+    """The framing the weights ``spec`` were trained at, from ``foreground_ratio`` in their folder's recon_zero123.json.
+
+    That number is the median size of the objects in the training images (longer side of the bounding box / image
+    side); an input recentred to it shows the object at the scale the model knows. None where nothing is recorded:
+    random weights, checkpoint files, hub ids (nothing is downloaded here) and folders without the entry, such as
+    converted real Zero-1-to-3 weights. Raises :class:`InputError` for a recorded value outside (0, 1].
+    """
+    spec_str = str(spec)
+    if spec_str in RANDOM_SPECS:
+        return None
+    folder = shipped_prior_path() if spec_str == SHIPPED_SPEC else Path(spec_str).expanduser()
+    meta = folder / RECON_META
+    if not meta.is_file():
+        return None
+    value = _read_json(meta).get(FOREGROUND_RATIO_KEY)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise InputError(f"{meta}: {FOREGROUND_RATIO_KEY} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def foreground_ratio_for(spec: str | os.PathLike[str], ratio: float | None = None) -> float:
+    """``ratio`` where given, else the framing the weights ``spec`` record (:func:`recorded_foreground_ratio`), else
+    :data:`recon.preprocess.DEFAULT_FOREGROUND_RATIO`: the object size a photo is recentred to for them."""
+    from recon.preprocess import DEFAULT_FOREGROUND_RATIO
+
+    if ratio is not None:
+        return ratio
+    recorded = recorded_foreground_ratio(spec)
+    return DEFAULT_FOREGROUND_RATIO if recorded is None else recorded
 
 
 def decide_pose_encoding(

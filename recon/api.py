@@ -52,9 +52,12 @@ def build_config(
     """Defaults <- preset <- ``--set key.path=value`` overrides <- explicit flags, as a :class:`FitConfig`.
 
     ``steps`` rescales every stage (and every schedule) to that many steps in all; ``elevation`` is the input
-    photo's camera elevation in degrees (``cameras.reference_elevation_deg``).
+    photo's camera elevation in degrees (``cameras.reference_elevation_deg``). A ``preprocess.foreground_ratio``
+    left at None becomes the framing the guidance weights record
+    (:func:`recon.guidance.checkpoints.foreground_ratio_for`), so config.yaml holds the number used.
     """
     from recon.config import read_preset
+    from recon.guidance.checkpoints import foreground_ratio_for
 
     flags: dict[str, Any] = {}
     if model is not None:
@@ -76,6 +79,7 @@ def build_config(
         cfg = resolve_config(to_plain(cfg), flags)
     if steps is not None:
         cfg = scale_steps(cfg, steps)
+    cfg.preprocess.foreground_ratio = foreground_ratio_for(cfg.guidance.model, cfg.preprocess.foreground_ratio)
     if cfg.guidance.model.startswith("random-") and not cfg.export.note:  # every mesh file says so as it is written
         cfg.export.note = SMOKE_TEST_TEXT.format(model=cfg.guidance.model).strip()
     return cfg
@@ -144,11 +148,13 @@ def _existing_run(run_dir: Path, cfg: FitConfig, resume: bool, overwrite: bool) 
 
 def cutout(image: str | os.PathLike[str], cfg: FitConfig) -> Any:
     """The reference view that :func:`fit_image` fits for ``image`` under ``cfg``: background removed,
-    recentred to ``cfg.preprocess.foreground_ratio``, (4, S, S) RGBA in a :class:`recon.preprocess.ReferenceView`
-    (saved as the run's ``input_rgba.png``). Raises :class:`InputError` with the CLI's one-line message for bad input."""
+    recentred to ``cfg.preprocess.foreground_ratio`` (None: the guidance weights' framing, as in :func:`build_config`),
+    (4, S, S) RGBA in a :class:`recon.preprocess.ReferenceView` (saved as the run's ``input_rgba.png``). Raises :class:`InputError` with the CLI's one-line message for bad input."""
+    from recon.guidance.checkpoints import foreground_ratio_for
     from recon.preprocess import load_reference
 
-    return load_reference(Path(image), cfg.preprocess.foreground_ratio, cfg.preprocess.remove_bg, cfg.preprocess.size)
+    ratio = foreground_ratio_for(cfg.guidance.model, cfg.preprocess.foreground_ratio)
+    return load_reference(Path(image), ratio, cfg.preprocess.remove_bg, cfg.preprocess.size)
 
 
 def _create_run(image: Path, reference: Any, run_dir: Path, cfg: FitConfig, device: torch.device) -> RunDir:
@@ -496,7 +502,7 @@ def novel_views(
     steps: int = 50,
     guidance_scale: float = 3.0,
     seed: int = 0,
-    foreground_ratio: float = 0.85,
+    foreground_ratio: float | None = None,
     remove_bg: bool = True,
     progress: Any = None,
 ) -> tuple[torch.Tensor, Any]:
@@ -505,9 +511,10 @@ def novel_views(
     ``poses``: (delta elevation, delta azimuth) in degrees per view, relative to
     the photo's camera. Returns the views (N, 3, S, S) in [0, 1] over white and
     the loaded :class:`recon.guidance.model.Zero123Model` (for its description).
-    ``progress(done, total)`` is called per DDIM step.
+    ``progress(done, total)`` is called per DDIM step. ``foreground_ratio`` None = the framing ``model`` records
+    (:func:`recon.guidance.checkpoints.foreground_ratio_for`).
     """
-    from recon.guidance.checkpoints import load_zero123
+    from recon.guidance.checkpoints import foreground_ratio_for, load_zero123
     from recon.guidance.sampling import encode_relative_views, native_size, sample_views
     from recon.preprocess import load_reference
     from recon.progress import info, warn
@@ -522,7 +529,7 @@ def novel_views(
     info(f"model: {loaded.description} ({loaded.pose_encoding}, {str(loaded.dtype).removeprefix('torch.')}, {torch_device})")
     if loaded.is_random:
         warn(f"--model {model}: RANDOM WEIGHTS, the images will be noise (use --model PATH for real Zero-1-to-3 weights)")
-    reference = load_reference(image, foreground_ratio=foreground_ratio, remove_bg=remove_bg, size=native_size(loaded))
+    reference = load_reference(image, foreground_ratio=foreground_ratio_for(model, foreground_ratio), remove_bg=remove_bg, size=native_size(loaded))
     elevations, azimuths = zip(*poses)
     encoded = encode_relative_views(loaded, elevations, azimuths, radius, cond_elevation_deg=input_elevation)
     views = sample_views(

@@ -21,6 +21,10 @@ from torch import Tensor
 from recon.errors import InputError, ReconError
 from recon.imageio import composite, decode_image, resize_premultiplied, save_rgba_png, unpremultiply
 
+DEFAULT_FOREGROUND_RATIO = 0.85
+"""Object size after recentring (longer side of its bounding box / image side) for guidance weights that record no
+framing of their own, such as real Zero-1-to-3 checkpoints (guidance.checkpoints.recorded_foreground_ratio)."""
+
 MIN_FOREGROUND = 0.001
 """Smallest accepted foreground, as a fraction of the image's pixels."""
 
@@ -68,7 +72,7 @@ class ReferenceView:
 
 def load_reference(
     path: str | os.PathLike[str],
-    foreground_ratio: float = 0.85,
+    foreground_ratio: float = DEFAULT_FOREGROUND_RATIO,
     remove_bg: bool = True,
     size: int = 256,
     min_foreground: float = MIN_FOREGROUND,

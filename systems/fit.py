@@ -136,8 +136,10 @@ class PreprocessConfig:
 
     size: int = 256
     """Side of the square reference image, pixels."""
-    foreground_ratio: float = 0.85
-    """Longer side of the object's bounding box as a fraction of the image side."""
+    foreground_ratio: float | None = None
+    """Longer side of the object's bounding box as a fraction of the image side; None = the framing the guidance
+    weights record (guidance.checkpoints.recorded_foreground_ratio: the shipped tiny prior's training images),
+    else 0.85. config.yaml holds the number used."""
     remove_bg: bool = True
     """Remove the background of images without transparency (else the whole frame is the object)."""
 

@@ -22,7 +22,7 @@ from recon.guidance.architectures import (
     has_pose_embedding,
     match_architecture,
 )
-from recon.guidance.checkpoints import load_zero123
+from recon.guidance.checkpoints import load_zero123, recorded_foreground_ratio
 from recon.imageio import composite
 from recon.systems.cascade_training import (
     TrainConfig,
@@ -165,6 +165,8 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     model = load_zero123(folder, "cpu", torch.float32)
     assert not model.is_random and model.latent_scale == 4 and model.dtype == torch.float32
+    assert 0.0 < recipe["foreground_ratio"] < 1.0  # the training images' framing, which recon fit recentres to
+    assert recorded_foreground_ratio(folder) == pytest.approx(recipe["foreground_ratio"], abs=1e-3)
     assert model.scaling_factor == pytest.approx(recipe["vae"]["scaling_factor"], rel=1e-3)
     images = model.decode(torch.zeros(1, 4, 8, 8))
     assert images.shape == (1, 3, 32, 32)

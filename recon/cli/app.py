@@ -333,7 +333,7 @@ def _cancelled_text(job: Job) -> str:
 
 def build_app(command: AppCommand) -> Any:
     """The Gradio Blocks of the app (not yet launched); see :func:`launch`."""
-    from recon.api import cutout
+    from recon.api import build_config, cutout
     from recon.errors import ReconError
 
     try:
@@ -344,6 +344,9 @@ def build_app(command: AppCommand) -> Any:
     output = command.output
     board = JobBoard()
     presets = list(PRESETS) if command.preset in PRESETS else [command.preset, *PRESETS]
+
+    # the slider starts where a `recon fit` with the same settings would recentre: the weights' own framing
+    start_ratio = build_config(command.preset, command.set, model=command.model).preprocess.foreground_ratio
 
     def options(preset: str, mode: str, seed: float | None, steps: float | None, formats: list[str], ratio: float, remove_bg: bool) -> JobOptions:
         return JobOptions(
@@ -422,7 +425,7 @@ def build_app(command: AppCommand) -> Any:
                         seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                         steps = gr.Number(value=0, precision=0, label="steps (0 = the preset's)", minimum=0, elem_id="steps")
                     formats = gr.CheckboxGroup(list(EXTRA_FORMATS), value=["obj"], label="also export (GLB always)")
-                    ratio = gr.Slider(0.3, 1.0, value=0.85, step=0.01, label="foreground ratio")
+                    ratio = gr.Slider(0.3, 1.0, value=start_ratio, step=0.01, label="foreground ratio")
                     remove_bg = gr.Checkbox(value=True, label="remove the background (photos without transparency)")
                 with gr.Row():
                     start = gr.Button("Reconstruct", variant="primary", elem_id="start")

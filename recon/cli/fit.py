@@ -39,7 +39,7 @@ class _FitOptions:
     quiet: bool = False
     """Print only warnings and errors."""
     foreground_ratio: Annotated[float | None, DOCUMENTED_DEFAULT] = None
-    """Object size as a fraction of the reference image side (default 0.85)."""
+    """Object size as a fraction of the reference image side (default: the weights' own framing, else 0.85)."""
     remove_bg: Annotated[bool, DOCUMENTED_DEFAULT] = True
     """--no-remove-bg: use the whole frame of images without transparency (default: remove their background)."""
     steps: Annotated[int | None, DOCUMENTED_DEFAULT] = None

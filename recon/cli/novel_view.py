@@ -99,8 +99,8 @@ class NovelViewCommand:
     """Classifier-free guidance scale."""
     seed: int = 0
     """Random seed (same seed, same views)."""
-    foreground_ratio: float = 0.85
-    """Size of the object in the input frame after recentring (fraction of the side)."""
+    foreground_ratio: Annotated[float | None, tyro.conf.arg(help_behavior_hint="")] = None
+    """Size of the object in the input frame after recentring (fraction of the side; default: the weights' own framing, else 0.85)."""
     remove_bg: bool = True
     """Remove the background when the photo has no alpha channel."""
 
