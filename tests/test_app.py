@@ -154,3 +154,13 @@ def test_app_answers_the_gradio_client(app, tmp_path):
     )
     assert "done in" in status
     assert Path(glb).read_bytes()[:4] == b"glTF" and len(files) == 1
+
+
+def test_the_ratio_slider_starts_at_the_framing_the_weights_record(tmp_path):
+    from recon.guidance.checkpoints import foreground_ratio_for
+
+    starts = {}
+    for model in ("tiny", "random-tiny"):  # the shipped prior records its framing, random weights record none
+        demo = build_app(AppCommand(output=tmp_path, model=model, preset="cpu", device="cpu"))
+        starts[model] = [c["props"]["value"] for c in demo.config["components"] if c["props"].get("label") == "foreground ratio"]
+    assert starts == {"tiny": [foreground_ratio_for("tiny")], "random-tiny": [0.85]} and foreground_ratio_for("tiny") != 0.85
