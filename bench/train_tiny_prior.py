@@ -717,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             description += f"; then continued by bench/train_tiny_prior.py on {done}"
     else:
         description = f"recon tiny prior: {cfg.arch} architecture trained from scratch by bench/train_tiny_prior.py on {done}"
+    # the framing depends on the generator's settings, not on how many objects were rendered (none with --evaluate-only)
     train_synth = SynthConfig(**{**record["data"]["train"], "objects": max(1, train_count)})
     record["foreground_ratio"] = median_foreground_ratio(train_synth)
     save_shipped(final, shipped, cfg.save_dtype, description, record["foreground_ratio"])

@@ -149,7 +149,8 @@ def _existing_run(run_dir: Path, cfg: FitConfig, resume: bool, overwrite: bool) 
 def cutout(image: str | os.PathLike[str], cfg: FitConfig) -> Any:
     """The reference view that :func:`fit_image` fits for ``image`` under ``cfg``: background removed,
     recentred to ``cfg.preprocess.foreground_ratio`` (None: the guidance weights' framing, as in :func:`build_config`),
-    (4, S, S) RGBA in a :class:`recon.preprocess.ReferenceView` (saved as the run's ``input_rgba.png``). Raises :class:`InputError` with the CLI's one-line message for bad input."""
+    (4, S, S) RGBA in a :class:`recon.preprocess.ReferenceView` (saved as the run's ``input_rgba.png``). Raises
+    :class:`InputError` with the CLI's one-line message for bad input."""
     from recon.guidance.checkpoints import foreground_ratio_for
     from recon.preprocess import load_reference
 
@@ -529,7 +530,8 @@ def novel_views(
     info(f"model: {loaded.description} ({loaded.pose_encoding}, {str(loaded.dtype).removeprefix('torch.')}, {torch_device})")
     if loaded.is_random:
         warn(f"--model {model}: RANDOM WEIGHTS, the images will be noise (use --model PATH for real Zero-1-to-3 weights)")
-    reference = load_reference(image, foreground_ratio=foreground_ratio_for(model, foreground_ratio), remove_bg=remove_bg, size=native_size(loaded))
+    ratio = foreground_ratio_for(model, foreground_ratio)
+    reference = load_reference(image, foreground_ratio=ratio, remove_bg=remove_bg, size=native_size(loaded))
     elevations, azimuths = zip(*poses)
     encoded = encode_relative_views(loaded, elevations, azimuths, radius, cond_elevation_deg=input_elevation)
     views = sample_views(

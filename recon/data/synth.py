@@ -7,9 +7,9 @@ anti-aliased, RGBA. Cameras follow the threestudio Zero-1-to-3 recipe
 (ZERO123.md): distance 3.8, fixed vertical field of view 20 deg, elevation in
 [-10, 80] deg (uniform over the sphere band), azimuth uniform in [-180, 180];
 the object then spans at most ~80 % of the image height, and typically less
-(:func:`median_foreground_ratio`: about 0.63 of the side at elevation 0 for
-the shipped prior's data, against the 0.85 that photos are recentred to for
-real Zero-1-to-3 weights; a prior records its own). Files follow the recon
+(:func:`median_foreground_ratio`: 0.711 of the side at elevation 0 for the
+shipped prior's training data, against the 0.85 that photos are recentred to
+for real Zero-1-to-3 weights; a prior records its own). Files follow the recon
 layout of :mod:`recon.data.multiview`. An object folder is complete once its
 ``object.json`` exists; a rerun skips complete objects, so a killed run resumes.
 """
