@@ -27,7 +27,9 @@ field learns agree across views.
 
 Frame. ``recon fit`` recentres its input (recon.preprocess.recentre): the
 foreground's bounding box is centred and scaled to ``foreground_ratio`` of
-the image, and the fit then assumes the camera at elevation 0, azimuth 0,
+the image (the config's, which defaults to the framing the guidance weights
+record: 0.711 for the shipped prior; ``--set preprocess.foreground_ratio=F``
+for another), and the fit then assumes the camera at elevation 0, azimuth 0,
 radius 3.8, fovy 20 deg looks at that image. Rather than undo that 2-D
 crop afterwards, each object is first moved into the frame the fit assumes:
 uniformly scaled about the origin and shifted in the image plane (a 3-D
