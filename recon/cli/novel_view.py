@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import torch
 import tyro
 
+from recon.cli.fit import DOCUMENTED_DEFAULT
 from recon.errors import ReconError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,7 +100,7 @@ class NovelViewCommand:
     """Classifier-free guidance scale."""
     seed: int = 0
     """Random seed (same seed, same views)."""
-    foreground_ratio: Annotated[float | None, tyro.conf.arg(help_behavior_hint="")] = None
+    foreground_ratio: Annotated[float | None, DOCUMENTED_DEFAULT] = None
     """Size of the object in the input frame after recentring (fraction of the side; default: the weights' own framing, else 0.85)."""
     remove_bg: bool = True
     """Remove the background when the photo has no alpha channel."""

@@ -25,7 +25,7 @@ import torch
 
 from recon.cameras import Cameras, ViewSampler
 from recon.data.multiview import write_recon_view
-from recon.data.primitives import DEFAULT_OBJECT_RADIUS, FAMILIES, random_object, render_object
+from recon.data.primitives import DEFAULT_OBJECT_RADIUS, FAMILIES, PrimitiveObject, random_object, render_object
 from recon.errors import ReconError
 from recon.fileio import read_json, write_json
 from recon.progress import format_rate, progress_bar
@@ -96,12 +96,17 @@ def object_seed(dataset_seed: int, index: int) -> int:
     return dataset_seed * 1_000_003 + index
 
 
-def synthesize_object(cfg: SynthConfig, index: int, folder: Path) -> None:
-    """Renders object ``index`` into ``folder`` (views, then ``object.json`` as the completion mark)."""
+def dataset_object(cfg: SynthConfig, index: int) -> tuple[int, str, PrimitiveObject]:
+    """Object ``index`` of the dataset ``cfg``: its random_object seed, its shape family and the object."""
     seed = object_seed(cfg.seed, index)
     families = cfg.family_list()
     family = families[index % len(families)]
-    obj = random_object(seed, cfg.min_primitives, cfg.max_primitives, cfg.textured_probability, cfg.object_radius, family)
+    return seed, family, random_object(seed, cfg.min_primitives, cfg.max_primitives, cfg.textured_probability, cfg.object_radius, family)
+
+
+def synthesize_object(cfg: SynthConfig, index: int, folder: Path) -> None:
+    """Renders object ``index`` into ``folder`` (views, then ``object.json`` as the completion mark)."""
+    seed, family, obj = dataset_object(cfg, index)
     generator = torch.Generator().manual_seed(seed)
     sampler = ViewSampler((cfg.elevation_min_deg, cfg.elevation_max_deg), (-180.0, 180.0), cfg.radius, cfg.fovy_deg)
     cameras, elevation, azimuth = sampler.sample(cfg.views, cfg.size, generator)
@@ -128,11 +133,9 @@ def median_foreground_ratio(cfg: SynthConfig, objects: int = 256, elevation_deg:
 
     from recon.preprocess import foreground_bbox
 
-    families = cfg.family_list()
     ratios = []
     for index in range(objects):
-        seed = object_seed(cfg.seed, index)
-        obj = random_object(seed, cfg.min_primitives, cfg.max_primitives, cfg.textured_probability, cfg.object_radius, families[index % len(families)])
+        seed, _, obj = dataset_object(cfg, index)
         azimuth = torch.rand(1, generator=torch.Generator().manual_seed(seed)) * 360.0 - 180.0
         camera = Cameras.from_spherical(torch.tensor([elevation_deg]), azimuth, torch.tensor([cfg.radius]), cfg.fovy_deg, cfg.size)
         alpha = render_object(obj, camera, shading="albedo", supersample=cfg.supersample)["rgba"][0, ..., 3].numpy()
