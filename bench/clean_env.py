@@ -13,6 +13,12 @@ are not installed. ``python -S`` (no site-packages) with the folder on
 ``PYTHONPATH`` then imports only what a fresh install holds. recon-zero123
 must be installed as a plain (non-editable) distribution on ``sys.path``,
 e.g. ``pip install --target DIR .`` with DIR on ``PYTHONPATH``.
+
+A fresh install also has compiled bytecode (pip writes it). Where the
+linked packages have none and ``PYTHONDONTWRITEBYTECODE`` is set, as in the
+GPU machines' image, every import compiles them from source again: unset
+it (and set ``PYTHONPYCACHEPREFIX`` where site-packages is read-only) so
+the first run writes the bytecode and later runs import as a user's do.
 """
 
 from __future__ import annotations

@@ -18,12 +18,24 @@ mean points per step whose density the sampler evaluates (``sampled``) and
 that the renderer shades with gradients (``shaded``; a gradient-checkpointed
 chunk, as in the low-vram preset, is shaded twice and counted twice). Prints Markdown
 tables; writes the same numbers as JSON to ``--out``.
+
+The wall time is the ``recon.api.fit`` call, after this process has imported
+``torch`` and ``recon``; ``--command`` instead times the whole ``recon fit``
+command in a new process, as a user sees it (interpreter start-up, every
+import, the fit, exit), with per-phase seconds but no per-step parts. Imports
+are timed as they are in the environment: the record's ``bytecode`` says
+whether the main libraries' compiled bytecode was there. A pip install
+compiles it; an image that has none and sets ``PYTHONDONTWRITEBYTECODE``
+compiles every module from source at every import (a warning says so).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -34,6 +46,8 @@ from recon.fileio import read_json, write_json
 
 PARTS = ("grid", "render", "sds", "backward", "optimiser")
 COUNTS = ("rays", "sampled", "shaded")
+CLI = "import sys; from recon.cli.main import main; sys.exit(main())"
+BYTECODE_PACKAGES = ("torch", "diffusers", "transformers", "recon")
 WARMUP_STEPS = 5  # per stage, left out of the ms/step means (kernel compiles, CUDA-graph captures)
 
 
@@ -166,17 +180,58 @@ class StepTimer:
 def run(
     image: Path, preset: str, device: str, overrides: list[str], model: str, output: Path, timer: StepTimer | None = None, steps: int | None = None
 ) -> dict[str, Any]:
-    """Fits ``image`` once and returns the benchmark record (phases, rates, parts, memory, config summary)."""
-    import torch
+    """Fits ``image`` once in this process and returns the benchmark record (phases, rates, parts, memory, config
+    summary); ``wall_seconds`` starts after ``torch`` and ``recon.api`` are imported."""
+    from recon.api import fit
 
-    from recon.api import build_config, fit
-
-    cfg = build_config(preset, overrides, model=model, steps=steps)
     start = time.perf_counter()
     results = fit(image, output, preset, overrides, model=model, device=device, overwrite=True, batch=False, steps=steps)
     wall = time.perf_counter() - start
     parts = timer.summary() if timer is not None and timer.steps else {}
-    meta = read_json(results[0].run_dir / "meta.json")
+    return record_of(image, preset, overrides, model, steps, results[0].run_dir, wall, parts, timer)
+
+
+def run_command(image: Path, preset: str, device: str, overrides: list[str], model: str, output: Path, steps: int | None = None) -> dict[str, Any]:
+    """Runs ``recon fit`` as a user does, in a new Python process (this interpreter, with ``-S`` if this one has it),
+    and returns the benchmark record; ``wall_seconds`` is the whole process, from interpreter start (imports
+    included) to exit. No per-step parts: the steps run in the other process."""
+    argv = [sys.executable, *(["-S"] if sys.flags.no_site else []), "-c", CLI, "fit", str(image), "--preset", preset]
+    argv += ["--device", device, "--model", model, "-o", str(output), "--overwrite", "--quiet"]
+    argv += [f"--set={override}" for override in overrides] + ([] if steps is None else ["--steps", str(steps)])
+    start = time.perf_counter()
+    done = subprocess.run(argv, check=False, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SystemExit(f"recon fit exited with code {done.returncode}: {last}")
+    return record_of(image, preset, overrides, model, steps, output / image.stem, wall, {}, None)
+
+
+def bytecode_state() -> dict[str, Any]:
+    """Whether this environment's imports read compiled bytecode: ``cached`` per main library (its package's
+    ``__init__`` has a .pyc where this interpreter looks for one) and ``dont_write`` (``PYTHONDONTWRITEBYTECODE``).
+
+    A pip install compiles every module's bytecode; an environment that has none and may not write it compiles
+    every module from source at every import, which multiplies the import phases (docs: README, Speed)."""
+    cached = {}
+    for name in BYTECODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        cached[name] = bool(origin) and Path(importlib.util.cache_from_source(origin)).is_file()
+    return {"cached": cached, "dont_write": sys.dont_write_bytecode}
+
+
+def record_of(
+    image: Path, preset: str, overrides: list[str], model: str, steps: int | None, run_dir: Path, wall: float,
+    parts: dict[str, Any], timer: StepTimer | None,
+) -> dict[str, Any]:
+    """The benchmark record of the run in ``run_dir`` (its meta.json), timed at ``wall`` seconds."""
+    import torch
+
+    from recon.api import build_config
+
+    cfg = build_config(preset, overrides, model=model, steps=steps)
+    meta = read_json(run_dir / "meta.json")
     timings = meta.get("timings_s", {})
     stages = {
         name: {
@@ -202,11 +257,12 @@ def run(
         "host": platform.node(),
         "versions": meta.get("versions", {}),
         "wall_seconds": round(wall, 3),
+        "outside_phases_s": round(wall - sum(timings.values()), 3),
         "phases_s": timings,
         "stages": stages,
         "peak_gpu_memory_gib": meta.get("peak_gpu_memory_gib"),
         "peak_gpu_memory_until_end_of_training_gib": round(timer.training_peak / 2**30, 3) if timer is not None and timer.steps else None,
-        "exports": results[0].exports,
+        "exports": meta.get("exports", {}).get("files", {}),
     }
 
 
@@ -224,6 +280,7 @@ def markdown(record: dict[str, Any]) -> str:
         "|---|---:|",
     ]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in record["phases_s"].items()]
+    lines.append(f"| outside the phases | {record['outside_phases_s']:.1f} |")
     lines += ["", "| stage | steps | render px | views/step | seconds | ms/step (wall) | " + " | ".join(f"{p} ms" for p in ("step", *PARTS)) + " |"]
     lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * (len(PARTS) + 1))
     for name, s in record["stages"].items():
@@ -262,19 +319,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="total steps (stages and schedules scale, as `recon fit --steps`); default: the preset's")
     parser.add_argument("--output", type=Path, default=None, help="run folder parent (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
+    parser.add_argument(
+        "--command", action="store_true",
+        help="time the whole `recon fit` command in a new Python process (start-up and every import included); no per-step parts",
+    )
     args = parser.parse_args()
     import torch
 
     model = args.model
     if model == "random-full" and args.weights_from_disk:
         model = str(save_weights(args.weights_dir))
-    timer = StepTimer() if torch.cuda.is_available() and args.device != "cpu" else None
+    timer = StepTimer() if torch.cuda.is_available() and args.device != "cpu" and not args.command else None
     if timer is not None:
         timer.install()
     with tempfile.TemporaryDirectory(prefix="recon-bench-fit-") as scratch:
-        record = run(args.image, args.preset, args.device, args.overrides, model, args.output or Path(scratch), timer, args.steps)
+        output = args.output or Path(scratch)
+        if args.command:
+            record = run_command(args.image, args.preset, args.device, args.overrides, model, output, args.steps)
+        else:
+            record = run(args.image, args.preset, args.device, args.overrides, model, output, timer, args.steps)
     record["weights_from_disk"] = model != args.model
+    record["timed"] = "command" if args.command else "fit call"
+    record["bytecode"] = bytecode_state()
     print(markdown(record))
+    if not all(record["bytecode"]["cached"].values()) and record["bytecode"]["dont_write"]:
+        print("warning: no cached bytecode and PYTHONDONTWRITEBYTECODE is set: every import compiled its modules from source "
+              "(a pip install compiles them once); the import times above are not a user's", file=sys.stderr)
     if args.out is not None:
         write_json(args.out, record)
 
