@@ -154,14 +154,11 @@ def recorded_foreground_ratio(spec: str | os.PathLike[str]) -> float | None:
     if spec_str in RANDOM_SPECS:
         return None
     folder = shipped_prior_path() if spec_str == SHIPPED_SPEC else Path(spec_str).expanduser()
-    meta = folder / RECON_META
-    if not meta.is_file():
-        return None
-    value = _read_json(meta).get(FOREGROUND_RATIO_KEY)
+    value = _recon_meta(folder).get(FOREGROUND_RATIO_KEY)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise InputError(f"{meta}: {FOREGROUND_RATIO_KEY} must be a number in (0, 1], got {value!r}")
+        raise InputError(f"{folder / RECON_META}: {FOREGROUND_RATIO_KEY} must be a number in (0, 1], got {value!r}")
     return float(value)
 
 
@@ -385,6 +382,12 @@ def _load_checkpoint_file(
 
 
 # ------------------------------------------------------------ diffusers folders
+def _recon_meta(folder: Path) -> dict[str, Any]:
+    """``folder``'s recon_zero123.json (written by :func:`save_diffusers`), {} where it has none."""
+    meta = folder / RECON_META
+    return _read_json(meta) if meta.is_file() else {}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -416,7 +419,7 @@ def _load_diffusers_folder(
     names = [n for n in PROJECTION_FOLDERS if n in index or (folder / n).is_dir()]
     if not names:
         raise InputError(f"{folder}: no camera projection folder (expected one of {', '.join(PROJECTION_FOLDERS)})")
-    meta = _read_json(folder / RECON_META) if (folder / RECON_META).is_file() else {}
+    meta = _recon_meta(folder)
     configs = {"model_index.json": index, "unet/config.json": _read_json(folder / "unet" / "config.json")}
     encoding, reason = decide_pose_encoding(name or folder.resolve().name, pose_encoding, meta, configs)
     unet = load_component(folder / "unet", UNet2DConditionModel, device, dtype)
