@@ -6,12 +6,19 @@
 Runs a shortened preset (``--steps`` per stage), times every training step
 and the guidance's SDS call inside it (CUDA events on a GPU, wall clock on the CPU), and prints, for
 steps after the warm-up of each stage, the mean ms per step and per SDS
-call, then the torch profiler's top operators of a few steps of each stage.
+call, then the torch profiler's top operators of a few steps of each stage and,
+on a GPU, how busy the GPU was during each of those steps (the union of its
+kernels' and copies' intervals against the step's wall time: what is left is
+the GPU waiting for the host). ``--trace-dir`` keeps each profiled step's
+Chrome trace (gzipped; open it in Perfetto or chrome://tracing).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -20,6 +27,24 @@ from pathlib import Path
 import torch
 
 from recon.systems import fit as fit_module
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+
+
+def gpu_busy(trace: dict) -> tuple[float, float, int]:
+    """(ms the GPU ran anything, ms from the first to the last event of the trace, host-side sync/copy calls)
+    of a Chrome trace from torch.profiler: busy is the union of the GPU events' intervals."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events if e.get("cat") in GPU_CATEGORIES)
+    busy, end = 0.0, float("-inf")
+    for start, stop in gpu:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    span = max(float(e["ts"]) + float(e["dur"]) for e in events) - min(float(e["ts"]) for e in events) if events else 0.0
+    waits = sum(1 for e in events if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS)
+    return busy / 1000.0, span / 1000.0, waits
 
 
 def main() -> None:
@@ -32,7 +57,10 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--trace-dir", type=Path, default=None, help="keep each profiled step's Chrome trace here")
     args = parser.parse_args()
+    if args.trace_dir is not None:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
 
     from recon.api import fit
     from recon.runtime import resolve_device
@@ -81,6 +109,14 @@ def main() -> None:
             if cuda:
                 print(f"\n### {stage_name} step {local_step}: top operators by CUDA time")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+                with tempfile.TemporaryDirectory() as scratch:
+                    trace = Path(scratch) / "trace.json"
+                    prof.export_chrome_trace(str(trace))
+                    busy, span, syncs = gpu_busy(json.loads(trace.read_text()))
+                    if args.trace_dir is not None:
+                        with trace.open("rb") as src, gzip.open(args.trace_dir / f"{stage_name}_{local_step}.json.gz", "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                print(f"GPU busy {busy:.1f} ms of the step's {span:.1f} ms ({100 * busy / max(span, 1e-9):.0f} %), host sync and copy calls: {syncs}")
             print(f"\n### {stage_name} step {local_step}: top operators by host (CPU) time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         else:
