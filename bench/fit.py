@@ -46,7 +46,7 @@ from recon.fileio import read_json, write_json
 
 PARTS = ("grid", "render", "sds", "backward", "optimiser")
 COUNTS = ("rays", "sampled", "shaded")
-CLI = "import sys; from recon.cli.main import main; sys.exit(main())"
+CLI = "import sys; from recon.cli.main import run; sys.exit(run())"  # what the console script runs
 BYTECODE_PACKAGES = ("torch", "diffusers", "transformers", "recon")
 WARMUP_STEPS = 5  # per stage, left out of the ms/step means (kernel compiles, CUDA-graph captures)
 

@@ -2,8 +2,10 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import tomllib
 
 from recon.cli.main import COMMANDS, main
 
@@ -37,6 +39,16 @@ def test_console_script_runs_outside_the_repo(tmp_path):
         check=False,
     )
     assert result.returncode == 0 and "fit-views" in result.stdout
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["frobnicate"], 2)])
+def test_console_script_returns_mains_code_and_freezes_the_collector_for_the_exit(argv, code):
+    """`recon` (pyproject's script, run()) exits with main's code; its objects are frozen out of the final GC."""
+    script = "import gc, sys; from recon.cli.main import run; code = run(); print('frozen', gc.get_freeze_count() > 0); sys.exit(code)"
+    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False)
+    assert result.returncode == code and "frozen True" in result.stdout
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+        assert tomllib.load(f)["project"]["scripts"]["recon"] == "recon.cli.main:run"
 
 
 def _parsed(monkeypatch, command_class, argv):

@@ -8,6 +8,7 @@ and returns the exit code. Only the chosen command's module is imported, so
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -173,5 +174,21 @@ def crash_log_path() -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(tempfile.gettempdir()) / "recon-errors" / f"{stamp}-{os.getpid()}.log"
 
+def run() -> int:
+    """The ``recon`` console script (and ``python -m recon.cli.main``): :func:`main`, then the interpreter's exit
+    without its last full garbage collection.
+
+    With diffusers and transformers imported, that collection scans a few hundred thousand live objects:
+    about a second at every exit (1.2-1.4 s measured after a fit, here and on an H100). ``gc.freeze()``
+    moves the objects alive now out of the collector's reach: the modules are still torn down and
+    reference-counted objects still freed (files closed), only garbage cycles left at exit are not
+    collected, and every file recon writes is closed before :func:`main` returns. Not in :func:`main`, which
+    tests and other programs call in-process and which must not stop their collector.
+    """
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
