@@ -285,6 +285,38 @@ def oom_message(stage: str, cfg: StageConfig, local_step: int) -> str:
     )
 
 
+@dataclass
+class QueuedStep:
+    """A training step queued on the device, its loss not read yet (reading waits for that step's work only).
+
+    ``values`` (2 + terms,) float32 on the host: the total loss, the gradient norm, then each loss term's
+    unweighted value in ``names``' order; on CUDA an asynchronous copy fills it, done when ``ready`` is.
+    """
+
+    step: int
+    values: Tensor
+    names: list[str]
+    ready: Any = None
+
+    @classmethod
+    def copying(cls, step: int, values: Tensor, names: list[str]) -> QueuedStep:
+        """Starts the copy of ``values`` (on any device) to pinned host memory; no wait."""
+        if not values.is_cuda:
+            return cls(step, values, names)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(step, host, names, ready)
+
+    def read(self) -> tuple[float, float, dict[str, float]]:
+        """(total loss, gradient norm, {term: value}) once the step's device work is done."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss, grad_norm, *terms = self.values.tolist()
+        return loss, grad_norm, dict(zip(self.names, terms, strict=True))
+
+
 class Trainer:
     """Optimises a radiance field for one reference view with a guidance; writes checkpoints, previews, progress.
 
@@ -317,6 +349,7 @@ class Trainer:
         self.lr_scale = 1.0
         self.rollbacks = 0
         self.step = 0
+        self.last_loss = float("nan")
         self.last_losses: dict[str, float] = {}
         self.last_diagnostics: MutableMapping[str, float] = {}
         self._targets: dict[int, tuple[Tensor, Tensor]] = {}
@@ -458,8 +491,14 @@ class Trainer:
         ref = {key: value[split:].view(*shapes[1], -1) for key, value in both.items() if key in ("rgb", "opacity", "depth")}
         return ref, out
 
-    def train_step(self, stage_name: str, stage: StageConfig, local_step: int) -> float:
-        """One optimisation step; returns the total loss (NaN when it diverged, with no update made)."""
+    def train_step(self, stage_name: str, stage: StageConfig, local_step: int) -> QueuedStep:
+        """Queues one optimisation step, the update included, without waiting for the device; returns its
+        :class:`QueuedStep`, whose loss is read later (:meth:`QueuedStep.read`).
+
+        The update is applied whatever the loss: a step whose loss or gradient turns out NaN/inf is found when
+        :meth:`fit` reads it, before anything is saved, and the fit then rolls back to the last checkpoint (or
+        stops), which discards it and any step queued after it.
+        """
         levels = round(value_at(stage.active_levels, local_step))
         self.field.set_active_levels(max(1, min(levels, self.cfg.field.encoding.n_levels)))
         self.renderer.train()
@@ -472,16 +511,21 @@ class Trainer:
             loss.backward()
         except torch.cuda.OutOfMemoryError as exc:
             raise ReconError(oom_message(stage_name, stage, local_step)) from exc
-        # one device sync per step, after the backward pass is queued: the loss, its terms and the gradients' finiteness
         grads = [p.grad for p in self.field.parameters() if p.grad is not None]
         grad_norm = torch.stack([g.float().norm() for g in grads]).sum() if grads else loss.new_zeros(())
-        values = torch.stack([loss.detach().float(), grad_norm, *(v.detach().float() for v in terms.values())]).tolist()
-        if not (math.isfinite(values[0]) and math.isfinite(values[1])):
-            self.optimizer.zero_grad(set_to_none=True)
-            return float("nan")
+        values = torch.stack([loss.detach().float(), grad_norm, *(v.detach().float() for v in terms.values())])
         self.optimizer.step()
-        self.last_losses = dict(zip(terms, values[2:], strict=True))
-        return values[0]
+        return QueuedStep.copying(self.step, values, list(terms))
+
+    def _read(self, steps: Sequence[QueuedStep]) -> int | None:
+        """Reads queued ``steps`` in order into ``last_loss`` / ``last_losses``; the step number of the first whose
+        loss or gradient is NaN/inf (the rest unread), else None."""
+        for queued in steps:
+            loss, grad_norm, terms = queued.read()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                return queued.step
+            self.last_loss, self.last_losses = loss, terms
+        return None
 
     def _diverged(self, stage_name: str) -> None:
         """Rolls back to the last checkpoint with half the learning rate, or raises TrainingDivergedError."""
@@ -542,17 +586,26 @@ class Trainer:
                     continue
                 phase = timer.phase(name) if timer is not None else contextlib.nullcontext()
                 with phase, StepReporter(self.run, name, stage.steps, start_step=self.step - begin) as reporter:
+                    unread: list[QueuedStep] = []
                     while self.step < end:
-                        loss = self.train_step(name, stage, self.step - begin)
-                        if not math.isfinite(loss):
+                        unread.append(self.train_step(name, stage, self.step - begin))
+                        self.step += 1
+                        preview = bool(self.cfg.preview_every) and self.step % self.cfg.preview_every == 0
+                        checkpoint = self.step % self.cfg.checkpoint_every == 0 or self.step == end
+                        # the step just queued is read one step late (its device work overlaps the next step's host
+                        # work), or now when a preview or checkpoint is due: nothing saved was made by a diverged step
+                        count = len(unread) if preview or checkpoint else len(unread) - 1
+                        diverged, unread = self._read(unread[:count]), unread[count:]
+                        if diverged is not None:
+                            unread, self.step = [], diverged
                             self._diverged(name)
                             continue
-                        self.step += 1
-                        if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
+                        if preview:
                             self.write_preview()
-                        if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                        if checkpoint:
                             self.save(name)
-                        reporter.update(self.step - begin, status=f"loss {loss:.4g}")
+                        read = math.isfinite(self.last_loss)  # nan until the first step is read
+                        reporter.update(self.step - begin, status=f"loss {self.last_loss:.4g}" if read else "")
                 begin = end
         except BaseException:
             # a write still in flight finishes before the caller may reuse or remove the run folder; its own

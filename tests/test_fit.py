@@ -377,6 +377,57 @@ def test_nan_loss_rolls_back_to_the_last_checkpoint_and_finishes(tmp_path, share
     assert all(math.isfinite(v) for v in meta["final_losses"].values())
 
 
+def test_steps_are_read_one_step_late_and_always_before_a_save(tmp_path, monkeypatch):
+    """Each step's loss is read after the next step is queued (the device works while the host goes on), except
+    where a preview or checkpoint follows: then at once, so nothing saved comes from an unread step."""
+    from recon.systems.fit import QueuedStep
+
+    trainer, _ = make_trainer(tmp_path, "stages.coarse.steps=5", "stages.fine.steps=3", "checkpoint_every=4", "preview_every=0")
+    events = []
+    queue, read = trainer.train_step, QueuedStep.read
+
+    def logged_queue(*args):
+        events.append(("queue", trainer.step))
+        return queue(*args)
+
+    def logged_read(self):
+        events.append(("read", self.step))
+        return read(self)
+
+    monkeypatch.setattr(trainer, "train_step", logged_queue)
+    monkeypatch.setattr(QueuedStep, "read", logged_read)
+    monkeypatch.setattr(trainer, "save", lambda stage: events.append(("save", trainer.step)))
+    trainer.fit()
+    # a rollback target at 0; steps 0-4 coarse (saves at 4 and at the stage end, 5), 5-7 fine (its end: 8)
+    assert events == [
+        ("save", 0), ("queue", 0), ("queue", 1), ("read", 0), ("queue", 2), ("read", 1), ("queue", 3), ("read", 2), ("read", 3), ("save", 4),
+        ("queue", 4), ("read", 4), ("save", 5),
+        ("queue", 5), ("queue", 6), ("read", 5), ("queue", 7), ("read", 6), ("read", 7), ("save", 8),
+    ]  # fmt: skip
+    assert all(math.isfinite(v) for v in trainer.last_losses.values()) and math.isfinite(trainer.last_loss)
+
+
+def test_a_nan_step_right_before_a_checkpoint_is_rolled_back_not_saved(tmp_path, shared_models, monkeypatch):
+    from recon.api import fit
+    from recon.runs import RunDir
+    from recon.systems.checkpoint import list_checkpoints, load_checkpoint
+
+    image = make_rgba(tmp_path / "disc.png")
+    nan_loss_once_at(monkeypatch, 1)  # read together with the save at step 2, before it
+    overrides = [*TINY, "turntable=false", "preview_every=0", "checkpoint_every=2", "keep_checkpoints=10"]
+    results = fit(image, tmp_path / "out", "cpu", overrides, model="random-tiny", formats="ply", device="cpu", quiet=True)
+    assert results[0].status == "finished"
+    meta = json.loads((results[0].run_dir / "meta.json").read_text())
+    assert meta["rollbacks"] == 1 and meta["final_step"] == 6
+    run = RunDir.open(results[0].run_dir)
+    saved = list_checkpoints(run)
+    assert [step for step, _ in saved] == [0, 2, 3, 4, 6]
+    for _, path in saved:
+        checkpoint = load_checkpoint(path)
+        assert all(torch.isfinite(value).all() for value in checkpoint.modules["field"].values()), path
+        assert all(torch.isfinite(state["exp_avg"]).all() for state in checkpoint.optimizers["adam"]["state"].values()), path
+
+
 def test_public_api_fits_images_one_at_a_time_with_shared_models(tmp_path, monkeypatch):
     import recon
     from recon.guidance import interface
