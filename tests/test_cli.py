@@ -41,12 +41,35 @@ def test_console_script_runs_outside_the_repo(tmp_path):
     assert result.returncode == 0 and "fit-views" in result.stdout
 
 
-@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["frobnicate"], 2)])
-def test_console_script_returns_mains_code_and_freezes_the_collector_for_the_exit(argv, code):
-    """`recon` (pyproject's script, run()) exits with main's code; its objects are frozen out of the final GC."""
-    script = "import gc, sys; from recon.cli.main import run; code = run(); print('frozen', gc.get_freeze_count() > 0); sys.exit(code)"
-    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False)
-    assert result.returncode == code and "frozen True" in result.stdout
+CONSOLE_SCRIPT = """
+import atexit, sys
+from recon.cli import main as cli
+
+class Teardown:
+    def __del__(self):
+        print("interpreter teardown", flush=True)
+
+teardown = Teardown()  # deleted when the interpreter tears its modules down
+real_main = cli.main
+
+def main():
+    atexit.register(print, "exit handler of a library ran")  # as libraries register theirs during a command
+    return real_main()
+
+cli.main = main
+sys.exit(cli.run())
+"""
+
+
+@pytest.mark.parametrize(("argv", "code", "torn_down"), [(["frobnicate"], 2, False), (["fit", "--help"], 0, True)])
+def test_console_script_exits_with_mains_code_after_the_exit_handlers_without_teardown(argv, code, torn_down):
+    """`recon` (pyproject's script, run()): main's exit code, exit handlers run and output flushed, the
+    interpreter's teardown skipped; where main raises (SystemExit from --help) the usual exit."""
+    result = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, *argv], capture_output=True, text=True, check=False)
+    assert result.returncode == code
+    assert "exit handler of a library ran" in result.stdout
+    assert ("interpreter teardown" in result.stdout) == torn_down
+    assert ("unknown command" in result.stderr) == (code == 2) and ("usage" in result.stdout.lower()) == (code == 0)
     with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
         assert tomllib.load(f)["project"]["scripts"]["recon"] == "recon.cli.main:run"
 

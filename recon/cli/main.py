@@ -1,4 +1,4 @@
-"""Entry point of the ``recon`` console script.
+"""Entry point of the ``recon`` console script (:func:`run`, which calls :func:`main`).
 
 Each command is a dataclass in its own module (``recon.cli.<module>``) whose
 field docstrings are the ``--help`` text and whose ``run()`` does the work
@@ -8,7 +8,7 @@ and returns the exit code. Only the chosen command's module is imported, so
 
 from __future__ import annotations
 
-import gc
+import atexit
 import importlib
 import os
 import sys
@@ -174,20 +174,33 @@ def crash_log_path() -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(tempfile.gettempdir()) / "recon-errors" / f"{stamp}-{os.getpid()}.log"
 
-def run() -> int:
-    """The ``recon`` console script (and ``python -m recon.cli.main``): :func:`main`, then the interpreter's exit
-    without its last full garbage collection.
 
-    With diffusers and transformers imported, that collection scans a few hundred thousand live objects:
-    about a second at every exit (1.2-1.4 s measured after a fit, here and on an H100). ``gc.freeze()``
-    moves the objects alive now out of the collector's reach: the modules are still torn down and
-    reference-counted objects still freed (files closed), only garbage cycles left at exit are not
-    collected, and every file recon writes is closed before :func:`main` returns. Not in :func:`main`, which
-    tests and other programs call in-process and which must not stop their collector.
+def run() -> int:
+    """The ``recon`` console script (and ``python -m recon.cli.main``): :func:`main`, then a quick exit.
+
+    Once :func:`main` has returned its code, the process ends as soon as every other exit handler
+    (``atexit``) has run and stdout and stderr are flushed, without the interpreter's teardown: with diffusers
+    and transformers imported, freeing their objects one by one took 1.2-1.4 s at every exit (this CPU, an
+    H100). Every file recon writes is closed before :func:`main` returns and non-daemon threads are joined
+    before exit handlers run. When :func:`main` raises (``--help`` or a bad flag exit through ``SystemExit``) the
+    interpreter exits as usual. For the console script only: called in-process, it would end that process
+    with this code when it exits.
     """
+    ending: list[int] = []
+    atexit.register(_end_process, ending)  # registered before main(): runs after the handlers registered in it
     code = main()
-    gc.freeze()
+    ending.append(code)
     return code
+
+
+def _end_process(ending: list[int]) -> None:
+    """Ends the process with ``ending[0]`` (flushing stdout and stderr first); nothing when ``ending`` is empty."""
+    if not ending:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(ending[0])
 
 
 if __name__ == "__main__":
