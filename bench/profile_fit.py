@@ -47,6 +47,20 @@ def gpu_busy(trace: dict) -> tuple[float, float, int]:
     return busy / 1000.0, span / 1000.0, waits
 
 
+def print_gpu_busy(prof: torch.profiler.profile, keep: Path | None = None) -> None:
+    """Prints how busy the GPU was during the finished profiler run ``prof`` (:func:`gpu_busy` of its Chrome trace);
+    keeps the trace, gzipped, at ``keep``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        trace = Path(scratch) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        busy, span, syncs = gpu_busy(json.loads(trace.read_text()))
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            with trace.open("rb") as src, gzip.open(keep, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    print(f"GPU busy {busy:.1f} ms of the step's {span:.1f} ms ({100 * busy / max(span, 1e-9):.0f} %), host sync and copy calls: {syncs}")
+
+
 def main() -> None:
     """Parses the flags, runs the shortened fit with the timers installed, prints the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,8 +73,6 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--trace-dir", type=Path, default=None, help="keep each profiled step's Chrome trace here")
     args = parser.parse_args()
-    if args.trace_dir is not None:
-        args.trace_dir.mkdir(parents=True, exist_ok=True)
 
     from recon.api import fit
     from recon.runtime import resolve_device
@@ -109,14 +121,7 @@ def main() -> None:
             if cuda:
                 print(f"\n### {stage_name} step {local_step}: top operators by CUDA time")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
-                with tempfile.TemporaryDirectory() as scratch:
-                    trace = Path(scratch) / "trace.json"
-                    prof.export_chrome_trace(str(trace))
-                    busy, span, syncs = gpu_busy(json.loads(trace.read_text()))
-                    if args.trace_dir is not None:
-                        with trace.open("rb") as src, gzip.open(args.trace_dir / f"{stage_name}_{local_step}.json.gz", "wb") as dst:
-                            shutil.copyfileobj(src, dst)
-                print(f"GPU busy {busy:.1f} ms of the step's {span:.1f} ms ({100 * busy / max(span, 1e-9):.0f} %), host sync and copy calls: {syncs}")
+                print_gpu_busy(prof, args.trace_dir and args.trace_dir / f"{stage_name}_{local_step}.json.gz")
             print(f"\n### {stage_name} step {local_step}: top operators by host (CPU) time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         else:
