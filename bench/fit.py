@@ -212,7 +212,7 @@ def bytecode_state() -> dict[str, Any]:
     ``__init__`` has a .pyc where this interpreter looks for one) and ``dont_write`` (``PYTHONDONTWRITEBYTECODE``).
 
     A pip install compiles every module's bytecode; an environment that has none and may not write it compiles
-    every module from source at every import, which multiplies the import phases (docs: README, Speed)."""
+    every module from source at every import, which multiplies the import phases (docs/SPEED.md)."""
     cached = {}
     for name in BYTECODE_PACKAGES:
         spec = importlib.util.find_spec(name)
