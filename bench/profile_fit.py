@@ -61,6 +61,17 @@ def print_gpu_busy(prof: torch.profiler.profile, keep: Path | None = None) -> No
     print(f"GPU busy {busy:.1f} ms of the step's {span:.1f} ms ({100 * busy / max(span, 1e-9):.0f} %), host sync and copy calls: {syncs}")
 
 
+def print_step_profile(prof: torch.profiler.profile, title: str, cuda: bool, keep: Path | None = None) -> None:
+    """Prints the finished profiler run ``prof``'s top operators under ``title``: by CUDA time and with
+    :func:`print_gpu_busy` (the trace kept at ``keep``) when ``cuda``, then by host time."""
+    if cuda:
+        print(f"\n### {title}: top operators by CUDA time")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        print_gpu_busy(prof, keep)
+    print(f"\n### {title}: top operators by host (CPU) time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
 def main() -> None:
     """Parses the flags, runs the shortened fit with the timers installed, prints the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -118,12 +129,7 @@ def main() -> None:
             with torch.profiler.profile(activities=activities) as prof:
                 loss = original_step(self, stage_name, stage, local_step)
                 sync()
-            if cuda:
-                print(f"\n### {stage_name} step {local_step}: top operators by CUDA time")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
-                print_gpu_busy(prof, args.trace_dir and args.trace_dir / f"{stage_name}_{local_step}.json.gz")
-            print(f"\n### {stage_name} step {local_step}: top operators by host (CPU) time")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+            print_step_profile(prof, f"{stage_name} step {local_step}", cuda, args.trace_dir and args.trace_dir / f"{stage_name}_{local_step}.json.gz")
         else:
             loss = original_step(self, stage_name, stage, local_step)
         end = mark()

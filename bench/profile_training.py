@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from recon.runtime import resolve_device
 from recon.systems import cascade_training
 
 WARMUP = 3  # steps left out of the means: kernel choices, first allocations, graph and compile caches
@@ -61,7 +62,8 @@ def main() -> None:
             stage=args.stage, steps=args.steps, batch_size=args.batch, preload=args.preload,
             mixed_precision=args.precision, checkpoint_every=10**9, keep_checkpoints=1,
         )  # fmt: skip
-        step_ms = install_timers(WARMUP, args.profile_steps, args.trace_dir if rank0 else None, rank0)
+        cuda = resolve_device(args.device).type == "cuda"
+        step_ms = install_timers(WARMUP, args.profile_steps, cuda, args.trace_dir if rank0 else None, rank0)
         result = cascade_training.train(cfg, data, args.init, work / "run", device=args.device, resume=False)
     if rank0:
         steady = step_ms[WARMUP + args.profile_steps :]  # the profiler's own overhead stays out of the means
@@ -83,13 +85,14 @@ def render_data(folder: Path, objects: int, views: int, size: int, rank0: bool) 
     return folder
 
 
-def install_timers(warmup: int, profiled: int, trace_dir: Path | None, report: bool) -> list[float]:
-    """Wraps the trainer's ``train_step``: each step timed between two synchronisations (ms, returned list, in
-    order), steps ``warmup`` .. ``warmup + profiled - 1`` under the torch profiler, their tables printed when
-    ``report``."""
+def install_timers(warmup: int, profiled: int, cuda: bool, trace_dir: Path | None, report: bool) -> list[float]:
+    """Wraps the trainer's ``train_step``: each step timed between two synchronisations (of the GPU when ``cuda``;
+    ms, returned list, in order), steps ``warmup`` .. ``warmup + profiled - 1`` under the torch profiler, their
+    tables printed when ``report`` (traces kept in ``trace_dir``)."""
+    from profile_fit import print_step_profile  # bench/ is the script's folder, first on sys.path
+
     step_ms: list[float] = []
     original = cascade_training.Trainer.train_step
-    cuda = torch.cuda.is_available()
 
     def sync() -> None:
         if cuda:
@@ -105,7 +108,7 @@ def install_timers(warmup: int, profiled: int, trace_dir: Path | None, report: b
                 loss = original(trainer, *args, **kwargs)
                 sync()
             if report:
-                print_profile(prof, index, cuda, trace_dir)
+                print_step_profile(prof, f"training step {index}", cuda, trace_dir and trace_dir / f"train_{index}.json.gz")
         else:
             loss = original(trainer, *args, **kwargs)
             sync()
@@ -114,18 +117,6 @@ def install_timers(warmup: int, profiled: int, trace_dir: Path | None, report: b
 
     cascade_training.Trainer.train_step = timed_step
     return step_ms
-
-
-def print_profile(prof: torch.profiler.profile, index: int, cuda: bool, trace_dir: Path | None) -> None:
-    """The profiler's top operators of step ``index``; on a GPU also its busy time (the trace kept in ``trace_dir``)."""
-    from profile_fit import print_gpu_busy  # bench/ is the script's folder, first on sys.path
-
-    if cuda:
-        print(f"\n### training step {index}: top operators by CUDA time")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
-        print_gpu_busy(prof, trace_dir and trace_dir / f"train_{index}.json.gz")
-    print(f"\n### training step {index}: top operators by host (CPU) time")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":
