@@ -7,14 +7,16 @@
 Without ``--data`` a small synthetic set is rendered first (``--objects`` x
 ``--views`` at ``--size`` px, recon.data.synth) into a temporary folder. Runs
 ``recon.systems.cascade_training.train`` for ``--steps`` steps with the
-trainer's step wrapped: every step is timed (synchronised), and
-``--profile-steps`` steps after the warm-up run under the torch profiler,
-which prints the top operators by device and host time and, on a GPU, how
-busy the GPU was in the step (``bench/profile_fit.py``'s measure: the union
-of its kernels' and copies' intervals against the step's wall time; the rest
-is the GPU waiting for the host). Process 0 prints; per-process batch
-``--batch``; the means leave out the warm-up and the profiled steps.
-``--trace-dir`` keeps each profiled step's Chrome trace.
+trainer's step (``Trainer.queue_step``) wrapped: the warm-up steps are left
+out, ``--profile-steps`` steps after them run under
+the torch profiler, which prints the top operators by device and host time
+and, on a GPU, how busy the GPU was in the step (``bench/profile_fit.py``'s
+measure: the union of its kernels' and copies' intervals against the step's
+wall time; the rest is the GPU waiting for the host), and the steps after
+those run as training runs them, unsynchronised: their mean is their span
+(from the first one's start to the device finishing the last) over their
+count. Process 0 prints; per-process batch ``--batch``. ``--trace-dir``
+keeps each profiled step's Chrome trace.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from recon.runtime import resolve_device
 from recon.systems import cascade_training
 
-WARMUP = 3  # steps left out of the means: kernel choices, first allocations, graph and compile caches
+WARMUP = 3  # steps left out of the timing: kernel choices, first allocations, graph and compile caches
 
 
 def main() -> None:
@@ -63,14 +65,14 @@ def main() -> None:
             mixed_precision=args.precision, checkpoint_every=10**9, keep_checkpoints=1,
         )  # fmt: skip
         cuda = resolve_device(args.device).type == "cuda"
-        step_ms = install_timers(WARMUP, args.profile_steps, cuda, args.trace_dir if rank0 else None, rank0)
+        steady = install_timers(WARMUP, args.profile_steps, args.steps, cuda, args.trace_dir if rank0 else None, rank0)
         result = cascade_training.train(cfg, data, args.init, work / "run", device=args.device, resume=False)
     if rank0:
-        steady = step_ms[WARMUP + args.profile_steps :]  # the profiler's own overhead stays out of the means
-        mean = sum(steady) / max(1, len(steady))
+        count, span_ms = steady
+        mean = span_ms / max(1, count)
         print("\n| steps timed | ms / step | samples / s (all processes) | last loss |")
         print("|---:|---:|---:|---:|")
-        print(f"| {len(steady)} | {mean:.1f} | {1000.0 * args.batch * processes / max(mean, 1e-9):,.0f} | {result.losses[-1]:.4f} |")
+        print(f"| {count} | {mean:.1f} | {1000.0 * args.batch * processes / max(mean, 1e-9):,.0f} | {result.losses[-1]:.4f} |")
 
 
 def render_data(folder: Path, objects: int, views: int, size: int, rank0: bool) -> Path:
@@ -85,39 +87,49 @@ def render_data(folder: Path, objects: int, views: int, size: int, rank0: bool) 
     return folder
 
 
-def install_timers(warmup: int, profiled: int, cuda: bool, trace_dir: Path | None, report: bool) -> list[float]:
-    """Wraps the trainer's ``train_step``: each step timed between two synchronisations (of the GPU when ``cuda``;
-    ms, returned list, in order), steps ``warmup`` .. ``warmup + profiled - 1`` under the torch profiler, their
-    tables printed when ``report`` (traces kept in ``trace_dir``)."""
+def install_timers(warmup: int, profiled: int, total: int, cuda: bool, trace_dir: Path | None, report: bool) -> list[float]:
+    """Wraps the trainer's ``queue_step``: steps below ``warmup`` left out, steps ``warmup`` ..
+    ``warmup + profiled - 1`` between synchronisations (of the GPU when ``cuda``) under the torch profiler (their tables
+    printed when ``report``, traces kept in ``trace_dir``), the rest unsynchronised up to the device finishing
+    step ``total - 1``. Returns a list that holds, once training is over, [steady step count, their span in ms].
+    """
     from profile_fit import print_step_profile  # bench/ is the script's folder, first on sys.path
 
-    step_ms: list[float] = []
-    original = cascade_training.Trainer.train_step
+    steady = [0, 0.0]
+    calls = [0]
+    steady_start = [0.0]
+    original = cascade_training.Trainer.queue_step
+    first_steady = warmup + profiled
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
     def timed_step(trainer, *args, **kwargs):
-        index = len(step_ms)
-        sync()
-        start = time.perf_counter()
-        if warmup <= index < warmup + profiled:
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-            with torch.profiler.profile(activities=activities) as prof:
-                loss = original(trainer, *args, **kwargs)
+        index = calls[0]
+        calls[0] += 1
+        if index >= first_steady:
+            if index == first_steady:
                 sync()
-            if report:
-                print_step_profile(prof, f"training step {index}", cuda, trace_dir and trace_dir / f"train_{index}.json.gz")
-        else:
+                steady_start[0] = time.perf_counter()
+            loss = original(trainer, *args, **kwargs)
+            if index == total - 1:
+                sync()
+                steady[:] = [index - first_steady + 1, 1000.0 * (time.perf_counter() - steady_start[0])]
+            return loss
+        sync()
+        if index < warmup:
+            return original(trainer, *args, **kwargs)
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
             loss = original(trainer, *args, **kwargs)
             sync()
-        step_ms.append(1000.0 * (time.perf_counter() - start))
+        if report:
+            print_step_profile(prof, f"training step {index}", cuda, trace_dir and trace_dir / f"train_{index}.json.gz")
         return loss
 
-    cascade_training.Trainer.train_step = timed_step
-    return step_ms
-
+    cascade_training.Trainer.queue_step = timed_step
+    return steady
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ from recon.systems.cascade_training import (
     ViewCache,
     cascade_tokens,
     condition_dropout,
+    device_noise,
     ema_decay_at,
     lr_factor,
     make_accelerator,
@@ -202,7 +203,7 @@ def test_weighted_loss_is_the_weighted_epsilon_mse(data):
     # Replay the step's draws: timesteps, then noise, from the same generator.
     generator = torch.Generator().manual_seed(5)
     t = torch.randint(0, 1000, (3,), generator=generator)
-    noise = torch.randn((3, 4, 8, 8), generator=generator)
+    noise = device_noise((3, 4, 8, 8), torch.device("cpu"), generator)
     with torch.no_grad():
         embeds, poses = cascade_tokens(model, batch, None)
         target = model.encode(batch.target_images)
