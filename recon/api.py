@@ -185,26 +185,51 @@ def _create_run(image: Path, reference: Any, run_dir: Path, cfg: FitConfig, devi
     return run
 
 
+def turntable_alongside_export(device: torch.device) -> bool:
+    """Whether a fit on ``device`` renders its turntable while the mesh exports: on CUDA, where the export
+    spends most of its time on the CPU (cleanup, the xatlas child process, file writing) with the GPU idle.
+    On the CPU both would compete for the same cores."""
+    return device.type == "cuda"
+
+
 def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device, timer: Any) -> dict[str, Path]:
-    """Mesh files and the turntable video of a trained run."""
+    """Mesh files and the turntable video of a trained run.
+
+    Where :func:`turntable_alongside_export`, the turntable renders in a second thread while the mesh exports,
+    and its phase is the time it adds after the export ends.
+    """
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
     from recon.exports.turntable import render_turntable
     from recon.systems.run_export import export_run
 
-    with timer.phase("export"):
-        paths = dict(export_run(run, cfg.export, device))
-    if cfg.turntable:
+    def turntable() -> Path:
         e, ref = cfg.export, trainer.reference
-        run.register("exports/turntable.mp4", "exports/turntable.gif")  # a GIF without ffmpeg
 
         @torch.no_grad()
         def render(cameras: Any) -> torch.Tensor:
             return trainer.renderer.render(cameras.to(device), trainer.background)["rgb"]
 
-        with timer.phase("turntable"):
-            paths["turntable"] = render_turntable(
-                render, run.exports / "turntable.mp4", e.turntable_frames, e.turntable_elevation_deg,
-                ref.radius, ref.fovy_deg, e.turntable_resolution, e.turntable_fps,
-            )
+        return render_turntable(
+            render, run.exports / "turntable.mp4", e.turntable_frames, e.turntable_elevation_deg,
+            ref.radius, ref.fovy_deg, e.turntable_resolution, e.turntable_fps,
+        )
+
+    def turntable_in_thread() -> Path:
+        # a thread has its own current CUDA device (the one Triton launches on)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return turntable()
+
+    if cfg.turntable:
+        run.register("exports/turntable.mp4", "exports/turntable.gif")  # a GIF without ffmpeg
+    with ThreadPoolExecutor(max_workers=1) as alongside:
+        video = alongside.submit(turntable_in_thread) if cfg.turntable and turntable_alongside_export(device) else None
+        with timer.phase("export"):
+            paths = dict(export_run(run, cfg.export, device))
+        if cfg.turntable:
+            with timer.phase("turntable"):
+                paths["turntable"] = turntable() if video is None else video.result()
     if cfg.guidance.model.startswith("random-"):
         from recon import fileio
 

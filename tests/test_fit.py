@@ -308,6 +308,31 @@ def test_fit_end_to_end_writes_meshes_and_run_files(tmp_path, shared_models, cap
     assert (exports / "mesh.glb").stat().st_mtime_ns == mtime
 
 
+def test_turntable_rendered_alongside_the_export_gives_the_same_files(tmp_path, shared_models, monkeypatch):
+    # On CUDA the turntable renders in a thread during the export; on the CPU they run in turn. Both ways, one
+    # seed gives the same mesh and the same turntable frames.
+    import recon.api
+    from recon.exports import turntable
+
+    monkeypatch.setattr(turntable, "ffmpeg_available", lambda: False)  # GIF frames: lossless to compare
+    image = make_rgba(tmp_path / "disc.png")
+    exports = {}
+    for alongside in (False, True):
+        monkeypatch.setattr(recon.api, "turntable_alongside_export", lambda device, on=alongside: on)
+        out = tmp_path / f"alongside_{alongside}"
+        assert main(fit_args(image, out, "--format", "obj")) == 0
+        exports[alongside] = out / "disc" / "exports"
+        timings = json.loads((out / "disc" / "meta.json").read_text())["timings_s"]
+        assert timings["turntable"] >= 0.0 and timings["export"] > 0.0
+    sequential, threaded = (Image.open(exports[key] / "turntable.gif") for key in (False, True))
+    assert sequential.n_frames == threaded.n_frames == 3
+    for frame in range(3):
+        sequential.seek(frame)
+        threaded.seek(frame)
+        np.testing.assert_array_equal(np.asarray(sequential.convert("RGB")), np.asarray(threaded.convert("RGB")))
+    assert (exports[False] / "mesh.obj").read_bytes() == (exports[True] / "mesh.obj").read_bytes()
+
+
 def test_rgb_input_goes_through_background_removal(tmp_path):
     from recon.api import _create_run, build_config, cutout
 
