@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from recon.cameras import relative_pose
 from recon.data.multiview import MultiViewDataset
-from recon.errors import InputError, ReconError
+from recon.errors import InputError, ReconError, TrainingDivergedError
 from recon.guidance.cascade import Conditions, nearby_poses, refiner_tokens
 from recon.guidance.config import NEARBY_VIEWS
 from recon.guidance.sampling import ddim_sample, to_8bit_levels
@@ -74,6 +74,7 @@ from recon.systems.checkpoint import (
 
 if TYPE_CHECKING:
     from recon.guidance.model import Zero123Model
+    from recon.runs import StepReporter
 
 Stage = Literal["cascade", "base", "vae"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
@@ -586,6 +587,20 @@ def device_noise(shape: tuple[int, ...] | torch.Size, device: torch.device, gene
     return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
 
 
+def record_loss(value: float, step: int, losses: list[float], reporter: StepReporter | None,
+                on_step: Callable[[int, float], None] | None, what: str, lower: str) -> None:
+    """Appends step ``step``'s loss ``value`` to ``losses`` and, on the main process (``reporter`` given), shows
+    the mean of the last 20 and calls ``on_step``. A non-finite ``value`` raises TrainingDivergedError, whose
+    message names ``what`` and the setting to ``lower``."""
+    if not math.isfinite(value):
+        raise TrainingDivergedError(f"{what} is {value} at step {step}; lower {lower} or use bf16/fp32")
+    losses.append(value)
+    if reporter is not None:
+        reporter.update(step, f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        if on_step is not None:
+            on_step(step, value)
+
+
 # ------------------------------------------------------------------ trainer
 class Trainer:
     """Holds the student (Refiner, or the model in stage base), the Base (= EMA) and the optimiser.
@@ -815,16 +830,7 @@ def train(
 
     def read_queued() -> None:
         for step, value in queued:
-            loss = float(value)
-            if not math.isfinite(loss):
-                from recon.errors import TrainingDivergedError
-
-                raise TrainingDivergedError(f"loss is {loss} at step {step}; lower the learning rate or use bf16/fp32")
-            losses.append(loss)
-            if main:
-                reporter.update(step, f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
-                if on_step is not None:
-                    on_step(step, loss)
+            record_loss(float(value), step, losses, reporter if main else None, on_step, "loss", "the learning rate")
         queued.clear()
 
     with reporter:
@@ -1007,16 +1013,7 @@ def train_vae(
                 acc.clip_grad_norm_(parameters, cfg.grad_clip)
             optimizer.step()
             step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                from recon.errors import TrainingDivergedError
-
-                raise TrainingDivergedError(f"VAE loss is {value} at step {step}; lower lr_vae or use bf16/fp32")
-            losses.append(value)
-            if main:
-                reporter.update(step, f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
-                if on_step is not None:
-                    on_step(step, value)
+            record_loss(float(loss.detach()), step, losses, reporter if main else None, on_step, "VAE loss", "lr_vae")
     vae.eval().requires_grad_(False)
     std = latent_std(vae, _random_views(dataset, cache, cfg.scale_samples, torch.Generator().manual_seed(cfg.seed + 2), cfg.background).to(acc.device))
     if not cfg.vae_decoder_only:

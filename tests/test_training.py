@@ -248,6 +248,24 @@ def test_preloaded_stage_base_trains_as_the_plain_loader_does(data, tmp_path):
     assert preloaded.losses == pytest.approx(losses, rel=1e-4)
 
 
+def test_a_non_finite_loss_stops_training_with_the_step_that_gave_it(data, tmp_path, monkeypatch):
+    # Losses are read one step late; the error still names the step whose loss was not finite, and no checkpoint
+    # after it is written.
+    from recon.errors import TrainingDivergedError
+
+    original = Trainer.queue_step
+
+    def nan_at_step_two(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if self.step == 2 else loss
+
+    monkeypatch.setattr(Trainer, "queue_step", nan_at_step_two)
+    cfg = TrainConfig(stage="base", batch_size=1, steps=5, warmup_steps=1, checkpoint_every=2)
+    with pytest.raises(TrainingDivergedError, match="loss is nan at step 2; lower the learning rate"):
+        train(cfg, data, "random-tiny", tmp_path / "run", device="cpu")
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
 def test_cli_train_cascade_stage_base(data, tmp_path):
     code = main(["train-cascade", "--data", str(data), "--init", "random-tiny", "-o", str(tmp_path / "run"),
                  "--stage", "base", "--steps", "2", "--batch-size", "1", "--device", "cpu", "--quiet"])
