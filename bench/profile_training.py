@@ -1,7 +1,7 @@
 """Profiles Zero-1-to-3 training steps (``recon train-cascade``'s loop): ms per step, samples/s, where a step goes.
 
     python bench/profile_training.py [--data DIR] [--init tiny|random-full|FOLDER] [--stage base] [--batch 64]
-        [--steps 20] [--profile-steps 2] [--preload] [--trace-dir T] [--device auto]
+        [--steps 20] [--profile-steps 2] [--preload] [--compile inductor] [--trace-dir T] [--device auto]
     torchrun --standalone --nproc_per_node N bench/profile_training.py --work DIR ...   # data-parallel, as the recipe trains
 
 Without ``--data`` a small synthetic set is rendered first (``--objects`` x
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--preload", action=argparse.BooleanOptionalAction, default=True, help="views on the device, encoded once")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), bf16, fp16 or no")
+    parser.add_argument("--compile", default="", help="torch.compile backend of the denoiser (TrainConfig.compile; '' = eager)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--trace-dir", type=Path, default=None, help="keep each profiled step's Chrome trace here")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (data, run); needed with several processes")
@@ -62,7 +63,7 @@ def main() -> None:
         data = args.data or render_data(work / "data", args.objects, args.views, args.size, rank0)
         cfg = cascade_training.TrainConfig(
             stage=args.stage, steps=args.steps, batch_size=args.batch, preload=args.preload,
-            mixed_precision=args.precision, checkpoint_every=10**9, keep_checkpoints=1,
+            mixed_precision=args.precision, compile=args.compile, checkpoint_every=10**9, keep_checkpoints=1,
         )  # fmt: skip
         cuda = resolve_device(args.device).type == "cuda"
         steady = install_timers(WARMUP, args.profile_steps, args.steps, cuda, args.trace_dir if rank0 else None, rank0)

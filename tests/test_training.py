@@ -266,6 +266,26 @@ def test_a_non_finite_loss_stops_training_with_the_step_that_gave_it(data, tmp_p
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
 
 
+def test_a_compiled_denoiser_trains_as_the_eager_one(data, tmp_path):
+    # torch.compile's aot_eager backend traces forward and backward as inductor does, without generating kernels
+    # (no compiler needed); the parameters keep their names, so checkpoints and exported weights are the same files.
+    eager = train(TrainConfig(stage="base", batch_size=2, steps=3, warmup_steps=1), data, "random-tiny", tmp_path / "eager", device="cpu")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = train(TrainConfig(stage="base", batch_size=2, steps=3, warmup_steps=1, compile="aot_eager"), data, "random-tiny",
+                     tmp_path / "compiled", device="cpu")
+    assert counters["stats"]["unique_graphs"] >= 1  # the step did run through dynamo
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    a = load_zero123(tmp_path / "eager" / "final" / "base", "cpu", torch.float32)
+    b = load_zero123(tmp_path / "compiled" / "final" / "base", "cpu", torch.float32)
+    assert a.unet.state_dict().keys() == b.unet.state_dict().keys()
+    for x, y in zip(_params(a), _params(b)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ReconError, match="compile 'fastest': not a torch.compile backend"):
+        TrainConfig(compile="fastest")
+
+
 def test_cli_train_cascade_stage_base(data, tmp_path):
     code = main(["train-cascade", "--data", str(data), "--init", "random-tiny", "-o", str(tmp_path / "run"),
                  "--stage", "base", "--steps", "2", "--batch-size", "1", "--device", "cpu", "--quiet"])
