@@ -324,6 +324,24 @@ def test_two_processes_train_data_parallel_and_resume_on_one(data, tmp_path):
     assert meta["launches"][1]["steps"] == [2, 3] and meta["launches"][1]["lr_factor"] == 1.0
 
 
+def test_two_processes_train_a_compiled_denoiser(data, tmp_path):
+    """torch.compile inside DDP (torchrun, gloo, the aot_eager backend) in stage cascade, whose steps have one
+    token or five: both processes step and the weights load by their usual names."""
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "recon.cli.main",
+        "train-cascade", "--data", str(data), "--init", "random-tiny", "-o", str(run), "--stage", "cascade", "--steps", "3",
+        "--batch-size", "1", "--prompt-steps", "1", "--single-token-p", "0.5", "--compile", "aot_eager", "--device", "cpu", "--quiet",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((run / "meta.json").read_text())["processes"] == 2
+    trained = load_zero123(run / "final" / "base", "cpu", torch.float32)
+    initial = load_zero123("random-tiny", "cpu", torch.float32, seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.unet.parameters(), initial.unet.parameters()))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_cascade_steps_on_cuda(data, tmp_path):
