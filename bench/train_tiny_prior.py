@@ -101,6 +101,10 @@ class RecipeConfig:
     """With --init: set the pose embedding's output gain (its last LayerNorm's weight) to this before stage base
     where it is smaller (0 = leave it). Added as the identity, the path learns slowly: its gradients scale with
     that gain."""
+    transformer_layers: int = 0
+    """With --init: deepen the UNet's attention layers to this many transformer blocks each before stage base
+    (guidance.architectures.deepen_transformers: the new blocks start as the identity; 0 = leave them). The
+    shipped prior has 1 per layer (UNet 4.29 M parameters; 2 per layer: 5.88 M)."""
     projection_pose_gain: float = 1.0
     """Multiply the camera projection's 4 pose columns by this before stage base (a larger pose signal
     in the tokens speeds up a from-scratch UNet's learning to use the camera)."""
@@ -304,25 +308,35 @@ def random_init(cfg: RecipeConfig, folder: Path) -> dict[str, int]:
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 
-def with_pose_embedding(init: Path, folder: Path, seed: int, gain: float = 0.0) -> list[str]:
-    """``init`` re-saved into ``folder`` with the pose embedding added if it lacks one (seeded, the identity at
-    first) and its output gain raised to ``gain`` where smaller (0 = unchanged). Returns what was changed
-    (nothing written when empty)."""
-    from recon.guidance.architectures import add_pose_embedding, has_pose_embedding
+def grown_init(init: Path, folder: Path, seed: int, pose_embedding: bool = True, gain: float = 0.0,
+               transformer_layers: int = 0) -> list[str]:
+    """``init`` re-saved into ``folder`` with (if ``pose_embedding``) the pose embedding added where it lacks one
+    (seeded, the identity at first), its output gain raised to ``gain`` where smaller (0 = unchanged) and its UNet's attention layers
+    deepened to ``transformer_layers`` transformer blocks each (0 = unchanged; the new blocks the identity at
+    first, seeded). Returns what was changed (nothing written when empty)."""
+    from recon.guidance.architectures import add_pose_embedding, deepen_transformers, has_pose_embedding
     from recon.guidance.checkpoints import load_zero123, save_diffusers
 
     model = load_zero123(init, "cpu", torch.float32)
     changes = []
-    if not has_pose_embedding(model.unet):
+    if pose_embedding and not has_pose_embedding(model.unet):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model.unet = add_pose_embedding(model.unet)
         changes.append("added the pose embedding (identity at the start)")
-    if gain > 0:
+    if gain > 0 and has_pose_embedding(model.unet):
         weight = model.unet.add_embedding.norm2.weight
         with torch.no_grad():
             weight.copy_(torch.where(weight.abs() < gain, torch.full_like(weight, gain), weight))
         changes.append(f"pose embedding output gain raised to {gain}")
+    if transformer_layers > 0:
+        before = model.unet.config.transformer_layers_per_block
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            unet = deepen_transformers(model.unet, transformer_layers)
+        if unet is not model.unet:
+            model.unet = unet
+            changes.append(f"transformer blocks per attention layer {before} -> {transformer_layers} (the new ones the identity at the start)")
     if changes:
         save_diffusers(model, folder, overwrite=True)
     return changes
@@ -589,11 +603,11 @@ def train_prior(cfg: RecipeConfig, work: Path, log: Log, record: dict, timings: 
         if (start_weights / "recipe.json").is_file():
             record["previous"] = read_json(start_weights / "recipe.json")
         log(f"continuing from {cfg.init}" + ("; the VAE decoder alone is trained" if cfg.vae_minutes > 0 else "; stage vae skipped"))
-        if cfg.pose_embedding:
-            grown = work / "init-pose-embedding"
+        if cfg.pose_embedding or cfg.transformer_layers > 0:
+            grown = work / "init-grown"
             if is_main:
                 shutil.rmtree(grown, ignore_errors=True)  # an earlier run's, in a reused --work: not this --init's
-                for change in with_pose_embedding(start_weights, grown, cfg.seed, cfg.pose_embedding_gain):
+                for change in grown_init(start_weights, grown, cfg.seed, cfg.pose_embedding, cfg.pose_embedding_gain, cfg.transformer_layers):
                     log(change)
             state.wait_for_everyone()
             if (grown / "model_index.json").is_file():

@@ -223,3 +223,43 @@ def add_pose_embedding(unet: torch.nn.Module) -> torch.nn.Module:
         grown.add_embedding.norm2.weight.zero_()
     param = next(unet.parameters())
     return grown.to(device=param.device, dtype=param.dtype)
+
+
+def deepen_transformers(unet: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """A copy of ``unet`` with ``layers`` transformer blocks in each of its attention layers, predicting exactly
+    what ``unet`` predicts (more capacity for training to use, every trained weight kept).
+
+    The blocks added after the existing ones start as the identity: each is
+    residual around its self-attention, cross-attention and feed-forward parts,
+    and their output projections start at zero (the rest randomly initialised,
+    current torch RNG), so training moves those first. Returns ``unet`` itself
+    when it already has ``layers`` (raises ValueError when it has more, or when
+    its layers differ per block).
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    current = config.get("transformer_layers_per_block", 1)
+    counts = set(current) if isinstance(current, (list, tuple)) else {current}
+    if counts == {layers}:
+        return unet
+    if len(counts) != 1 or layers < max(counts):
+        raise ValueError(f"cannot deepen transformer layers {current} to {layers}: only a single count can grow")
+    grown = UNet2DConditionModel(**{**config, "transformer_layers_per_block": layers})
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    old = max(counts)
+    added = [key for key in missing if any(f".transformer_blocks.{i}." in key for i in range(old, layers))]
+    if unexpected or len(added) != len(missing):
+        raise ValueError(f"cannot deepen the transformers: unexpected {unexpected[:3]}, missing {sorted(set(missing) - set(added))[:3]}")
+    with torch.no_grad():
+        for name, module in grown.named_modules():
+            index = name.rsplit(".transformer_blocks.", 1)[-1] if ".transformer_blocks." in name else ""
+            if index.isdigit() and int(index) >= old:
+                feed_forward_out = [m for m in module.ff.net if isinstance(m, torch.nn.Linear)][-1]
+                for out in (module.attn1.to_out[0], module.attn2.to_out[0], feed_forward_out):
+                    out.weight.zero_()
+                    if out.bias is not None:
+                        out.bias.zero_()
+    param = next(unet.parameters())
+    return grown.to(device=param.device, dtype=param.dtype)
+

@@ -186,7 +186,7 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     # provenance kept; with --cascade-fraction 1 only the cascade stage trains, on the near views.
     again = tmp_path / "again"
     command = [*command[:3], str(again), "--work", str(tmp_path / "work"), *command[6:], "--init", str(folder), "--projection-pose-gain", "2", "--vae-minutes", "0",
-               "--compare", str(folder), "--no-ablation", "--pose-embedding-gain", "0.25", "--cascade-fraction", "1", "--nearby-views", "near"]
+               "--compare", str(folder), "--no-ablation", "--pose-embedding-gain", "0.25", "--transformer-layers", "2", "--cascade-fraction", "1", "--nearby-views", "near"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     second = json.loads((again / "recipe.json").read_text())
@@ -195,6 +195,11 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     assert json.loads((again / "eval.json").read_text())["config"]["nearby_views"] == [[0.0, 20.0, 0.0], [0.0, -20.0, 0.0], [-15.0, 0.0, 0.0]]
     assert "camera projection pose columns x 2.0" in (again / "log.txt").read_text()
     assert "pose embedding output gain raised to 0.25" in (again / "log.txt").read_text()
+    assert "transformer blocks per attention layer 1 -> 2" in (again / "log.txt").read_text()
+    with tarfile.open(again / "tiny-zero123.tar") as tar:
+        tar.extractall(tmp_path / "unpacked-again", filter="data")
+    deeper = load_zero123(tmp_path / "unpacked-again" / "tiny-zero123", "cpu", torch.float32)
+    assert deeper.unet.config.transformer_layers_per_block == 2
     extra = json.loads((again / "extra.json").read_text())
     assert extra["ablation"] == {} and set(extra["compare"]["summary"]) == set(METHODS)
     assert extra["paired"]["new base vs compared base"]["psnr"]["objects"] == 2
