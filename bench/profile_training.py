@@ -132,5 +132,6 @@ def install_timers(warmup: int, profiled: int, total: int, cuda: bool, trace_dir
     cascade_training.Trainer.queue_step = timed_step
     return steady
 
+
 if __name__ == "__main__":
     main()

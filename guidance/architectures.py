@@ -262,4 +262,3 @@ def deepen_transformers(unet: torch.nn.Module, layers: int) -> torch.nn.Module:
                         out.bias.zero_()
     param = next(unet.parameters())
     return grown.to(device=param.device, dtype=param.dtype)
-

@@ -18,6 +18,7 @@ at a time, with the models loaded once:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -198,7 +199,6 @@ def _export(run: RunDir, cfg: FitConfig, trainer: Trainer, device: torch.device,
     Where :func:`turntable_alongside_export`, the turntable renders in a second thread while the mesh exports,
     and its phase is the time it adds after the export ends.
     """
-    import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
     from recon.exports.turntable import render_turntable
