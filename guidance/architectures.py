@@ -22,6 +22,7 @@ exactly as they call a real checkpoint's.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -209,20 +210,12 @@ def add_pose_embedding(unet: torch.nn.Module) -> torch.nn.Module:
     (its gradient is the normalised pooled token, non-zero whenever the tokens
     vary). Returns ``unet`` itself when it already has the path.
     """
-    from diffusers import UNet2DConditionModel
-
     if has_pose_embedding(unet):
         return unet
-    # Private keys (e.g. _use_default_values, which lists addition_embed_type) would override the new entries.
-    config = {**{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}, **POSE_EMBEDDING}
-    grown = UNet2DConditionModel(**config)
-    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or any(not key.startswith("add_embedding.") for key in missing):
-        raise ValueError(f"cannot add a pose embedding: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    grown = _rebuilt(unet, {**_public_config(unet), **POSE_EMBEDDING}, lambda key: key.startswith("add_embedding."), "add a pose embedding")
     with torch.no_grad():
         grown.add_embedding.norm2.weight.zero_()
-    param = next(unet.parameters())
-    return grown.to(device=param.device, dtype=param.dtype)
+    return grown
 
 
 def deepen_transformers(unet: torch.nn.Module, layers: int) -> torch.nn.Module:
@@ -236,21 +229,16 @@ def deepen_transformers(unet: torch.nn.Module, layers: int) -> torch.nn.Module:
     when it already has ``layers`` (raises ValueError when it has more, or when
     its layers differ per block).
     """
-    from diffusers import UNet2DConditionModel
-
-    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    config = _public_config(unet)
     current = config.get("transformer_layers_per_block", 1)
     counts = set(current) if isinstance(current, (list, tuple)) else {current}
     if counts == {layers}:
         return unet
     if len(counts) != 1 or layers < max(counts):
         raise ValueError(f"cannot deepen transformer layers {current} to {layers}: only a single count can grow")
-    grown = UNet2DConditionModel(**{**config, "transformer_layers_per_block": layers})
-    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
     old = max(counts)
-    added = [key for key in missing if any(f".transformer_blocks.{i}." in key for i in range(old, layers))]
-    if unexpected or len(added) != len(missing):
-        raise ValueError(f"cannot deepen the transformers: unexpected {unexpected[:3]}, missing {sorted(set(missing) - set(added))[:3]}")
+    added = tuple(f".transformer_blocks.{i}." for i in range(old, layers))
+    grown = _rebuilt(unet, {**config, "transformer_layers_per_block": layers}, lambda key: any(a in key for a in added), "deepen the transformers")
     with torch.no_grad():
         for name, module in grown.named_modules():
             index = name.rsplit(".transformer_blocks.", 1)[-1] if ".transformer_blocks." in name else ""
@@ -260,5 +248,24 @@ def deepen_transformers(unet: torch.nn.Module, layers: int) -> torch.nn.Module:
                     out.weight.zero_()
                     if out.bias is not None:
                         out.bias.zero_()
+    return grown
+
+
+def _public_config(unet: torch.nn.Module) -> dict[str, Any]:
+    """A diffusers UNet's constructor arguments. Private keys (e.g. _use_default_values, which lists
+    addition_embed_type) would override entries a caller changes."""
+    return {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+
+
+def _rebuilt(unet: torch.nn.Module, config: dict[str, Any], is_new: Callable[[str], bool], what: str) -> torch.nn.Module:
+    """A ``UNet2DConditionModel(**config)`` holding every weight of ``unet``, on its device and in its dtype. The
+    weights it has and ``unet`` lacks are its own initialisation (current torch RNG); each of their names must
+    satisfy ``is_new``, else ValueError("cannot ``what``: ...")."""
+    from diffusers import UNet2DConditionModel
+
+    grown = UNet2DConditionModel(**config)
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or not all(is_new(key) for key in missing):
+        raise ValueError(f"cannot {what}: unexpected {unexpected[:3]}, missing {[key for key in missing if not is_new(key)][:3]}")
     param = next(unet.parameters())
     return grown.to(device=param.device, dtype=param.dtype)
