@@ -163,6 +163,9 @@ class RecipeConfig:
     """AdamW learning rate of the camera projection."""
     warmup_steps: int = 200
     """Linear warm-up steps of every stage."""
+    lr_schedule: str = "constant"
+    """The learning rate after the warm-up (TrainConfig.lr_schedule): constant, or linear (to zero at the
+    stage's step count: give --base-steps / --vae-steps / --cascade-steps that fit the time budget)."""
     ema_decay: float = 0.995
     """EMA decay of the Base (the shipped weights are the EMA)."""
     loss_weighting: str = "truncated-snr"
@@ -394,7 +397,7 @@ def stage_config(cfg: RecipeConfig, stage: str, steps: int, batch: int):
     return TrainConfig(
         stage=stage, steps=max(1, steps), batch_size=batch, image_size=cfg.size, lr_unet=cfg.lr_unet,
         lr_projection=cfg.lr_projection, lr_vae=cfg.lr_vae, kl_weight=cfg.kl_weight, chroma_weight=cfg.chroma_weight, warmup_steps=cfg.warmup_steps,
-        ema_decay=cfg.ema_decay, loss_weighting=cfg.loss_weighting, mixed_precision=cfg.mixed_precision, compile=cfg.compile, prompt_steps=cfg.prompt_steps,
+        lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay, loss_weighting=cfg.loss_weighting, mixed_precision=cfg.mixed_precision, compile=cfg.compile, prompt_steps=cfg.prompt_steps,
         nearby_views=NEARBY_SETS[cfg.nearby_views],
         seed=cfg.seed, preload=True, checkpoint_every=10**9, keep_checkpoints=1, vae_decoder_only=bool(cfg.init),
     )

@@ -80,10 +80,12 @@ Stage = Literal["cascade", "base", "vae"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
 LossWeighting = Literal["eps", "truncated-snr"]
 LrScaling = Literal["none", "linear", "sqrt"]
+LrSchedule = Literal["constant", "linear"]
 STAGES = get_args(Stage)
 PRECISIONS = get_args(Precision)
 LOSS_WEIGHTINGS = get_args(LossWeighting)
 LR_SCALINGS = get_args(LrScaling)
+LR_SCHEDULES = get_args(LrSchedule)
 CHECKPOINT_FORMAT = 1
 
 
@@ -112,6 +114,9 @@ class TrainConfig:
     """AdamW weight decay."""
     warmup_steps: int = 100
     """Linear learning-rate warm-up steps."""
+    lr_schedule: LrSchedule = "constant"
+    """The learning rate after the warm-up: 'constant', or 'linear' (down to zero at ``steps``: a run that ends by
+    its step count, not by a time limit, finishes at a low rate, where the weights settle)."""
     grad_clip: float = 1.0
     """Gradient-norm clip (0 = off)."""
     ema_decay: float = 0.999
@@ -182,6 +187,8 @@ class TrainConfig:
             raise ReconError(f"loss_weighting {self.loss_weighting!r}: choose one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.lr_scaling not in LR_SCALINGS:
             raise ReconError(f"lr_scaling {self.lr_scaling!r}: choose one of {', '.join(LR_SCALINGS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ReconError(f"lr_schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         if self.steps < 1 or self.batch_size < 1 or self.prompt_steps < 1 or self.scale_samples < 1:
             raise ReconError("steps, batch_size, prompt_steps and scale_samples must be >= 1")
         for name in ("drop_tokens_p", "drop_latent_p", "drop_both_p", "drop_extra_token_p", "single_token_p"):
@@ -533,6 +540,17 @@ def lr_factor(scaling: str, processes: int) -> float:
     return {"none": 1.0, "linear": float(processes), "sqrt": math.sqrt(processes)}[scaling]
 
 
+def lr_scale(cfg: TrainConfig, step: int) -> float:
+    """The multiplier of the base learning rates at 0-based ``step``: the linear warm-up over
+    ``cfg.warmup_steps``, then ``cfg.lr_schedule`` (1, or a straight line from 1 after the warm-up to 0 at
+    ``cfg.steps``)."""
+    warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "constant":
+        return warmup
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    return min(warmup, max(0.0, (cfg.steps - step) / decay_steps))
+
+
 TIME_CHECK_EVERY = 10
 """Steps between the processes' joint budget checks when several train (each check is a collective and a sync)."""
 
@@ -661,7 +679,7 @@ class Trainer:
         self._prepared = self.accelerator.prepare(self.denoiser, self.optimizer)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer) -> None:
-        scale = min(1.0, (self.step + 1) / max(1, self.cfg.warmup_steps))
+        scale = lr_scale(self.cfg, self.step)
         for group, base_lr in zip(optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * scale
 
@@ -1013,7 +1031,7 @@ def train_vae(
             x = _random_views(dataset, cache, cfg.batch_size, generator, cfg.background).to(acc.device) * 2.0 - 1.0
             noise = torch.randn((x.shape[0], vae.config.latent_channels, latent_side, latent_side), generator=generator).to(acc.device)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr_vae * lr_factor(cfg.lr_scaling, acc.num_processes) * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = cfg.lr_vae * lr_factor(cfg.lr_scaling, acc.num_processes) * lr_scale(cfg, step)
             with acc.autocast():
                 rec, kl = module(x, noise)
             rec = rec.float()

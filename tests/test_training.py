@@ -26,6 +26,7 @@ from recon.systems.cascade_training import (
     device_noise,
     ema_decay_at,
     lr_factor,
+    lr_scale,
     make_accelerator,
     sample_batch,
     self_prompt,
@@ -167,6 +168,23 @@ def test_learning_rates_scale_with_the_process_count():
     assert trainer.base_lrs == [1e-4, 1e-3]  # one process: linear scaling leaves the rates as given
     with pytest.raises(ReconError, match="lr_scaling"):
         TrainConfig(lr_scaling="quadratic")
+
+
+def test_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(data):
+    linear = TrainConfig(stage="base", steps=10, warmup_steps=2, lr_schedule="linear", batch_size=1)
+    assert [lr_scale(linear, s) for s in range(10)] == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert lr_scale(linear, 10) == 0.0
+    constant = TrainConfig(steps=10, warmup_steps=2)
+    assert [lr_scale(constant, s) for s in (0, 1, 9)] == [0.5, 1.0, 1.0]
+    # The trainer's optimiser runs each step at the schedule's rate.
+    trainer = _trainer(linear)
+    cache = ViewCache(MultiViewDataset(data, image_size=trainer.image_size), workers=1)
+    for step in range(4):
+        generator = step_generator(0, 0, step)
+        trainer.train_step(cache.sample(1, generator, 1.0), generator)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([lr * lr_scale(linear, step) for lr in trainer.base_lrs])
+    with pytest.raises(ReconError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
 
 
 def test_bad_config_values_are_refused():
