@@ -1,6 +1,6 @@
 """Profiles `recon fit` training steps: where a step's time goes (render, SDS, backward), per stage.
 
-    python bench/profile_fit.py IMAGE [--model random-full] [--steps 30] [--device auto] [--set key=value ...]
+    python bench/profile_fit.py IMAGE [--model random-full] [--steps 30] [--warmup 5] [--device auto] [--set key=value ...]
     python bench/profile_fit.py examples/robot.png --model tiny --preset cpu --device cpu --steps 10
 
 Runs a shortened preset (``--steps`` per stage), times every training step
@@ -32,9 +32,11 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
 
 
-def gpu_busy(trace: dict) -> tuple[float, float, int]:
-    """(ms the GPU ran anything, ms from the first to the last event of the trace, host-side sync/copy calls)
-    of a Chrome trace from torch.profiler: busy is the union of the GPU events' intervals."""
+def gpu_busy(trace: dict) -> tuple[float, float, int, float]:
+    """(ms the GPU ran anything, ms from the first to the last event of the trace, host-side sync/copy calls, ms
+    the host spent inside them) of a Chrome trace from torch.profiler: busy is the union of the GPU events'
+    intervals. The span less the host's waits is what the host spent issuing the step (profiler overhead
+    included): more than the GPU's busy time means the step is bound by the host."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events if e.get("cat") in GPU_CATEGORIES)
     busy, end = 0.0, float("-inf")
@@ -43,8 +45,8 @@ def gpu_busy(trace: dict) -> tuple[float, float, int]:
             busy += stop - max(start, end)
             end = stop
     span = max(float(e["ts"]) + float(e["dur"]) for e in events) - min(float(e["ts"]) for e in events) if events else 0.0
-    waits = sum(1 for e in events if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS)
-    return busy / 1000.0, span / 1000.0, waits
+    waits = [float(e["dur"]) for e in events if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS]
+    return busy / 1000.0, span / 1000.0, len(waits), sum(waits) / 1000.0
 
 
 def print_gpu_busy(prof: torch.profiler.profile, keep: Path | None = None) -> None:
@@ -53,12 +55,13 @@ def print_gpu_busy(prof: torch.profiler.profile, keep: Path | None = None) -> No
     with tempfile.TemporaryDirectory() as scratch:
         trace = Path(scratch) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        busy, span, syncs = gpu_busy(json.loads(trace.read_text()))
+        busy, span, syncs, waited = gpu_busy(json.loads(trace.read_text()))
         if keep is not None:
             keep.parent.mkdir(parents=True, exist_ok=True)
             with trace.open("rb") as src, gzip.open(keep, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-    print(f"GPU busy {busy:.1f} ms of the step's {span:.1f} ms ({100 * busy / max(span, 1e-9):.0f} %), host sync and copy calls: {syncs}")
+    print(f"GPU busy {busy:.1f} ms of the step's {span:.1f} ms ({100 * busy / max(span, 1e-9):.0f} %); host waits {waited:.1f} ms in "
+          f"{syncs} sync and copy calls, so the host issued the step in {span - waited:.1f} ms")
 
 
 def print_step_profile(prof: torch.profiler.profile, title: str, cuda: bool, keep: Path | None = None) -> None:
@@ -80,9 +83,12 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--steps", type=int, default=30, help="steps per stage")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="steps of each stage left out of the means; the profiled steps start two steps later")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--trace-dir", type=Path, default=None, help="keep each profiled step's Chrome trace here")
+    parser.add_argument("--with-stack", action="store_true", help="record the Python call stack of every operator in the traces")
     args = parser.parse_args()
 
     from recon.api import fit
@@ -91,7 +97,7 @@ def main() -> None:
     step_ms: dict[str, list[float]] = defaultdict(list)
     sds_ms: dict[str, list[float]] = defaultdict(list)
     original_step = fit_module.Trainer.train_step
-    warmup = 5
+    warmup = args.warmup
 
     cuda = resolve_device(args.device).type == "cuda"
 
@@ -126,7 +132,7 @@ def main() -> None:
         start = mark()
         if profile:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-            with torch.profiler.profile(activities=activities) as prof:
+            with torch.profiler.profile(activities=activities, with_stack=args.with_stack) as prof:
                 loss = original_step(self, stage_name, stage, local_step)
                 sync()
             print_step_profile(prof, f"{stage_name} step {local_step}", cuda, args.trace_dir and args.trace_dir / f"{stage_name}_{local_step}.json.gz")

@@ -1,4 +1,4 @@
-"""bench/profile_fit.py's GPU-busy measure and bench/profile_training.py end to end on the CPU."""
+"""bench/profile_fit.py's GPU-busy and host-wait measure and bench/profile_training.py end to end on the CPU."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def test_gpu_busy_is_the_union_of_the_gpu_intervals():
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 5, "dur": 1},
         {"ph": "i", "cat": "kernel", "name": "instant", "ts": 0},
     ]}  # fmt: skip
-    busy, span, waits = gpu_busy(trace)
-    assert busy == pytest.approx(0.035) and span == pytest.approx(0.1) and waits == 1  # ms
-    assert gpu_busy({"traceEvents": []}) == (0.0, 0.0, 0)
+    busy, span, waits, waited = gpu_busy(trace)
+    assert busy == pytest.approx(0.035) and span == pytest.approx(0.1) and waits == 1 and waited == pytest.approx(0.03)  # ms
+    assert gpu_busy({"traceEvents": []}) == (0.0, 0.0, 0, 0.0)
 
 
 def test_training_profiler_runs_a_few_steps_on_the_cpu(tmp_path):
