@@ -357,32 +357,42 @@ def with_pose_gain(init: Path, gain: float, folder: Path) -> Path:
 
 
 @torch.no_grad()
+def heldout_pairs(model, heldout: Path, size: int, count: int, generator: torch.Generator):
+    """``count`` (input, target) view pairs of the views under ``heldout``, drawn with ``generator``, as ``model``
+    sees them: (concatenated input latents, target latents, true tokens, the input images, the relative poses),
+    the first three on the model's device."""
+    from recon.cameras import relative_pose
+    from recon.data.multiview import MultiViewDataset
+    from recon.systems.cascade_training import ViewCache
+
+    batch = ViewCache(MultiViewDataset(heldout, image_size=size)).sample(count, generator)
+    dev = model.device
+    images = batch.input_images.to(dev)
+    rel = relative_pose(batch.target_elevation, batch.target_azimuth, batch.target_radius,
+                        batch.input_elevation, batch.input_azimuth, batch.input_radius, encoding=model.pose_encoding)
+    context = model.context(model.clip_embed(images), rel.to(dev))
+    return model.cond_latent(images), model.encode(batch.target_images.to(dev)), context, images, rel
+
+
+@torch.no_grad()
 def pose_use(weights: Path, heldout: Path, size: int, device: str, count: int = 256, seed: int = 0) -> dict[str, float]:
     """How much a model uses its tokens: epsilon-MSE on ``count`` held-out (input, target) pairs with the
     true tokens (``true``), with the tokens of other pairs (``shuffled``), with the true image embeddings but
     other pairs' poses (``shuffled_pose``) and with zero tokens (``zero``); ``gap`` = shuffled_pose / true - 1,
     the loss share that the camera explains. A model that ignores the camera scores the same on all of them."""
-    from recon.cameras import relative_pose
-    from recon.data.multiview import MultiViewDataset
     from recon.guidance.checkpoints import load_zero123
     from recon.runtime import resolve_device
-    from recon.systems.cascade_training import ViewCache
 
     model = load_zero123(weights, resolve_device(device), torch.float32)
     generator = torch.Generator().manual_seed(seed)
-    batch = ViewCache(MultiViewDataset(heldout, image_size=size)).sample(count, generator)
+    cond_latent, target, context, images, rel = heldout_pairs(model, heldout, size, count, generator)
     dev = model.device
-    cond_latent = model.cond_latent(batch.input_images.to(dev))
-    target = model.encode(batch.target_images.to(dev))
-    rel = relative_pose(batch.target_elevation, batch.target_azimuth, batch.target_radius,
-                        batch.input_elevation, batch.input_azimuth, batch.input_radius, encoding=model.pose_encoding)
-    context = model.context(model.clip_embed(batch.input_images.to(dev)), rel.to(dev))
     t = torch.randint(50, 950, (count,), generator=generator).to(dev)
     noise = torch.randn(target.shape, generator=generator).to(dev)
     noisy = model.scheduler.add_noise(target, noise, t)
     other = torch.roll(torch.arange(count), 1)
     shuffled = context[other]
-    shuffled_pose = model.context(model.clip_embed(batch.input_images.to(dev)), rel[other].to(dev))
+    shuffled_pose = model.context(model.clip_embed(images), rel[other].to(dev))
     scores = {}
     for name, tokens in (("true", context), ("shuffled", shuffled), ("shuffled_pose", shuffled_pose), ("zero", torch.zeros_like(context))):
         scores[name] = float(torch.nn.functional.mse_loss(model.eps(noisy, t, tokens, cond_latent).float(), noise))
@@ -557,7 +567,7 @@ def evaluate_extras(cfg: RecipeConfig, model, heldout, ecfg, report: dict, out: 
         extra["compare"] = evaluate(heldout, old, old, ecfg)
         extra["compare_weights"] = cfg.compare
         extra["compare_pose_use"] = pose_use(Path(cfg.compare), Path(heldout.root), cfg.size, cfg.device, seed=cfg.seed)
-        for method in ("base", "cascade"):
+        for method in ("base", "cascade") + ((MEAN_METHOD,) if cfg.mean_samples else ()):
             paired[f"new {method} vs compared {method}"] = paired_comparison(extra["compare"], method, report, method)
         summary = {k: round(v["psnr"], 3) for k, v in extra["compare"]["summary"].items()}
         log(f"compared weights {cfg.compare} ({time.perf_counter() - t:.0f} s): PSNR {summary}; pose use {extra['compare_pose_use']}")
