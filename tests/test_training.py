@@ -170,7 +170,7 @@ def test_learning_rates_scale_with_the_process_count():
         TrainConfig(lr_scaling="quadratic")
 
 
-def test_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(data):
+def test_linear_schedule_warms_up_then_falls_to_zero_at_the_step_count(data):
     linear = TrainConfig(stage="base", steps=10, warmup_steps=2, lr_schedule="linear", batch_size=1)
     assert [lr_scale(linear, s) for s in range(10)] == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
     assert lr_scale(linear, 10) == 0.0
