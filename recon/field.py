@@ -129,30 +129,36 @@ class RadianceField(nn.Module):
     def _unit(self, points: Tensor) -> Tensor:
         return (points / self.cfg.bound + 1.0) * 0.5
 
-    def _raw(self, points: Tensor) -> Tensor:
-        """(P, 4) MLP output: raw density (with bias) and albedo logits."""
+    def _raw(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw density (P,) with the bias and albedo logits (P, 3) at world ``points`` (P, 3)."""
         return self._head(self.encoding(self._unit(points)), points)
 
     def _density_bias(self, points: Tensor) -> Tensor | None:
         """(P,) the bias added to the raw density at world ``points``, None without one."""
         if self.cfg.density_bias != "blob":
             return None
-        return self.cfg.blob_density * (1.0 - points.norm(dim=-1) / self.cfg.blob_radius)
+        return points.norm(dim=-1).mul(-self.cfg.blob_density / self.cfg.blob_radius).add(self.cfg.blob_density)
 
-    def _head(self, features: Tensor, points: Tensor) -> Tensor:
-        """(P, 4) raw density (with the bias at ``points``) and albedo logits from encoded features."""
-        raw = self.mlp(features).to(points.dtype)
+    def _density_bias_slope(self, points: Tensor) -> Tensor | None:
+        """(P, 3) the gradient of :meth:`_density_bias` at world ``points`` (0 at the origin), None without a bias."""
+        if self.cfg.density_bias != "blob":
+            return None
+        return points * (-self.cfg.blob_density / self.cfg.blob_radius / points.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def _head(self, features: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw density (P,) (with the bias at ``points``) and albedo logits (P, 3) from encoded features."""
+        # split, not indexing: the backward joins both gradients in one kernel instead of a zero-fill and copy per slice
+        raw_density, albedo = self.mlp(features).to(points.dtype).split([1, 3], dim=1)
+        raw_density = raw_density.squeeze(1)
         bias = self._density_bias(points)
-        if bias is not None:
-            raw = torch.cat([raw[:, :1] + bias[:, None], raw[:, 1:]], dim=-1)
-        return raw
+        return (raw_density if bias is None else raw_density + bias), albedo
 
     def _activate(self, raw_density: Tensor, points: Tensor) -> Tensor:
         if self.cfg.density_activation == "trunc_exp":
             density = trunc_exp(raw_density)
         else:
             density = F.softplus(raw_density)
-        return torch.where(self._inside(points), density, torch.zeros_like(density))
+        return torch.where(self._inside(points), density, 0.0)
 
     def density(self, points: Tensor) -> Tensor:
         """Density (P,) >= 0 at world points (P, 3); exactly 0 outside the box.
@@ -167,7 +173,7 @@ class RadianceField(nn.Module):
             if raw is not None:
                 raw, bias = raw.to(points.dtype), self._density_bias(points)
                 return self._activate(raw if bias is None else raw + bias, points)
-        return self._activate(self._head(self.encoding(unit), points)[:, 0], points)
+        return self._activate(self._head(self.encoding(unit), points)[0], points)
 
     def _needs_graph(self, points: Tensor) -> bool:
         """Whether a query at ``points`` must keep an autograd graph (to the points or to the field)."""
@@ -175,7 +181,7 @@ class RadianceField(nn.Module):
 
     def albedo(self, points: Tensor) -> Tensor:
         """Albedo (P, 3) in [0, 1] at world points (P, 3)."""
-        return torch.sigmoid(self._raw(points)[:, 1:])
+        return torch.sigmoid(self._raw(points)[1])
 
     def forward(self, points: Tensor, with_normals: bool = False) -> FieldOutput:
         """Density (P,) and albedo (P, 3) at world points (P, 3); also unit normals when ``with_normals``.
@@ -186,8 +192,8 @@ class RadianceField(nn.Module):
         """
         if with_normals and self.normal_mode == "analytic":
             return self._analytic(points, create_graph=torch.is_grad_enabled())
-        raw = self._raw(points)
-        out = FieldOutput(self._activate(raw[:, 0], points), torch.sigmoid(raw[:, 1:]))
+        raw_density, albedo = self._raw(points)
+        out = FieldOutput(self._activate(raw_density, points), torch.sigmoid(albedo))
         if with_normals:
             out.normal = self._fd_normals(points)
         return out
@@ -202,27 +208,30 @@ class RadianceField(nn.Module):
         """Density, albedo and normals from the density's gradient; with ``create_graph`` the normals keep
         their graph (to the MLP and the table) for normal losses, else every output is detached.
 
-        A fused encoding differentiates only the MLP with autograd and gets dL/dx from its own
-        input-gradient kernel; the torch reference differentiates the whole graph.
+        A fused encoding differentiates only the MLP with autograd (to the features and to the raw density)
+        and gets dL/dx from its own input-gradient kernel plus the density bias's slope, known in closed form,
+        so no graph reaches the points; the torch reference differentiates the whole graph.
         """
+        points = points.detach()
         with torch.enable_grad():
-            p = points.detach().requires_grad_(True)
             if hasattr(self.encoding.backend, "input_gradient"):
-                unit = self._unit(points.detach())
+                unit = self._unit(points)
                 features = self.encoding(unit)
-                raw = self._head(features, p)
-                density = self._activate(raw[:, 0], p)
-                grad_features, grad_bias = torch.autograd.grad(density.sum(), [features, p], create_graph=create_graph, allow_unused=True)
+                raw_density, albedo = self._head(features, points)
+                density = self._activate(raw_density, points)
+                grad_features, grad_raw = torch.autograd.grad(density.sum(), [features, raw_density], create_graph=create_graph)
                 gradient = self.encoding.input_gradient(unit, grad_features) * (0.5 / self.cfg.bound)
-                if grad_bias is not None:
-                    gradient = gradient + grad_bias
+                slope = self._density_bias_slope(points)
+                if slope is not None:
+                    gradient = gradient + grad_raw[:, None] * slope
             else:
-                raw = self._raw(p)
-                density = self._activate(raw[:, 0], p)
+                p = points.requires_grad_(True)
+                raw_density, albedo = self._raw(p)
+                density = self._activate(raw_density, p)
                 (gradient,) = torch.autograd.grad(density.sum(), p, create_graph=create_graph)
         if not create_graph:
-            density, raw, gradient = density.detach(), raw.detach(), gradient.detach()
-        return FieldOutput(density, torch.sigmoid(raw[:, 1:]), _unit(-gradient))
+            density, albedo, gradient = density.detach(), albedo.detach(), gradient.detach()
+        return FieldOutput(density, torch.sigmoid(albedo), _unit(-gradient))
 
     def _fd_normals(self, points: Tensor) -> Tensor:
         h = self.cfg.fd_step

@@ -354,6 +354,7 @@ class Trainer:
         self.last_diagnostics: MutableMapping[str, float] = {}
         self._targets: dict[int, tuple[Tensor, Tensor]] = {}
         self._reference_cameras: dict[int, Cameras] = {}
+        self._reference_rays: dict[int, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------ state
     def _modules(self) -> dict[str, Any]:
@@ -397,6 +398,12 @@ class Trainer:
             ).to(self.device)
         return self._reference_cameras[resolution]
 
+    def reference_rays(self, resolution: int) -> tuple[Tensor, Tensor]:
+        """Origins and directions (1, R, R, 3) of the input camera's pixels at ``resolution`` (made once per resolution)."""
+        if resolution not in self._reference_rays:
+            self._reference_rays[resolution] = generate_rays(self.reference_cameras(resolution))
+        return self._reference_rays[resolution]
+
     def targets(self, resolution: int) -> tuple[Tensor, Tensor]:
         """Reference colour over the background (1, R, R, 3) and alpha (1, R, R, 1) at ``resolution``."""
         if resolution not in self._targets:
@@ -420,14 +427,14 @@ class Trainer:
         terms: dict[str, Tensor] = {}
         with_reference = weights["rgb"] > 0 or weights["mask"] > 0
         random_terms = ("sds", "normal_smooth_2d", "normal_smooth_3d", "orientation", "sparsity", "opacity")
-        cameras = None
+        view_rays = None
         if any(weights[name] > 0 for name in random_terms):
             cameras, elevation, azimuth = self.sampler.sample(batch_size, resolution, self.generator)
-            cameras = cameras.to(self.device)
+            view_rays = generate_rays(cameras.to(self.device))
         with_normals = weights["normal_smooth_2d"] > 0 or weights["orientation"] > 0
         normal_views = batch_size if stage.normal_views <= 0 else min(stage.normal_views, batch_size)
-        reference = self.reference_cameras(reference_resolution) if with_reference else None
-        ref, out = self.render_views(reference, cameras, with_normals, normal_views)
+        reference = self.reference_rays(reference_resolution) if with_reference else None
+        ref, out = self.render_views(reference, view_rays, with_normals, normal_views)
         if ref is not None:
             target_rgb, target_mask = self.targets(reference_resolution)
             if weights["rgb"] > 0:
@@ -452,9 +459,8 @@ class Trainer:
             if weights["orientation"] > 0:
                 terms["orientation"] = losses.orientation(out["orientation"][:normal_views])
             if weights["normal_smooth_3d"] > 0:
-                origins, directions = generate_rays(cameras)
                 points, point_weights = losses.surface_points(
-                    origins, directions, out["depth"].float(), out["opacity"].float(), stage.normal_points
+                    *view_rays, out["depth"].float(), out["opacity"].float(), stage.normal_points
                 )
                 terms["normal_smooth_3d"] = losses.normal_smoothness_3d(
                     self.field.normals, points, stage.normal_jitter, self.generator, point_weights
@@ -465,9 +471,11 @@ class Trainer:
         return total, terms
 
     def render_views(
-        self, reference: Cameras | None, views: Cameras | None, normals: bool, normal_views: int | None = None
+        self, reference: tuple[Tensor, Tensor] | None, views: tuple[Tensor, Tensor] | None, normals: bool, normal_views: int | None = None
     ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
-        """Renders the reference camera (without normals) and the random views (with ``normals``), each (N, H, W, C).
+        """Renders the reference view's rays (without normals) and the random views' rays (with ``normals``): each
+        a pair (origins, directions) of (N, H, W, 3), as :func:`recon.cameras.generate_rays` makes them; values
+        (N, H, W, C).
 
         With ``batched_render`` both go through the renderer as one ray set (one sampling pass; the field
         computes normals only for the samples of the first ``normal_views`` random views, None = all; the
@@ -476,20 +484,26 @@ class Trainer:
         """
         with self._autocast():
             if not self.cfg.batched_render or reference is None or views is None:
-                ref = None if reference is None else self.renderer.render(reference, self.background)
-                out = None if views is None else self.renderer.render(views, self.background, normals=normals)
+                ref = None if reference is None else self._render_rays(reference, False)
+                out = None if views is None else self._render_rays(views, normals)
                 return ref, out
             # the random views first: only their rays need normals
-            rays = [generate_rays(cameras) for cameras in (views, reference)]
+            rays = (views, reference)
             origins = torch.cat([o.reshape(-1, 3) for o, _ in rays])
             directions = torch.cat([d.reshape(-1, 3) for _, d in rays])
-            split = rays[0][0].shape[:3].numel()
-            normal_rays = rays[0][0][:normal_views].shape[:3].numel()
+            split = views[0].shape[:3].numel()
+            normal_rays = views[0][:normal_views].shape[:3].numel()
             both = self.renderer.render_rays(origins, directions, self.background, normals, normal_rays=normal_rays)
         shapes = [o.shape[:3] for o, _ in rays]
         out = {key: value[:split].view(*shapes[0], -1) for key, value in both.items()}
         ref = {key: value[split:].view(*shapes[1], -1) for key, value in both.items() if key in ("rgb", "opacity", "depth")}
         return ref, out
+
+    def _render_rays(self, rays: tuple[Tensor, Tensor], normals: bool) -> dict[str, Tensor]:
+        """One render of rays (origins, directions), each (N, H, W, 3); values (N, H, W, C)."""
+        origins, directions = rays
+        out = self.renderer.render_rays(origins.reshape(-1, 3), directions.reshape(-1, 3), self.background, normals)
+        return {key: value.view(*origins.shape[:3], -1) for key, value in out.items()}
 
     def train_step(self, stage_name: str, stage: StageConfig, local_step: int) -> QueuedStep:
         """Queues one optimisation step, the update included, without waiting for the device; returns its
@@ -512,7 +526,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as exc:
             raise ReconError(oom_message(stage_name, stage, local_step)) from exc
         grads = [p.grad for p in self.field.parameters() if p.grad is not None]
-        grad_norm = torch.stack([g.float().norm() for g in grads]).sum() if grads else loss.new_zeros(())
+        grad_norm = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else loss.new_zeros(())
         values = torch.stack([loss.detach().float(), grad_norm, *(v.detach().float() for v in terms.values())])
         self.optimizer.step()
         return QueuedStep.copying(self.step, values, list(terms))

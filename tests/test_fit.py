@@ -17,6 +17,7 @@ import trimesh
 import yaml
 from PIL import Image
 
+from recon.cameras import generate_rays
 from recon.cli.main import main
 from recon.config import preset_names, presets_folder, read_preset, to_plain
 from recon.systems import losses
@@ -577,9 +578,9 @@ def test_normals_for_the_first_views_only(tmp_path):
     trainer, _ = make_trainer(tmp_path, "renderer.sampler=stratified")
     trainer.renderer.eval()  # no jitter: both renders take the same samples
     cameras, _, _ = trainer.sampler.sample(3, 12, torch.Generator().manual_seed(0))
-    reference = trainer.reference_cameras(16)
-    _, every = trainer.render_views(reference, cameras, True)
-    ref, first = trainer.render_views(reference, cameras, True, normal_views=1)
+    reference, views = trainer.reference_rays(16), generate_rays(cameras)
+    _, every = trainer.render_views(reference, views, True)
+    ref, first = trainer.render_views(reference, views, True, normal_views=1)
     assert first["normal"].shape == every["normal"].shape == (3, 12, 12, 3) and ref["rgb"].shape == (1, 16, 16, 3)
     assert every["normal"][1:].abs().sum() > 0 and (first["normal"][1:] == 0).all() and (first["orientation"][1:] == 0).all()
     for key in ("normal", "orientation"):

@@ -119,9 +119,11 @@ def test_field_normals_and_their_training_gradients_match_the_torch_field():
         out = field(cast(points), with_normals=True)
         ((out.normal * cast(weights)).sum() + out.density.sum() * 1e-3).backward()
         grads.append((out.normal.detach(), *(p.grad for p in field.parameters())))
+    # float32 against float64: the MLP biases' gradients, sums over the points with cancellation, differ by up to
+    # 1.6e-4 of their largest (tests/test_field.py checks the fused path's formula in float64 to 1e-6)
     for got, expected in zip(grads[1], grads[0], strict=True):
         scale = expected.abs().max()
-        torch.testing.assert_close(got.double().cpu() / scale, expected / scale, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.double().cpu() / scale, expected / scale, atol=3e-4, rtol=0)
 
 
 def test_masked_levels_are_skipped_with_the_same_features_and_gradients():
