@@ -19,7 +19,8 @@ Counts are of the step's Python-level ATen calls: on the CPU they stand in for
 the GPU's kernel launches (a few CPU-only or CUDA-only paths differ: the fused
 density and normal paths of the Triton hash grid run on CUDA only). The default
 ``--set`` (``CPU_STEP``) samples rays as CUDA does and shrinks the renders to
-keep a CPU step short; the count does not depend on the resolution.
+keep a CPU step short; the count hardly depends on the resolution (only
+through the number of chunks a large ray set or density query is split into).
 """
 
 from __future__ import annotations
