@@ -487,8 +487,8 @@ class Trainer:
         """
         with self._autocast():
             if not self.cfg.batched_render or reference is None or views is None:
-                ref = None if reference is None else self._render_rays(reference, False)
-                out = None if views is None else self._render_rays(views, normals)
+                ref = None if reference is None else self.renderer.render_images(*reference, self.background)
+                out = None if views is None else self.renderer.render_images(*views, self.background, normals)
                 return ref, out
             # the random views first: only their rays need normals
             rays = (views, reference)
@@ -503,12 +503,6 @@ class Trainer:
         out = {key: views_part.view(*shapes[0], -1) for key, (views_part, _) in parts.items()}
         ref = {key: parts[key][1].view(*shapes[1], -1) for key in ("rgb", "opacity", "depth")}
         return ref, out
-
-    def _render_rays(self, rays: tuple[Tensor, Tensor], normals: bool) -> dict[str, Tensor]:
-        """One render of rays (origins, directions), each (N, H, W, 3); values (N, H, W, C)."""
-        origins, directions = rays
-        out = self.renderer.render_rays(origins.reshape(-1, 3), directions.reshape(-1, 3), self.background, normals)
-        return {key: value.view(*origins.shape[:3], -1) for key, value in out.items()}
 
     def train_step(self, stage_name: str, stage: StageConfig, local_step: int) -> QueuedStep:
         """Queues one optimisation step, the update included, without waiting for the device; returns its

@@ -131,7 +131,11 @@ class VolumeRenderer(nn.Module):
 
         ``background`` is one colour (3,) or an image per camera (N, H, W, 3).
         """
-        origins, directions = generate_rays(cameras)
+        return self.render_images(*generate_rays(cameras), background, normals)
+
+    def render_images(self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool = False) -> dict[str, Tensor]:
+        """Renders images of rays: ``origins`` and unit ``directions`` (N, H, W, 3), as
+        :func:`recon.cameras.generate_rays` makes them; values (N, H, W, C), ``background`` as in :meth:`render`."""
         n, h, w = origins.shape[:3]
         background = torch.as_tensor(background, dtype=origins.dtype, device=origins.device)
         if background.shape == (n, h, w, 3):
