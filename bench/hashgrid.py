@@ -4,8 +4,10 @@
 
 Prints one row per backend and point count: milliseconds for forward alone,
 for forward + backward (gradient w.r.t. the table), for the second-order
-pass analytic normals train through (forward, dL/dx with a graph, then the
-backward of both), and peak CUDA memory. The Triton backend runs once per
+pass analytic normals train through (forward, dL/dfeatures from the
+features, dL/dx with a graph, then the backward of both; for the Triton grid
+paired, its two table gradients in one scatter, and ``unpaired``, in two),
+and peak CUDA memory. The Triton backend runs once per
 ``--copies`` value (replicas of the coarse levels' gradient rows; 0 = plain
 atomic adds). With ``--density`` (Triton), a second table times the default
 field's density queries without gradients, as the ray sampler makes them
@@ -19,6 +21,7 @@ after warm-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -59,7 +62,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"hash grid on {name}, 16 levels x 2 features, 2^19 table, points in a cube of side {args.spread}")
-    print(f"{'backend':>12} {'points':>10} {'forward ms':>11} {'fwd+bwd ms':>11} {'Mpts/s':>8} {'2nd-order ms':>13} {'peak GiB':>9}")
+    print(f"{'backend':>12} {'points':>10} {'forward ms':>11} {'fwd+bwd ms':>11} {'Mpts/s':>8} {'2nd-order ms':>13} {'unpaired ms':>13} {'peak GiB':>9}")
     for backend in args.backend:
         for copies in args.copies if backend == "triton" else [None]:
             _bench_backend(backend, args, device, copies)
@@ -78,6 +81,7 @@ def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device,
         encoding.backend = TritonHashGrid(encoding.cfg, private_copies=copies)
         name = f"triton/{copies}"
     encoding = encoding.to(device)
+    fused = hasattr(encoding.backend, "encode_with_input_gradient")
     for log2 in args.points:
         x = 0.5 + (torch.rand(2**log2, 3, device=device) - 0.5) * args.spread
 
@@ -89,11 +93,23 @@ def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device,
             encoding.zero_grad(set_to_none=True)
             encoding(x).sum().backward()
 
-        def second_order(x: torch.Tensor = x) -> None:
+        def second_order(x: torch.Tensor = x, paired: bool = True) -> None:
+            # as analytic normals train: dL/dfeatures computed from the features, dL/dx with its graph, then
+            # the backward of a loss on both (the Triton grid's pair adds both table gradients in one scatter)
             encoding.zero_grad(set_to_none=True)
-            features = encoding(x)
-            upstream = torch.ones_like(features).requires_grad_()
-            grad_x = encoding.input_gradient(x, upstream)
+            if fused and paired:
+                features, input_gradient = encoding.encode_with_input_gradient(x)
+            elif fused:
+                features = encoding(x)
+                input_gradient = functools.partial(encoding.backend.input_gradient, x)
+            else:
+                point = x.detach().requires_grad_()
+                features = encoding(point)
+
+                def input_gradient(grad: torch.Tensor, features: torch.Tensor = features, point: torch.Tensor = point) -> torch.Tensor:
+                    return torch.autograd.grad(features, point, grad, create_graph=True)[0]
+
+            grad_x = input_gradient(torch.sigmoid(features))
             (features.sum() + grad_x.square().sum()).backward()
 
         if device.type == "cuda":
@@ -101,8 +117,9 @@ def _bench_backend(backend: str, args: argparse.Namespace, device: torch.device,
         fwd = _time_ms(forward, args.repeats, device)
         both = _time_ms(forward_backward, args.repeats, device)
         second = _time_ms(second_order, args.repeats, device)
+        unpaired = f"{_time_ms(functools.partial(second_order, paired=False), args.repeats, device):.2f}" if fused else "-"
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        print(f"{name:>12} {2**log2:>10} {fwd:>11.2f} {both:>11.2f} {2**log2 / both / 1e3:>8.2f} {second:>13.2f} {peak:>9.2f}")
+        print(f"{name:>12} {2**log2:>10} {fwd:>11.2f} {both:>11.2f} {2**log2 / both / 1e3:>8.2f} {second:>13.2f} {unpaired:>13} {peak:>9.2f}")
 
 
 def _bench_density(args: argparse.Namespace, device: torch.device) -> None:

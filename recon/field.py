@@ -183,20 +183,27 @@ class RadianceField(nn.Module):
         """Albedo (P, 3) in [0, 1] at world points (P, 3)."""
         return torch.sigmoid(self._raw(points)[1])
 
-    def forward(self, points: Tensor, with_normals: bool = False) -> FieldOutput:
+    def forward(self, points: Tensor, with_normals: bool = False, normal_points: int | None = None) -> FieldOutput:
         """Density (P,) and albedo (P, 3) at world points (P, 3); also unit normals when ``with_normals``.
 
-        Analytic normals keep their graph when grad is enabled (for
-        normal-smoothness / orientation losses) and are computed without
-        one under ``torch.no_grad()``.
+        ``normal_points``: normals for the first this many points only (the others' are 0; None = all). A
+        fused encoding looks every point up once, the others evaluate the two parts apart. Analytic normals
+        keep their graph when grad is enabled (for normal-smoothness / orientation losses) and are computed
+        without one under ``torch.no_grad()``.
         """
-        if with_normals and self.normal_mode == "analytic":
-            return self._analytic(points, create_graph=torch.is_grad_enabled())
-        raw_density, albedo = self._raw(points)
-        out = FieldOutput(self._activate(raw_density, points), torch.sigmoid(albedo))
-        if with_normals:
-            out.normal = self._fd_normals(points)
-        return out
+        if not with_normals:
+            raw_density, albedo = self._raw(points)
+            return FieldOutput(self._activate(raw_density, points), torch.sigmoid(albedo))
+        total = points.shape[0]
+        count = total if normal_points is None else max(0, min(normal_points, total))
+        if self.normal_mode == "analytic" and hasattr(self.encoding.backend, "encode_with_input_gradient"):
+            return self._analytic_fused(points, torch.is_grad_enabled(), count)
+        if count == total:
+            return self._with_normals(points)
+        tail = self(points[count:])
+        if count == 0:
+            return FieldOutput(tail.density, tail.albedo, torch.zeros_like(tail.albedo))
+        return _joined(self._with_normals(points[:count]), tail)
 
     def normals(self, points: Tensor) -> Tensor:
         """Unit outward normals (P, 3) (minus the density gradient) at world points (P, 3); 0 where it vanishes."""
@@ -204,34 +211,57 @@ class RadianceField(nn.Module):
             return self(points, with_normals=True).normal
         return self._fd_normals(points)
 
-    def _analytic(self, points: Tensor, create_graph: bool) -> FieldOutput:
-        """Density, albedo and normals from the density's gradient; with ``create_graph`` the normals keep
-        their graph (to the MLP and the table) for normal losses, else every output is detached.
+    def _with_normals(self, points: Tensor) -> FieldOutput:
+        """Every output at ``points`` without a fused encoding: analytic normals by autograd through the
+        points, or finite differences."""
+        if self.normal_mode == "analytic":
+            return self._analytic_autograd(points, torch.is_grad_enabled())
+        out = self(points)
+        out.normal = self._fd_normals(points)
+        return out
 
-        A fused encoding differentiates only the MLP with autograd (to the features and to the raw density)
-        and gets dL/dx from its own input-gradient kernel plus the density bias's slope, known in closed form,
-        so no graph reaches the points; the torch reference differentiates the whole graph.
+    def _analytic_autograd(self, points: Tensor, create_graph: bool) -> FieldOutput:
+        """Density, albedo and normals from the density's gradient by autograd through the whole lookup; with
+        ``create_graph`` the normals keep their graph (to the MLP and the table), else every output is detached."""
+        with torch.enable_grad():
+            p = points.detach().requires_grad_(True)
+            raw_density, albedo = self._raw(p)
+            density = self._activate(raw_density, p)
+            (gradient,) = torch.autograd.grad(density.sum(), p, create_graph=create_graph)
+        return _detached_unless(create_graph, FieldOutput(density, torch.sigmoid(albedo), _unit(-gradient)))
+
+    def _analytic_fused(self, points: Tensor, create_graph: bool, count: int) -> FieldOutput:
+        """Every output at ``points`` (P, 3), normals for the first ``count`` (0 after), from one lookup of a
+        fused encoding (:meth:`HashGridEncoding.encode_with_input_gradient`); graphs as in
+        :meth:`_analytic_autograd`.
+
+        Only the MLP is differentiated with autograd (to the features and to the raw density); dL/dx comes from
+        the encoding's input-gradient kernel plus the density bias's slope, known in closed form, so no graph
+        reaches the points. The MLP runs on the points with normals and on the others apart, so that its
+        second-order graph spans the former only.
         """
         points = points.detach()
         with torch.enable_grad():
-            if hasattr(self.encoding.backend, "input_gradient"):
-                unit = self._unit(points)
-                features = self.encoding(unit)
-                raw_density, albedo = self._head(features, points)
-                density = self._activate(raw_density, points)
-                grad_features, grad_raw = torch.autograd.grad(density.sum(), [features, raw_density], create_graph=create_graph)
-                gradient = self.encoding.input_gradient(unit, grad_features) * (0.5 / self.cfg.bound)
-                slope = self._density_bias_slope(points)
-                if slope is not None:
-                    gradient = gradient + grad_raw[:, None] * slope
+            features, input_gradient = self.encoding.encode_with_input_gradient(self._unit(points))
+            if count == points.shape[0]:  # no split: its backward would copy the gradient
+                parts = [(features, points)]
             else:
-                p = points.requires_grad_(True)
-                raw_density, albedo = self._raw(p)
-                density = self._activate(raw_density, p)
-                (gradient,) = torch.autograd.grad(density.sum(), p, create_graph=create_graph)
-        if not create_graph:
-            density, albedo, gradient = density.detach(), albedo.detach(), gradient.detach()
-        return FieldOutput(density, torch.sigmoid(albedo), _unit(-gradient))
+                sizes = [count, points.shape[0] - count]
+                parts = list(zip(features.split(sizes), points.split(sizes), strict=True))
+            head_features, head_points = parts[0]
+            raw_density, albedo = self._head(head_features, head_points)
+            density = self._activate(raw_density, head_points)
+            grad_features, grad_raw = torch.autograd.grad(density.sum(), [head_features, raw_density], create_graph=create_graph)
+            gradient = input_gradient(grad_features) * (0.5 / self.cfg.bound)
+            slope = self._density_bias_slope(head_points)
+            if slope is not None:
+                gradient = gradient + grad_raw[:, None] * slope
+            out = FieldOutput(density, torch.sigmoid(albedo), _unit(-gradient))
+            if len(parts) == 2:  # the points without normals
+                tail_features, tail_points = parts[1]
+                tail_raw, tail_albedo = self._head(tail_features, tail_points)
+                out = _joined(out, FieldOutput(self._activate(tail_raw, tail_points), torch.sigmoid(tail_albedo)))
+        return _detached_unless(create_graph, out)
 
     def _fd_normals(self, points: Tensor) -> Tensor:
         h = self.cfg.fd_step
@@ -240,6 +270,20 @@ class RadianceField(nn.Module):
         d = self.density(probes.reshape(-1, 3)).view(-1, 6)
         gradient = (d[:, :3] - d[:, 3:]) / (2.0 * h)
         return _unit(-gradient)
+
+
+def _joined(head: FieldOutput, tail: FieldOutput) -> FieldOutput:
+    """The outputs of ``head``'s points then ``tail``'s; ``tail`` has no normals, its rows get 0."""
+    return FieldOutput(
+        torch.cat([head.density, tail.density]), torch.cat([head.albedo, tail.albedo]), torch.cat([head.normal, torch.zeros_like(tail.albedo)])
+    )
+
+
+def _detached_unless(keep_graph: bool, out: FieldOutput) -> FieldOutput:
+    """``out`` as it is with ``keep_graph``, else with every value detached."""
+    if keep_graph:
+        return out
+    return FieldOutput(out.density.detach(), out.albedo.detach(), out.normal.detach())
 
 
 def _unit(v: Tensor) -> Tensor:

@@ -104,12 +104,15 @@ def test_fused_normal_path_equals_autograd_through_the_points_in_float64():
     fused = RadianceField(FieldConfig(encoding=cfg, mlp_width=16)).double()
     fused.load_state_dict(reference.state_dict())
 
-    def input_gradient(x: torch.Tensor, grad_features: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            return torch.autograd.grad(fused.encoding.backend(x), x, grad_features, create_graph=True)[0]
+    def encode_with_input_gradient(x: torch.Tensor):
+        def input_gradient(grad_features: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                point = x[: grad_features.shape[0]].detach().requires_grad_(True)
+                return torch.autograd.grad(fused.encoding.backend(point), point, grad_features, create_graph=True)[0]
 
-    fused.encoding.backend.input_gradient = input_gradient
+        return fused.encoding.backend(x), input_gradient
+
+    fused.encoding.backend.encode_with_input_gradient = encode_with_input_gradient
     points = (torch.rand(300, 3, dtype=torch.float64) * 2 - 1) * 0.9
     points[0] = 0.0  # the blob bias's slope at the centre is 0
     weights = torch.randn(300, 3, dtype=torch.float64)

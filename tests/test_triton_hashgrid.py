@@ -98,8 +98,19 @@ def test_table_gradient_of_a_table_gradient_is_a_forward_gather():
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
 
-def test_field_normals_and_their_training_gradients_match_the_torch_field():
-    # the fused path (MLP by autograd, dL/dx by the kernel) against autograd through the torch grid
+def _count_scatters(monkeypatch) -> list[int]:
+    """Patches the Triton backend's table-gradient scatter to record each call (a kernel launch)."""
+    from recon.encoding import triton_backend
+
+    calls, scatter = [], triton_backend._scatter
+    monkeypatch.setattr(triton_backend, "_scatter", lambda *args: calls.append(1) or scatter(*args))
+    return calls
+
+
+@pytest.mark.parametrize("normal_points", [None, 120, 0])
+def test_field_normals_and_their_training_gradients_match_the_torch_field(normal_points, monkeypatch):
+    # the fused path (MLP by autograd, dL/dx by the kernel) against autograd through the torch grid, with normals
+    # for every point or for the first normal_points only (as the batched training render asks)
     from recon.field import FieldConfig, RadianceField
 
     cfg = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=9, base_resolution=4, per_level_scale=1.6, backend="torch")
@@ -114,16 +125,48 @@ def test_field_normals_and_their_training_gradients_match_the_torch_field():
         fused.encoding.backend.table.copy_(reference.encoding.backend.table.float())
     points = (torch.rand(300, 3, dtype=torch.float64) * 2 - 1) * 0.9
     weights = torch.randn(300, 3, dtype=torch.float64)
+    scatters = _count_scatters(monkeypatch)
     grads = []
     for field, cast in ((reference, torch.Tensor.double), (fused, lambda t: t.float().to(DEVICE))):
-        out = field(cast(points), with_normals=True)
+        out = field(cast(points), with_normals=True, normal_points=normal_points)
         ((out.normal * cast(weights)).sum() + out.density.sum() * 1e-3).backward()
         grads.append((out.normal.detach(), *(p.grad for p in field.parameters())))
+    # the encoding's table gradient and the normals' go out in one scatter
+    assert len(scatters) == 1
+    count = 300 if normal_points is None else normal_points
+    assert (grads[1][0][count:] == 0).all() and (grads[1][0][:count].norm(dim=-1) > 0.99).all()
     # float32 against float64: the MLP biases' gradients, sums over the points with cancellation, differ by up to
     # 1.6e-4 of their largest (tests/test_field.py checks the fused path's formula in float64 to 1e-6)
     for got, expected in zip(grads[1], grads[0], strict=True):
-        scale = expected.abs().max()
+        scale = expected.abs().max().clamp_min(1e-12)  # without normals (normal_points 0) every normal is 0
         torch.testing.assert_close(got.double().cpu() / scale, expected / scale, atol=3e-4, rtol=0)
+
+
+@pytest.mark.parametrize("features_in_loss", [True, False])
+def test_an_input_gradient_not_computed_from_its_features_scatters_on_its_own(features_in_loss, monkeypatch):
+    # pairing needs the encoding's backward to run after the input gradient's: dL/dfeatures that does not come
+    # from the paired features (a leaf here) is not paired, and the table gets the same gradient, even when the
+    # encoding's backward never runs (its features not in the loss)
+    cfg = HashGridConfig(n_levels=3, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0)
+    reference, fused = _pair(cfg, private_max_rows=100)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.rand(90, 3, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(60, 6, generator=generator, dtype=torch.float64)
+    v = torch.randn(60, 3, generator=generator, dtype=torch.float64)
+    s = torch.randn(90, 6, generator=generator, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_()
+    out_ref = reference(x_ref)
+    (grad_x,) = torch.autograd.grad(reference(x_ref[:60]), x_ref, upstream.requires_grad_(), create_graph=True)
+    loss = (grad_x[:60] * v).sum() + ((out_ref * s).sum() if features_in_loss else 0)
+    loss.backward()
+    scatters = _count_scatters(monkeypatch)
+    cast = lambda t: t.detach().float().to(DEVICE)
+    features, input_gradient = fused.encode_with_input_gradient(cast(x))
+    grad_x = input_gradient(cast(upstream).requires_grad_())
+    ((grad_x * cast(v)).sum() + ((features * cast(s)).sum() if features_in_loss else 0)).backward()
+    assert len(scatters) == (2 if features_in_loss else 1)
+    scale = reference.table.grad.abs().max()
+    torch.testing.assert_close(fused.table.grad.double().cpu() / scale, reference.table.grad / scale, atol=2e-5, rtol=0)
 
 
 def test_masked_levels_are_skipped_with_the_same_features_and_gradients():

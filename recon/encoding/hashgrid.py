@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from recon.encoding.reference import HashGridConfig, TorchHashGrid, autograd_input_gradient
+from recon.encoding.reference import HashGridConfig, TorchHashGrid
 from recon.errors import ReconError
 
 
@@ -114,7 +114,9 @@ class HashGridEncoding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(P, 3) points in [0, 1] -> (P, output_dim) features."""
-        features = self.backend(x)
+        return self._masked(self.backend(x))
+
+    def _masked(self, features: Tensor) -> Tensor:
         if features.dtype == torch.float16:
             features = features.float()
         return features * self.level_mask.to(features.dtype)
@@ -130,18 +132,21 @@ class HashGridEncoding(nn.Module):
             w_first = (first.weight * self.level_mask).t()
             return self.backend.mlp_channel(x, w_first, first.bias, linears[1:-1], last.weight[channel], last.bias[channel : channel + 1])
 
-    def input_gradient(self, x: Tensor, grad_features: Tensor) -> Tensor:
-        """dL/dx (P, 3) at points ``x`` (P, 3) in [0, 1] for dL/dfeatures (P, output_dim) of :meth:`forward`.
+    def encode_with_input_gradient(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """:meth:`forward` of points ``x`` (P, 3) in [0, 1], and a function from dL/dfeatures (Q, output_dim) of
+        its first Q <= P points to dL/dx (Q, 3) there, for backends that have one (the Triton grid; check
+        ``hasattr(encoding.backend, "encode_with_input_gradient")``).
 
-        With grad enabled the result keeps its graph to ``grad_features`` and
-        the table (second-order training, e.g. through analytic normals); the
-        fused backend does this in two kernels instead of differentiating its
-        whole forward pass again.
+        With grad enabled dL/dx keeps its graph to dL/dfeatures and the table (second-order training), in two
+        kernels instead of a second differentiation of the whole lookup; where dL/dfeatures is computed from
+        these features, as analytic normals compute it, the backward adds both table gradients in one scatter.
         """
-        grad = grad_features.float() * self.level_mask
-        if hasattr(self.backend, "input_gradient"):
-            return self.backend.input_gradient(x, grad)
-        return autograd_input_gradient(self.backend, x, grad)
+        features, backend_gradient = self.backend.encode_with_input_gradient(x)
+
+        def input_gradient(grad_features: Tensor) -> Tensor:
+            return backend_gradient(grad_features.float() * self.level_mask)
+
+        return self._masked(features), input_gradient
 
 
 def make_encoding(cfg: HashGridConfig) -> HashGridEncoding:

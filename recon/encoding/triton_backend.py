@@ -17,8 +17,10 @@ the upstream gradient and the table (not w.r.t. the points again), which is
 what training through analytic normals needs: :meth:`TritonHashGrid.input_gradient`
 gives dL/dx for given dL/dfeatures with that graph, and its backward is a
 gather plus a scatter weighted by the trilinear weights' directional
-derivatives. Second derivatives w.r.t. the points are not computed (zero),
-as in tinycudann.
+derivatives. :meth:`TritonHashGrid.encode_with_input_gradient` pairs an
+encoding with its input gradient so that the two table gradients go out in
+one scatter (half the atomic adds of a normal-trained step). Second
+derivatives w.r.t. the points are not computed (zero), as in tinycudann.
 
 On the CPU the kernels run under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the parity tests run without a GPU.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -119,17 +122,22 @@ def _gather(x: Tensor, table: Tensor, grid: TritonHashGrid, v: Tensor | None = N
     return out
 
 
-def _scatter(x: Tensor, grad_out: Tensor, grid: TritonHashGrid, v: Tensor | None = None) -> Tensor:
-    """Table gradient (rows, F): sum over points of u_c grad_out[p, l] into each corner's row (u_c as in :func:`_gather`)."""
+def _scatter(x: Tensor, grid: TritonHashGrid, grad_out: Tensor | None, directional: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Table gradient (rows, F) of points ``x`` (P, 3): per point and cell corner, w_c grad_out[p] (the
+    encoding's table gradient; ``grad_out`` (P, L * F), None = no such term) plus, with ``directional`` =
+    (v (Q, 3), grad_dir (Q, L * F)) for the first Q <= P points, the weight's derivative along v[p] times
+    grad_dir[p] (the table gradient of <v, dL/dx>); both terms in one scatter."""
     rows, n_features = grid.table.shape
     private_rows, copies = grid.private_rows, grid.private_copies
     buffer = torch.zeros(rows + copies * private_rows, n_features, device=x.device, dtype=torch.float32)
-    n_points = x.shape[0]
+    v, grad_dir = (x, x) if directional is None else (t.contiguous().float() for t in directional)
+    n_points = x.shape[0] if grad_out is not None else grad_dir.shape[0]
     if n_points:
         _kernels().scatter_kernel[_grid(n_points)](
-            x, grad_out.contiguous().float(), buffer, x if v is None else v.contiguous().float(), *_layout_args(grid),
-            n_points, grid.cfg.n_levels, grid.active_levels, rows, grid.private_levels, private_rows, max(copies, 1),
-            F=n_features, BLOCK_P=BLOCK, DIRECTIONAL=v is not None, num_warps=NUM_WARPS,
+            x, x if grad_out is None else grad_out.contiguous().float(), buffer, v, grad_dir, *_layout_args(grid),
+            n_points, 0 if directional is None else grad_dir.shape[0], grid.cfg.n_levels, grid.active_levels,
+            rows, grid.private_levels, private_rows, max(copies, 1),
+            F=n_features, BLOCK_P=BLOCK, FIRST=grad_out is not None, DIRECTIONAL=directional is not None, num_warps=NUM_WARPS,
         )
     grad = buffer[:rows]
     if copies:
@@ -137,31 +145,75 @@ def _scatter(x: Tensor, grad_out: Tensor, grid: TritonHashGrid, v: Tensor | None
     return grad
 
 
+class _DeferredDirectional:
+    """Hands the table gradient of <v, dL/dx> from :class:`_InputGradient`'s backward to the backward of the
+    encoding it is paired with (:meth:`TritonHashGrid.encode_with_input_gradient`), which adds it in the same
+    scatter as its own table gradient.
+
+    A pair is made only where dL/dfeatures was computed from the paired features (its graph reaches the
+    encoding's node, :func:`_reaches`): then in every backward pass the encoding's node runs after the input
+    gradient's and finds the term waiting.
+    """
+
+    def __init__(self) -> None:
+        self.pending: tuple[Tensor, Tensor] | None = None  # (v (Q, 3), dL/dfeatures (Q, L * F)) of the input gradient
+
+    def take(self) -> tuple[Tensor, Tensor] | None:
+        """The waiting term, if any, now owned by the encoding's backward."""
+        pending, self.pending = self.pending, None
+        return pending
+
+
+def _reaches(start: torch.autograd.graph.Node | None, target: torch.autograd.graph.Node | None) -> bool:
+    """Whether autograd node ``target`` lies in the graph of ``start`` (None for a tensor without one)."""
+    if start is None or target is None:
+        return False
+    # keyed by id, holding the node: Python wrappers of C++ nodes are made on access, and a freed one's id can be reused
+    seen: dict[int, torch.autograd.graph.Node] = {}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        if node is target:
+            return True
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node
+            stack.extend(following for following, _ in node.next_functions)
+    return False
+
+
 class _Encode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, table: Tensor, grid: TritonHashGrid) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, table: Tensor, grid: TritonHashGrid, link: _DeferredDirectional | None) -> Tensor:  # type: ignore[override]
         x = x.contiguous().float()
         ctx.save_for_backward(x, table)
-        ctx.grid = grid
+        ctx.grid, ctx.link = grid, link
         return _gather(x, table, grid)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
         x, table = ctx.saved_tensors
         grad_out = grad_out.contiguous().float()
-        grad_x = _InputGradient.apply(grad_out, x, table, ctx.grid) if ctx.needs_input_grad[0] else None
-        grad_table = _TableGradient.apply(grad_out, x, ctx.grid) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_table, None
+        grad_x = _InputGradient.apply(grad_out, x, table, ctx.grid, None) if ctx.needs_input_grad[0] else None
+        grad_table = None
+        if ctx.needs_input_grad[1]:
+            pending = ctx.link.take() if ctx.link is not None else None
+            if pending is not None and not torch.is_grad_enabled():
+                grad_table = _scatter(x, ctx.grid, grad_out, pending)
+            else:  # keeps the first-order term differentiable (a backward with create_graph)
+                grad_table = _TableGradient.apply(grad_out, x, ctx.grid)
+                if pending is not None:
+                    grad_table = grad_table + _scatter(x, ctx.grid, None, pending)
+        return grad_x, grad_table, None, None
 
 
 class _InputGradient(torch.autograd.Function):
     """dL/dx (P, 3) from dL/dout (P, L * F); differentiable w.r.t. dL/dout and the table."""
 
     @staticmethod
-    def forward(ctx, grad_out: Tensor, x: Tensor, table: Tensor, grid: TritonHashGrid) -> Tensor:  # type: ignore[override]
+    def forward(ctx, grad_out: Tensor, x: Tensor, table: Tensor, grid: TritonHashGrid, link: _DeferredDirectional | None) -> Tensor:  # type: ignore[override]
         grad_out = grad_out.contiguous().float()
         ctx.save_for_backward(grad_out, x, table)
-        ctx.grid = grid
+        ctx.grid, ctx.link = grid, link
         grad_x = torch.empty_like(x)
         n_points, cfg = x.shape[0], grid.cfg
         if n_points:
@@ -173,11 +225,17 @@ class _InputGradient(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, v: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, v: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:  # type: ignore[override]
         grad_out, x, table = ctx.saved_tensors
         d_grad_out = _gather(x, table, ctx.grid, v) if ctx.needs_input_grad[0] else None
-        d_table = _scatter(x, grad_out, ctx.grid, v) if ctx.needs_input_grad[2] else None
-        return d_grad_out, None, d_table, None
+        d_table = None
+        if ctx.needs_input_grad[2]:
+            link = ctx.link
+            if link is not None:
+                link.pending = (v, grad_out)  # the paired encoding's backward, which runs next, scatters it with its own
+            else:
+                d_table = _scatter(x, ctx.grid, None, (v, grad_out))
+        return d_grad_out, None, d_table, None, None
 
 
 class _TableGradient(torch.autograd.Function):
@@ -187,7 +245,7 @@ class _TableGradient(torch.autograd.Function):
     def forward(ctx, grad_out: Tensor, x: Tensor, grid: TritonHashGrid) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
         ctx.grid = grid
-        return _scatter(x, grad_out, grid)
+        return _scatter(x, grid, grad_out)
 
     @staticmethod
     @once_differentiable
@@ -230,7 +288,7 @@ class TritonHashGrid(TorchHashGrid):
         read (:func:`kernels_can_read`) through the reference lookup on the same table."""
         if not kernels_can_read(x):
             return super().forward(x)
-        return _Encode.apply(x, self.table, self)
+        return _Encode.apply(x, self.table, self, None)
 
     def mlp_channel(
         self, x: Tensor, w_first: Tensor, b_first: Tensor, hidden: list[nn.Linear], w_last: Tensor, b_last: Tensor
@@ -269,4 +327,21 @@ class TritonHashGrid(TorchHashGrid):
         read: the reference lookup differentiated with autograd."""
         if not kernels_can_read(x):
             return autograd_input_gradient(super().forward, x, grad_features)
-        return _InputGradient.apply(grad_features, x.contiguous().float(), self.table, self)
+        return _InputGradient.apply(grad_features, x.contiguous().float(), self.table, self, None)
+
+    def encode_with_input_gradient(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """:meth:`forward` of points ``x`` (P, 3) and :meth:`input_gradient` at its first Q points as a function
+        of dL/dfeatures (Q, n_levels * F). Where dL/dfeatures was computed from these features (as analytic
+        normals compute it), the pair's backward adds both table gradients in one scatter instead of two."""
+        if not kernels_can_read(x):
+            lookup = super().forward
+            return lookup(x), lambda grad: autograd_input_gradient(lookup, x[: grad.shape[0]], grad)
+        x = x.contiguous().float()
+        link = _DeferredDirectional()
+        features = _Encode.apply(x, self.table, self, link)
+
+        def input_gradient(grad: Tensor) -> Tensor:
+            paired = link if _reaches(grad.grad_fn, features.grad_fn) else None
+            return _InputGradient.apply(grad, x[: grad.shape[0]], self.table, self, paired)
+
+        return features, input_gradient

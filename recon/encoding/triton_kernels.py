@@ -16,8 +16,9 @@ the others (zero features, zero gradients), so they cost nothing.
   every point hits, go to ``copies`` private replicas of their rows (chosen
   by program id) that are summed afterwards, so the adds to one row are
   spread over ``copies`` addresses instead of contending for one. The
-  weights u_c are the trilinear weights (first order) or their directional
-  derivative along a per-point vector (second order, analytic normals).
+  weights u_c are the trilinear weights (first order), their directional
+  derivative along a per-point vector (second order, analytic normals), or
+  both terms at once, each with its own g, in one add per row.
 
 :func:`mlp_channel_kernel` goes on from the gather to one output of a ReLU
 MLP on the features, so a density query without gradients never writes the
@@ -174,17 +175,19 @@ def input_grad_kernel(
 
 @triton.jit
 def scatter_kernel(
-    x_ptr, grad_out_ptr, grad_ptr, v_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
-    n_points, n_levels, n_active, table_rows, n_private_levels, private_rows, copies,
-    F: tl.constexpr, BLOCK_P: tl.constexpr, DIRECTIONAL: tl.constexpr,
+    x_ptr, grad_out_ptr, grad_ptr, v_ptr, grad_dir_ptr, scales_ptr, res_ptr, offsets_ptr, sizes_ptr, hashed_ptr,
+    n_points, n_directional, n_levels, n_active, table_rows, n_private_levels, private_rows, copies,
+    F: tl.constexpr, BLOCK_P: tl.constexpr, FIRST: tl.constexpr, DIRECTIONAL: tl.constexpr,
 ):
-    """grad[row_c] += u_c grad_out[p, l] for every point, level and corner (relaxed atomic adds).
+    """grad[row_c] += w_c grad_out[p, l] (FIRST) + (dw_c/dx . v_p) grad_dir[p, l] (DIRECTIONAL, the first
+    ``n_directional`` points only) for every point, level and corner, in one relaxed atomic add each.
 
     ``grad`` is (table_rows + copies * private_rows, F): the table's gradient, then ``copies`` replicas
     of its first ``private_rows`` rows (the levels below ``n_private_levels``), which this program adds
     into instead (replica ``program_id % copies``; the caller sums them into the table's rows).
-    u_c = w_c (the encoding's table gradient) or, with DIRECTIONAL, the weight's derivative along v (P, 3)
-    (the table gradient of <v, dL/dx>).
+    The first term is the encoding's table gradient; the second, with v (n_directional, 3), the table
+    gradient of <v, dL/dx> for dL/dfeatures = grad_dir (n_directional, L * F) (analytic normals). Both
+    together add the two table gradients of a normal-trained field in one pass over the atomics.
     """
     pid = tl.program_id(0)
     points = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -192,7 +195,8 @@ def scatter_kernel(
     feature = tl.arange(0, F)
     r0, r1, r2 = _load_unit_points(x_ptr, points, valid)
     if DIRECTIONAL:
-        v0, v1, v2 = _load_unit_points(v_ptr, points, valid)
+        directional = points < n_directional
+        v0, v1, v2 = _load_unit_points(v_ptr, points, directional)
         v0, v1, v2 = v0 * _inside(r0), v1 * _inside(r1), v2 * _inside(r2)
     replica = table_rows + (pid % copies).to(tl.int64) * private_rows
     for level in range(n_active):
@@ -201,17 +205,22 @@ def scatter_kernel(
         i1, f1 = _cell(r1, scale)
         i2, f2 = _cell(r2, scale)
         out_index = points[:, None] * (n_levels * F) + level * F + feature[None, :]
-        grad = tl.load(grad_out_ptr + out_index, mask=valid[:, None], other=0.0)
+        if FIRST:
+            grad = tl.load(grad_out_ptr + out_index, mask=valid[:, None], other=0.0)
+        if DIRECTIONAL:
+            grad_dir = tl.load(grad_dir_ptr + out_index, mask=directional[:, None], other=0.0)
         shift = tl.where(level < n_private_levels, replica, 0)
         for corner in tl.static_range(8):
             c0, c1, c2, w0, w1, w2 = _corner_weights(corner, f0, f1, f2)
             rows = _corner_rows(i0 + c0, i1 + c1, i2 + c2, res, size, offset, hashed)
-            if DIRECTIONAL:
-                u = _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale)
+            if FIRST:
+                add = (w0 * w1 * w2)[:, None] * grad
+                if DIRECTIONAL:
+                    add += _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale)[:, None] * grad_dir
             else:
-                u = w0 * w1 * w2
+                add = _directional_weight(c0, c1, c2, w0, w1, w2, v0, v1, v2, scale)[:, None] * grad_dir
             index = (rows + shift)[:, None] * F + feature[None, :]
-            tl.atomic_add(grad_ptr + index, u[:, None] * grad, mask=valid[:, None], sem="relaxed")
+            tl.atomic_add(grad_ptr + index, add, mask=valid[:, None], sem="relaxed")
 
 
 @triton.jit

@@ -208,14 +208,7 @@ class VolumeRenderer(nn.Module):
         """The field at points (P, 3); with ``normals``, normals for the first ``split`` points only (0 after; None = all)."""
         if not normals or split is None or split >= points.shape[0]:
             return self.field(points, with_normals=normals)
-        head = self.field(points[:split], with_normals=True) if split > 0 else None
-        tail = self.field(points[split:])
-        if head is None:
-            return FieldOutput(tail.density, tail.albedo, tail.albedo.new_zeros(tail.albedo.shape))
-        zeros = head.normal.new_zeros(tail.albedo.shape)
-        return FieldOutput(
-            torch.cat([head.density, tail.density]), torch.cat([head.albedo, tail.albedo]), torch.cat([head.normal, zeros])
-        )
+        return self.field(points, with_normals=True, normal_points=split)
 
     def _shade_dense(
         self,
