@@ -1,0 +1,46 @@
+"""bench/ab_fit.py: alternated run order, the numbers it compares and their paired summary."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from script_loading import load_script
+
+
+def _record(wall: float, fine_ms: float, peak: float | None = 7.0) -> dict:
+    return {
+        "wall_seconds": wall,
+        "outside_phases_s": 3.0,
+        "phases_s": {"import libraries": 3.5, "fine": fine_ms * 0.4},
+        "stages": {"fine": {"ms_per_step": fine_ms}},
+        "peak_gpu_memory_gib": peak,
+    }
+
+
+def test_each_pair_runs_both_installs_and_the_first_alternates():
+    script = load_script("bench/ab_fit.py")
+    order = script.run_order(("old", "new"), 3)
+    assert order == [(0, "old"), (0, "new"), (1, "new"), (1, "old"), (2, "old"), (2, "new")]
+    assert script.parse_env("old=/tmp/clean_old") == ("old", "/tmp/clean_old")
+    with pytest.raises(argparse.ArgumentTypeError, match="LABEL=PATH"):
+        script.parse_env("/tmp/clean_old")
+
+
+def test_paired_differences_are_taken_within_each_pair():
+    script = load_script("bench/ab_fit.py")
+    assert script.metrics(_record(50.0, 60.0)) == {
+        "wall s": 50.0, "outside the phases s": 3.0, "import libraries s": 3.5, "fine s": 24.0, "fine ms/step": 60.0, "peak GPU GiB": 7.0,
+    }  # fmt: skip
+    assert "peak GPU GiB" not in script.metrics(_record(50.0, 60.0, peak=None))
+    walls = {(0, "old"): 50.0, (0, "new"): 48.0, (1, "new"): 56.0, (1, "old"): 55.0, (2, "old"): 52.0}  # pair 2 incomplete
+    runs = [{"pair": p, "label": label, "metrics": script.metrics(_record(w, w + 10))} for (p, label), w in walls.items()]
+    rows = {row["metric"]: row for row in script.summarise(runs, ("old", "new"))}
+    wall = rows["wall s"]
+    assert wall["old"] == pytest.approx((157.0 / 3, 50.0, 55.0))
+    assert wall["new"] == pytest.approx((52.0, 48.0, 56.0))
+    assert wall["difference"] == pytest.approx((-0.5, -2.0, 1.0))  # pairs 0 and 1 only
+    assert wall["lower"] == 1
+    assert rows["import libraries s"]["difference"] == pytest.approx((0.0, 0.0, 0.0))
+    text = script.table(list(rows.values()), ("old", "new"), 2)
+    assert "| wall s | 52.33 [50.00, 55.00] | 52.00 [48.00, 56.00] | -0.50 [-2.00, +1.00] | 1 of 2 |" in text
