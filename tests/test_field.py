@@ -93,9 +93,11 @@ def test_analytic_normals_are_trainable_and_graph_free_without_grad():
     torch.testing.assert_close(out.normal, normals.detach())
 
 
-def test_fused_normal_path_equals_autograd_through_the_points_in_float64():
-    # the path of a fused encoding (autograd to the features and the raw density, the bias slope in closed form)
-    # against autograd through the points, both in float64: normals and every training gradient agree
+@pytest.mark.parametrize("normal_points", [None, 120])
+def test_fused_normal_path_equals_autograd_through_the_points_in_float64(normal_points):
+    # the path of a fused encoding (autograd to the features and the raw density, the bias slope in closed form;
+    # with normal_points, one lookup and the MLP on the two parts apart) against autograd through the points (the
+    # two parts evaluated apart), both in float64: normals and every training gradient agree
     cfg = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=9, base_resolution=4, per_level_scale=1.6, backend="torch")
     torch.manual_seed(3)
     reference = RadianceField(FieldConfig(encoding=cfg, mlp_width=16)).double()
@@ -118,9 +120,11 @@ def test_fused_normal_path_equals_autograd_through_the_points_in_float64():
     weights = torch.randn(300, 3, dtype=torch.float64)
     grads = []
     for field in (reference, fused):
-        out = field(points, with_normals=True)
+        out = field(points, with_normals=True, normal_points=normal_points)
         ((out.normal * weights).sum() + out.density.sum() * 1e-3).backward()
         grads.append((out.normal.detach(), *(p.grad for p in field.parameters())))
+    if normal_points is not None:
+        assert (grads[1][0][normal_points:] == 0).all() and (grads[1][0][:normal_points].norm(dim=-1) > 0.99).all()
     for got, expected in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6 * expected.abs().max(), rtol=0)
 
