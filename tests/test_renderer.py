@@ -25,7 +25,7 @@ class HalfSpaceField(RadianceField):
         inside = (points.abs() <= self.cfg.bound).all(-1)
         return torch.where(points[:, 2] < 0, 1.0, 2.0) * inside
 
-    def forward(self, points, with_normals=False):
+    def forward(self, points, with_normals=False, normal_points=None):
         red, blue = points.new_tensor([1.0, 0.0, 0.0]), points.new_tensor([0.0, 0.0, 1.0])
         albedo = torch.where(points[:, 2:3] < 0, red, blue)
         normal = points.new_tensor([0.0, 0.0, -1.0]).expand_as(points) if with_normals else None
@@ -38,7 +38,7 @@ class SphereField(RadianceField):
     def density(self, points):
         return 1000.0 * (points.norm(dim=-1) < 0.5).to(points.dtype)
 
-    def forward(self, points, with_normals=False):
+    def forward(self, points, with_normals=False, normal_points=None):
         return FieldOutput(self.density(points), torch.full_like(points, 0.5))
 
 

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recon.cameras import Cameras, generate_rays
 from recon.errors import ReconError
-from recon.field import FieldOutput, RadianceField
+from recon.field import RadianceField
 from recon.render.compositing import accumulate, compositing_weights, over_background
 from recon.render.occupancy import TorchOccupancyGrid, accumulate_packed, packed_weights
 from recon.render.samplers import OccupancyGridSampler, stratified_samples
@@ -204,12 +204,6 @@ class VolumeRenderer(nn.Module):
         keys = ("rgb", "opacity", "depth", "normal", "orientation") if normals else ("rgb", "opacity", "depth")
         return dict(zip(keys, values, strict=True))
 
-    def _evaluate(self, points: Tensor, normals: bool, split: int | None) -> FieldOutput:
-        """The field at points (P, 3); with ``normals``, normals for the first ``split`` points only (0 after; None = all)."""
-        if not normals or split is None or split >= points.shape[0]:
-            return self.field(points, with_normals=normals)
-        return self.field(points, with_normals=True, normal_points=split)
-
     def _shade_dense(
         self,
         origins: Tensor,
@@ -223,7 +217,7 @@ class VolumeRenderer(nn.Module):
     ) -> tuple[Tensor, ...]:
         n_rays, n_samples = t_points.shape
         points = origins[:, None] + directions[:, None] * t_points[..., None]
-        field = self._evaluate(points.reshape(-1, 3), normals, split)
+        field = self.field(points.reshape(-1, 3), with_normals=normals, normal_points=split)
         weights, _, _ = compositing_weights(field.density.view(n_rays, n_samples), t_ends - t_starts)
         opacity = accumulate(weights)
         rgb = over_background(accumulate(weights, field.albedo.view(n_rays, n_samples, 3)), opacity, background)
@@ -248,7 +242,7 @@ class VolumeRenderer(nn.Module):
         n_rays = origins.shape[0]
         t_mid = 0.5 * (t_starts + t_ends)
         ray_dirs = directions[ray_indices]
-        field = self._evaluate(origins[ray_indices] + ray_dirs * t_mid[:, None], normals, split)
+        field = self.field(origins[ray_indices] + ray_dirs * t_mid[:, None], with_normals=normals, normal_points=split)
         weights = packed_weights(t_starts, t_ends, field.density, ray_indices)
         opacity = accumulate_packed(weights, None, ray_indices, n_rays)
         rgb = over_background(accumulate_packed(weights, field.albedo, ray_indices, n_rays), opacity, background)
