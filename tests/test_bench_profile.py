@@ -26,6 +26,34 @@ def test_gpu_busy_is_the_union_of_the_gpu_intervals():
     assert gpu_busy({"traceEvents": []}) == (0.0, 0.0, 0, 0.0)
 
 
+def test_window_report_splits_gpu_time_by_launch_and_blames_long_gaps_on_their_operator():
+    window_report = load_script("bench/profile_fit.py").window_report
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "user_annotation", "name": "step 0", "ts": 0, "dur": 100, "tid": 1},
+        {"ph": "X", "cat": "user_annotation", "name": "step 1", "ts": 100, "dur": 100, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "Graphed", "ts": 10, "dur": 20, "tid": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 12, "dur": 5, "tid": 1, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "conv", "ts": 40, "dur": 20, "args": {"correlation": 1}},  # 40 us idle before
+        {"ph": "X", "cat": "kernel", "name": "norm", "ts": 60, "dur": 20, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mul", "ts": 150, "dur": 10, "tid": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 152, "dur": 3, "tid": 1, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 170, "dur": 20, "tid": 1},
+        {"ph": "X", "cat": "kernel", "name": "mul", "ts": 300, "dur": 10, "args": {"correlation": 2}},  # 220 us idle before
+        {"ph": "X", "cat": "cpu_op", "name": "MulBackward0", "ts": 305, "dur": 10, "tid": 2},
+        {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernelEx", "ts": 306, "dur": 2, "tid": 2, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "kernel", "name": "scatter", "ts": 320, "dur": 5, "args": {"correlation": 3}},  # 10 us idle before
+    ]}  # fmt: skip
+    report = window_report(trace)
+    assert report["steps"] == [("step 0", 0.1, 0.0), ("step 1", 0.1, 0.02)]
+    assert report["busy_ms"] == pytest.approx(0.055) and report["span_ms"] == pytest.approx(0.325)
+    assert report["idle_ms"] == pytest.approx(0.27)
+    launches = {label: pytest.approx(values) for label, values in report["launches"].items()}
+    assert launches == {"cudaGraphLaunch in Graphed": [2, 0.04, 0.04], "cudaLaunchKernel": [1, 0.01, 0.0], "cuLaunchKernelEx": [1, 0.005, 0.01]}
+    assert report["long_gaps"] == {"aten::mul": [1, pytest.approx(0.22)]}
+    with pytest.raises(ValueError, match="no user annotation named 'step '"):
+        window_report({"traceEvents": []})
+
+
 def test_training_profiler_runs_a_few_steps_on_the_cpu(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "profile_training.py"), "--init", "random-tiny", "--objects", "3", "--views", "3",
