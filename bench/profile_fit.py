@@ -153,16 +153,17 @@ def window_report(trace: dict, step_prefix: str = "step ") -> dict:
                 label += f" in {operator or 'no operator'}"
             launchers[correlation] = (label, operator)
         label, operator = launchers[correlation]
+        running = max(0.0, end - max(start, reached))  # the part no earlier GPU event covered
         entry = launches[label]
         entry[0] += 1
-        entry[1] += (end - max(start, reached)) / 1000.0 if end > reached else 0.0
+        entry[1] += running / 1000.0
         if gap >= LONG_GAP_US:
             blamed = long_gaps[operator or label]
             blamed[0] += 1
             blamed[1] += gap / 1000.0
         else:
             entry[2] += gap / 1000.0
-        busy += max(0.0, end - max(start, reached))
+        busy += running
         reached = max(reached, end)
     span = max(reached, float(steps[-1]["ts"]) + float(steps[-1]["dur"])) - first
     report.update(span_ms=span / 1000.0, busy_ms=busy / 1000.0, idle_ms=(span - busy) / 1000.0, launches=dict(launches), long_gaps=dict(long_gaps))
