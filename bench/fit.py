@@ -14,7 +14,9 @@ give ms per step and its parts per stage: grid (occupancy refresh), render
 losses, backward pass and the step's one sync) and optimiser; the first
 steps of each stage are also listed one by one (their one-off costs: graph
 captures, first kernel loads). The sizes of the packed sample sets (read from tensor shapes, no sync) give the
-mean points per step whose density the sampler evaluates (``sampled``) and
+mean points per step that the PyTorch occupancy grid's sampler tests for visibility (``candidates``: the lattice
+points in occupied cells), whose density it evaluates (``sampled``: fewer where rays become opaque within
+their first candidates, the rest then left unevaluated) and
 that the renderer shades with gradients (``shaded``; a gradient-checkpointed
 chunk, as in the low-vram preset, is shaded twice and counted twice). Prints Markdown
 tables; writes the same numbers as JSON to ``--out``.
@@ -45,7 +47,7 @@ from typing import Any
 from recon.fileio import read_json, write_json
 
 PARTS = ("grid", "render", "sds", "backward", "optimiser")
-COUNTS = ("rays", "sampled", "shaded")
+COUNTS = ("rays", "candidates", "sampled", "shaded")
 CLI = "import sys; from recon.cli.main import run; sys.exit(run())"  # what the console script runs
 BYTECODE_PACKAGES = ("torch", "diffusers", "transformers", "recon")
 WARMUP_STEPS = 5  # per stage, left out of the ms/step means (kernel compiles, CUDA-graph captures)
@@ -124,7 +126,7 @@ class StepTimer:
 
     @staticmethod
     def _count_points(trainer: Any) -> None:
-        """Counts rays, sampler density points and shaded samples of each step (tensor shapes: no sync)."""
+        """Counts rays, sampler candidates and density points and shaded samples of each step (tensor shapes: no sync)."""
         renderer, counts = trainer.renderer, lambda: trainer._bench_counts
         render_rays, shade, density = renderer.render_rays, renderer._shade_packed, trainer.field.density
 
@@ -146,6 +148,14 @@ class StepTimer:
             return density(points)
 
         renderer.render_rays, renderer._shade_packed, trainer.field.density = counted_render_rays, counted_shade, counted_density
+        if hasattr(renderer.occupancy, "_visible"):  # the PyTorch grid (nerfacc's has no such test)
+            visible = renderer.occupancy._visible
+
+            def counted_visible(origins: Any, directions: Any, ray_ids: Any, *a: Any, **k: Any) -> Any:
+                counts()["candidates"] += ray_ids.shape[0]
+                return visible(origins, directions, ray_ids, *a, **k)
+
+            renderer.occupancy._visible = counted_visible
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per stage: mean ms per step and per part over the steps after the warm-up."""
@@ -289,7 +299,8 @@ def markdown(record: dict[str, Any]) -> str:
         parts = s.get("parts_ms") or {}
         cells = " | ".join("n/a" if parts.get(p) is None else f"{parts[p]:.1f}" for p in ("step", *PARTS))
         lines.append(f"| {name} | {s['steps']} | {s['resolution']} | {s['batch_size']} | {seconds} | {per_step} | {cells} |")
-    lines += ["", "| stage | rays / step | sampler density points / step | shaded samples / step |", "|---|---:|---:|---:|"]
+    lines += ["", "| stage | rays / step | sampler candidates / step | sampler density points / step | shaded samples / step |",
+              "|---|---:|---:|---:|---:|"]
     for name, s in record["stages"].items():
         parts = s.get("parts_ms") or {}
         cells = " | ".join("n/a" if parts.get(c) is None else f"{parts[c] / 1e6:.2f} M" for c in COUNTS)

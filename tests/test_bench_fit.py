@@ -35,3 +35,25 @@ def test_command_mode_reports_the_commands_own_error(tmp_path):
     missing = tmp_path / "no-such-image.png"
     with pytest.raises(SystemExit, match=r"recon fit exited with code [1-9].*no-such-image\.png"):
         bench.run_command(missing, "cpu", "cpu", [], "random-tiny", tmp_path / "out", steps=2)
+
+
+def test_point_counts_follow_the_sampler_and_the_renderer_calls():
+    from types import SimpleNamespace
+
+    import torch
+
+    calls = []
+    renderer = SimpleNamespace(
+        render_rays=lambda origins, *a, **k: (calls.append("render"), trainer.renderer.occupancy._visible(origins, None, torch.zeros(7)),
+                                              trainer.field.density(torch.zeros(5, 3)))[-1],
+        _shade_packed=lambda origins, directions, background, ray_indices, *a, **k: calls.append("shade"),
+        occupancy=SimpleNamespace(_visible=lambda origins, directions, ray_ids, *a, **k: calls.append("visible")),
+    )  # fmt: skip
+    trainer = SimpleNamespace(renderer=renderer, field=SimpleNamespace(density=lambda points: calls.append("density")), _bench_counts=None)
+    trainer._bench_counts = dict.fromkeys(bench.COUNTS, 0)
+    bench.StepTimer._count_points(trainer)
+    trainer.renderer.render_rays(torch.zeros(11, 3))
+    trainer.renderer._shade_packed(None, None, None, torch.zeros(3))
+    trainer.field.density(torch.zeros(2, 3))  # outside a render: not the sampler's
+    assert calls == ["render", "visible", "density", "shade", "density"]
+    assert trainer._bench_counts == {"rays": 11, "candidates": 7, "sampled": 5, "shaded": 3, "in_render": False}
