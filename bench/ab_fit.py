@@ -1,7 +1,7 @@
 """Times `recon fit` as a user runs it under two installs, alternated, and prints the paired differences.
 
     python bench/ab_fit.py IMAGE --env before=/tmp/clean_old --env after=/tmp/clean_new [--pairs 3]
-        [--no-warmup] [--out ab.json] [-- FIT_ARGS ...]
+        [--no-warmup] [--in-process] [--out ab.json] [-- FIT_ARGS ...]
 
 Each ``--env LABEL=PATH`` names a folder put alone on ``PYTHONPATH`` (the runs use ``python -S``), such as
 ``bench/clean_env.py`` makes from a plain install of each commit. First one short run per install
@@ -13,6 +13,11 @@ second run of a call was often the slower, by more than the change being measure
 Prints, for the wall time, each phase, each stage's ms per step and the peak GPU memory, each install's
 mean and range and the paired differences (the second label minus the first: their mean and range, and
 in how many pairs it was lower). Writes every run's record to ``--out``.
+
+``--in-process`` times ``bench/fit.py IMAGE`` without ``--command`` instead: the fit call alone (after
+the imports), whose CUDA events also give each stage's parts (render, SDS, backward...) and the ms per
+step of each render-size segment of its schedule (e.g. the default's fine stage at 128 px, then 256 px):
+fewer sources of spread than the whole command, and a change's effect found in the phase it touches.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import tempfile
 from pathlib import Path
 
 FIT = Path(__file__).resolve().parent / "fit.py"
+PARTS = ("step", "grid", "render", "sds", "backward", "optimiser")
+"""The whole step and its parts, as ``bench/fit.py``'s in-process records give them per stage (ms)."""
 
 
 def parse_env(spec: str) -> tuple[str, str]:
@@ -42,10 +49,12 @@ def run_order(labels: tuple[str, str], pairs: int) -> list[tuple[int, str]]:
     return [(pair, label) for pair in range(pairs) for label in (labels if pair % 2 == 0 else labels[::-1])]
 
 
-def run_fit(image: Path, pythonpath: str, fit_args: list[str], out: Path) -> dict:
-    """One ``bench/fit.py IMAGE --command`` run with ``pythonpath`` alone on the path; its JSON record."""
+def run_fit(image: Path, pythonpath: str, fit_args: list[str], out: Path, in_process: bool = False) -> dict:
+    """One ``bench/fit.py IMAGE --command`` run (without ``--command`` when ``in_process``) with ``pythonpath``
+    alone on the path; its JSON record."""
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    command = [sys.executable, "-S", str(FIT), str(image.resolve()), "--command", "--out", str(out), *fit_args]
+    mode = [] if in_process else ["--command"]
+    command = [sys.executable, "-S", str(FIT), str(image.resolve()), *mode, "--out", str(out), *fit_args]
     # run from the record's folder: from a checkout, `python -m recon` would import the source tree instead
     done = subprocess.run(command, check=False, env=env, cwd=out.parent, capture_output=True, text=True)
     if done.returncode != 0:
@@ -59,6 +68,10 @@ def metrics(record: dict) -> dict[str, float]:
     values = {"wall s": record["wall_seconds"], "outside the phases s": record["outside_phases_s"]}
     values.update({f"{phase} s": seconds for phase, seconds in record["phases_s"].items()})
     values.update({f"{stage} ms/step": stage_record["ms_per_step"] for stage, stage_record in record["stages"].items()})
+    for stage, stage_record in record["stages"].items():  # the in-process mode's CUDA-event parts
+        parts = stage_record.get("parts_ms") or {}
+        values.update({f"{stage} {part} ms": parts[part] for part in PARTS if part in parts})
+        values.update({f"{stage} {segment} ms/step": ms for segment, ms in (parts.get("segments_ms") or {}).items()})
     if record.get("peak_gpu_memory_gib") is not None:
         values["peak GPU GiB"] = record["peak_gpu_memory_gib"]
     return values
@@ -107,6 +120,7 @@ def main() -> None:
     parser.add_argument("--env", type=parse_env, action="append", required=True, help="LABEL=PYTHONPATH; give exactly two")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--no-warmup", action="store_true", help="skip the short first run of each install")
+    parser.add_argument("--in-process", action="store_true", help="time the fit call alone, with per-step parts and segments")
     parser.add_argument("--out", type=Path, default=None, help="write every run's record here (JSON)")
     args, fit_args = parser.parse_known_args()
     fit_args = [a for a in fit_args if a != "--"]
@@ -119,9 +133,9 @@ def main() -> None:
         record_path = Path(scratch) / "run.json"
         if not args.no_warmup:
             for label in labels:
-                run_fit(args.image, paths[label], [*fit_args, "--steps", "30"], record_path)
+                run_fit(args.image, paths[label], [*fit_args, "--steps", "30"], record_path, args.in_process)
         for pair, label in run_order(labels, args.pairs):
-            record = run_fit(args.image, paths[label], fit_args, record_path)
+            record = run_fit(args.image, paths[label], fit_args, record_path, args.in_process)
             runs.append({"pair": pair, "label": label, "metrics": metrics(record), "record": record})
             print(f"pair {pair} {label}: {record['wall_seconds']:.1f} s", flush=True)
     print(table(summarise(runs, labels), labels, args.pairs))

@@ -118,7 +118,9 @@ class StepTimer:
             trainer._bench_counts = dict.fromkeys(COUNTS, 0)
             loss = original(trainer, stage_name, stage, local_step)
             trainer._bench_events["end"] = event()
-            timer.steps[stage_name].append({**trainer._bench_events, **trainer._bench_counts})
+            sizes = stage.sizes(local_step) if hasattr(stage, "sizes") else None  # older Trainers: no segments
+            segment = None if sizes is None else f"{sizes[0]} px x {sizes[1]}, reference {sizes[2]} px"
+            timer.steps[stage_name].append({**trainer._bench_events, **trainer._bench_counts, "segment": segment})
             timer.training_peak = torch.cuda.max_memory_allocated()  # a host-side allocator statistic: no sync
             return loss
 
@@ -158,7 +160,8 @@ class StepTimer:
             renderer.occupancy._visible = counted_visible
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per stage: mean ms per step and per part over the steps after the warm-up."""
+        """Per stage: mean ms per step and per part over the steps after the warm-up, and (``segments_ms``) the
+        mean ms per step of each render-size segment of the stage's schedule (a stage's first steps left out)."""
         import torch
 
         torch.cuda.synchronize()
@@ -177,12 +180,17 @@ class StepTimer:
                 totals["step"] += e["start"].elapsed_time(e["end"])
                 for name in COUNTS:
                     totals[name] = totals.get(name, 0.0) + e[name]
+            segments: dict[str, list[float]] = defaultdict(list)
+            for e in counted:
+                if e["segment"] is not None:
+                    segments[e["segment"]].append(e["start"].elapsed_time(e["end"]))
             first = [round(e["start"].elapsed_time(e["end"]), 1) for e in steps[:WARMUP_STEPS]]
             every = sum(e["start"].elapsed_time(e["end"]) for e in steps) / 1000
             result[stage] = {name: round(value / len(counted), 2) for name, value in totals.items()} | {
                 "steps_timed": len(counted),
                 "warmup_steps_ms": first,  # one-off costs: graph captures, first kernel loads, cuDNN plans
                 "all_steps_s": round(every, 3),
+                "segments_ms": {name: round(sum(ms) / len(ms), 2) for name, ms in segments.items()},
             }
         return result
 
@@ -299,6 +307,10 @@ def markdown(record: dict[str, Any]) -> str:
         parts = s.get("parts_ms") or {}
         cells = " | ".join("n/a" if parts.get(p) is None else f"{parts[p]:.1f}" for p in ("step", *PARTS))
         lines.append(f"| {name} | {s['steps']} | {s['resolution']} | {s['batch_size']} | {seconds} | {per_step} | {cells} |")
+    segments = [(name, segment, ms) for name, s in record["stages"].items() for segment, ms in ((s.get("parts_ms") or {}).get("segments_ms") or {}).items()]
+    if segments:
+        lines += ["", "| stage | render sizes | ms/step (GPU stream) |", "|---|---|---:|"]
+        lines += [f"| {name} | {segment} | {ms:.1f} |" for name, segment, ms in segments]
     lines += ["", "| stage | rays / step | sampler candidates / step | sampler density points / step | shaded samples / step |",
               "|---|---:|---:|---:|---:|"]
     for name, s in record["stages"].items():

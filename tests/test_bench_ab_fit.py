@@ -33,6 +33,12 @@ def test_paired_differences_are_taken_within_each_pair():
         "wall s": 50.0, "outside the phases s": 3.0, "import libraries s": 3.5, "fine s": 24.0, "fine ms/step": 60.0, "peak GPU GiB": 7.0,
     }  # fmt: skip
     assert "peak GPU GiB" not in script.metrics(_record(50.0, 60.0, peak=None))
+    in_process = _record(50.0, 60.0)
+    in_process["stages"]["fine"]["parts_ms"] = {
+        "step": 58.0, "render": 20.0, "sds": 15.0, "rays": 1e5, "segments_ms": {"128 px x 4, reference 256 px": 57.0},
+    }  # fmt: skip
+    extra = {k: v for k, v in script.metrics(in_process).items() if k not in script.metrics(_record(50.0, 60.0))}
+    assert extra == {"fine step ms": 58.0, "fine render ms": 20.0, "fine sds ms": 15.0, "fine 128 px x 4, reference 256 px ms/step": 57.0}
     walls = {(0, "old"): 50.0, (0, "new"): 48.0, (1, "new"): 56.0, (1, "old"): 55.0, (2, "old"): 52.0}  # pair 2 incomplete
     runs = [{"pair": p, "label": label, "metrics": script.metrics(_record(w, w + 10))} for (p, label), w in walls.items()]
     rows = {row["metric"]: row for row in script.summarise(runs, ("old", "new"))}

@@ -57,3 +57,26 @@ def test_point_counts_follow_the_sampler_and_the_renderer_calls():
     trainer.field.density(torch.zeros(2, 3))  # outside a render: not the sampler's
     assert calls == ["render", "visible", "density", "shade", "density"]
     assert trainer._bench_counts == {"rays": 11, "candidates": 7, "sampled": 5, "shaded": 3, "in_render": False}
+
+
+def test_summary_gives_each_render_size_segment_its_own_ms_per_step(monkeypatch):
+    import torch
+
+    class Event:  # a recorded CUDA event at time t (ms)
+        def __init__(self, t: float) -> None:
+            self.t = t
+
+        def elapsed_time(self, other: Event) -> float:
+            return other.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    timer = bench.StepTimer()
+    durations = [100.0] * bench.WARMUP_STEPS + [40.0, 44.0, 80.0, 90.0]
+    segments = ["128 px x 4"] * (bench.WARMUP_STEPS + 2) + ["256 px x 2"] * 2
+    clock = 0.0
+    for ms, segment in zip(durations, segments, strict=True):
+        timer.steps["fine"].append({"start": Event(clock), "end": Event(clock + ms), "segment": segment, **dict.fromkeys(bench.COUNTS, 1)})
+        clock += ms
+    fine = timer.summary()["fine"]
+    assert fine["segments_ms"] == {"128 px x 4": 42.0, "256 px x 2": 85.0}  # the warm-up steps left out
+    assert fine["step"] == pytest.approx(63.5) and fine["steps_timed"] == 4
