@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ class StepTimer:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per stage: mean ms per step and per part over the steps after the warm-up, and (``segments_ms``) the
-        mean ms per step of each render-size segment of the stage's schedule (a stage's first steps left out)."""
+        mean ms per step of each render-size segment of the stage's schedule (each segment's first steps left out)."""
         import torch
 
         torch.cuda.synchronize()
@@ -181,8 +181,10 @@ class StepTimer:
                 for name in COUNTS:
                     totals[name] = totals.get(name, 0.0) + e[name]
             segments: dict[str, list[float]] = defaultdict(list)
-            for e in counted:
-                if e["segment"] is not None:
+            seen: Counter = Counter()
+            for e in steps:  # each segment's first steps left out too: a new render size captures new graphs
+                seen[e["segment"]] += 1
+                if e["segment"] is not None and seen[e["segment"]] > WARMUP_STEPS:
                     segments[e["segment"]].append(e["start"].elapsed_time(e["end"]))
             first = [round(e["start"].elapsed_time(e["end"]), 1) for e in steps[:WARMUP_STEPS]]
             every = sum(e["start"].elapsed_time(e["end"]) for e in steps) / 1000

@@ -71,12 +71,13 @@ def test_summary_gives_each_render_size_segment_its_own_ms_per_step(monkeypatch)
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     timer = bench.StepTimer()
-    durations = [100.0] * bench.WARMUP_STEPS + [40.0, 44.0, 80.0, 90.0]
-    segments = ["128 px x 4"] * (bench.WARMUP_STEPS + 2) + ["256 px x 2"] * 2
+    warm = bench.WARMUP_STEPS
+    durations = [100.0] * warm + [40.0, 44.0] + [300.0] * warm + [80.0, 90.0]  # a new segment starts slow too
+    segments = ["128 px x 4"] * (warm + 2) + ["256 px x 2"] * (warm + 2)
     clock = 0.0
     for ms, segment in zip(durations, segments, strict=True):
         timer.steps["fine"].append({"start": Event(clock), "end": Event(clock + ms), "segment": segment, **dict.fromkeys(bench.COUNTS, 1)})
         clock += ms
     fine = timer.summary()["fine"]
-    assert fine["segments_ms"] == {"128 px x 4": 42.0, "256 px x 2": 85.0}  # the warm-up steps left out
-    assert fine["step"] == pytest.approx(63.5) and fine["steps_timed"] == 4
+    assert fine["segments_ms"] == {"128 px x 4": 42.0, "256 px x 2": 85.0}  # each segment's first steps left out
+    assert fine["steps_timed"] == warm + 4 and fine["step"] == pytest.approx((254.0 + 300.0 * warm) / (warm + 4))
