@@ -74,10 +74,18 @@ class FieldConfig:
     the fit renders in bfloat16) in one Triton kernel, hash-grid lookup and MLP together, features never
     stored, the MLP rounded as PyTorch rounds it (Triton hash grid only; float32 queries such as the occupancy
     refresh and the export take the reference path). false = the encoding then the MLP in PyTorch."""
+    mlp_row_sizes: int = 16
+    """On CUDA, the MLP runs on its rows padded with zeros to one of this many sizes per power of two (at most
+    1/this more rows; a power of two): the sample count changes every step, and cuBLAS choosing a kernel for a
+    matrix shape it has not seen costs ~0.15-0.2 ms of host time per product, ten times a repeated shape's
+    (bench/mlp_rows.py; the fast preset's steps, bound by the host, 1.6-2.7 ms shorter: docs/SPEED.md).
+    0 = the exact row count (the reference path)."""
 
     def __post_init__(self) -> None:
         if self.bound <= 0 or self.blob_radius <= 0 or self.fd_step <= 0:
             raise ReconError("field: bound, blob_radius and fd_step must be > 0")
+        if self.mlp_row_sizes < 0 or self.mlp_row_sizes & (self.mlp_row_sizes - 1):
+            raise ReconError(f"field: mlp_row_sizes={self.mlp_row_sizes}: use 0 or a power of two")
         if self.mlp_width < 1 or self.mlp_hidden_layers < 0:
             raise ReconError("field: mlp_width must be >= 1 and mlp_hidden_layers >= 0")
 
@@ -89,6 +97,26 @@ class FieldOutput:
     density: Tensor
     albedo: Tensor
     normal: Tensor | None = None
+
+
+def padded_rows(rows: int, sizes_per_octave: int) -> int:
+    """The smallest of ``sizes_per_octave`` (a power of two) evenly spaced sizes between consecutive powers of
+    two that holds ``rows`` (``rows`` itself when it is smaller than ``sizes_per_octave``, or with 0)."""
+    if sizes_per_octave <= 0 or rows <= sizes_per_octave:
+        return rows
+    granule = 1 << (rows.bit_length() - sizes_per_octave.bit_length())
+    return -(-rows // granule) * granule
+
+
+def run_on_padded_rows(mlp: nn.Module, features: Tensor, sizes_per_octave: int) -> Tensor:
+    """``mlp(features)`` (P, out) for a row-wise ``mlp`` and ``features`` (P, in), computed on the rows padded
+    with zeros to ``padded_rows(P, sizes_per_octave)``: the same values and gradients of every order, since
+    each output row depends on its own input row only and the padding's outputs are cut off."""
+    rows = features.shape[0]
+    padding = padded_rows(rows, sizes_per_octave) - rows
+    if padding == 0:
+        return mlp(features)
+    return mlp(F.pad(features, (0, 0, 0, padding)))[:rows]
 
 
 def _mlp(in_dim: int, width: int, hidden_layers: int, out_dim: int) -> nn.Sequential:
@@ -148,7 +176,8 @@ class RadianceField(nn.Module):
     def _head(self, features: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
         """Raw density (P,) (with the bias at ``points``) and albedo logits (P, 3) from encoded features."""
         # split, not indexing: the backward joins both gradients in one kernel instead of a zero-fill and copy per slice
-        raw_density, albedo = self.mlp(features).to(points.dtype).split([1, 3], dim=1)
+        sizes = self.cfg.mlp_row_sizes if features.is_cuda else 0  # the host cost it saves is cuBLAS's
+        raw_density, albedo = run_on_padded_rows(self.mlp, features, sizes).to(points.dtype).split([1, 3], dim=1)
         raw_density = raw_density.squeeze(1)
         bias = self._density_bias(points)
         return (raw_density if bias is None else raw_density + bias), albedo

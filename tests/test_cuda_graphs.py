@@ -72,18 +72,23 @@ def test_graphed_encoder_matches_eager_values_and_gradients_across_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_encoder_frees_the_previous_shapes_graphs_before_capturing():
+def test_graphed_encoder_frees_the_previous_shapes_graphs_before_capturing(monkeypatch):
     # the previous graphs sit in reference cycles: if the cyclic collector freed them during the next capture,
     # that capture would fail; they must be gone as soon as the new shape's graphs exist
     import gc
 
+    from recon.guidance import cuda_graphs
+
     model = tiny_model().to("cuda")
     encoder = GraphedEncoder(model.encode)
     gc.collect()  # earlier tests' graphs
+    collections, collect = [], gc.collect
+    monkeypatch.setattr(cuda_graphs.gc, "collect", lambda: collections.append(len(collections)) or collect())
     gc.disable()
     try:
         for batch in (2, 3):
             encoder(torch.rand(batch, 3, 32, 32, device="cuda", requires_grad=True)).sum().backward()
+            assert len(collections) == batch - 2  # none before the first capture: nothing to free yet
         graphs = [o for o in gc.get_objects() if isinstance(o, torch.cuda.CUDAGraph)]
     finally:
         gc.enable()

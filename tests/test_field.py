@@ -7,7 +7,7 @@ import torch
 
 from recon.encoding import HashGridConfig
 from recon.errors import ReconError
-from recon.field import FieldConfig, RadianceField, trunc_exp
+from recon.field import FieldConfig, RadianceField, padded_rows, run_on_padded_rows, trunc_exp
 
 TINY = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, per_level_scale=1.5, backend="torch")
 
@@ -138,6 +138,47 @@ def test_set_active_levels_reaches_the_encoding():
 def test_config_validation():
     with pytest.raises(ReconError, match="bound"):
         FieldConfig(bound=0.0)
+    with pytest.raises(ReconError, match="mlp_row_sizes=12: use 0 or a power of two"):
+        FieldConfig(mlp_row_sizes=12)
+
+
+def test_padded_rows_hold_the_rows_with_few_sizes_per_octave():
+    for sizes in (1, 4, 16):
+        padded = [padded_rows(rows, sizes) for rows in range(1, 4097)]
+        for rows, size in enumerate(padded, start=1):
+            assert rows <= size <= rows + max(0, rows - 1) // sizes
+        for k in range(5, 12):  # rows in [2^k, 2^(k+1)): 2^k itself, or one of `sizes` sizes above it
+            assert len(set(padded[2**k - 1 : 2 ** (k + 1) - 1])) == sizes + 1
+    assert padded_rows(1000, 16) == 1024 and padded_rows(1025, 16) == 1088 and padded_rows(100_000, 16) == 102_400
+    assert padded_rows(1000, 0) == 1000 and padded_rows(7, 16) == 7
+
+
+def test_mlp_on_padded_rows_gives_the_same_values_and_gradients_to_second_order():
+    mlp = _field(mlp_width=16).mlp.double()
+    features = torch.randn(1000, mlp[0].in_features, dtype=torch.float64)
+    results = []
+    for sizes in (0, 16):
+        x = features.clone().requires_grad_(True)
+        out = run_on_padded_rows(mlp, x, sizes)
+        (dx,) = torch.autograd.grad(out[:, 0].sum(), x, create_graph=True)  # as the analytic normals do
+        (out.square().sum() + dx.square().sum()).backward()
+        results.append((out.detach(), dx.detach(), x.grad, *(p.grad.clone() for p in mlp.parameters())))
+        mlp.zero_grad()
+    assert results[0][0].shape == (1000, 4)
+    for padded, exact in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(padded, exact, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the MLP rows are padded on CUDA only")
+def test_field_pads_its_mlp_rows_on_cuda_with_the_same_outputs():
+    seen = []
+    fields = [_field(mlp_row_sizes=sizes).cuda() for sizes in (16, 0)]
+    fields[0].mlp[0].register_forward_hook(lambda _module, args, _out: seen.append(args[0].shape[0]))
+    points = (torch.rand(1000, 3, device="cuda") * 2 - 1) * 0.9
+    outputs = [field(points, with_normals=True) for field in fields]
+    assert seen == [1024]
+    for name in ("density", "albedo", "normal"):
+        torch.testing.assert_close(getattr(outputs[0], name), getattr(outputs[1], name), rtol=1e-4, atol=1e-5)
 
 
 def test_auto_normals_are_analytic_with_torch_and_triton_and_finite_differences_with_tcnn(monkeypatch):
