@@ -12,7 +12,8 @@ second run of a call was often the slower, by more than the change being measure
 
 Prints, for the wall time, each phase, each stage's ms per step and the peak GPU memory, each install's
 mean and range and the paired differences (the second label minus the first: their mean and range, and
-in how many pairs it was lower). Writes every run's record to ``--out``.
+in how many pairs it was lower). Writes every run's record to ``--out`` after each run (a command cut short by a
+time limit keeps the runs it finished).
 
 ``--in-process`` times ``bench/fit.py IMAGE`` without ``--command`` instead: the fit call alone (after
 the imports), whose CUDA events also give each stage's parts (render, SDS, backward...) and the ms per
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from recon.fileio import write_json
 
 FIT = Path(__file__).resolve().parent / "fit.py"
 PARTS = ("step", "grid", "render", "sds", "backward", "optimiser")
@@ -113,6 +116,12 @@ def table(rows: list[dict], labels: tuple[str, str], pairs: int) -> str:
     return "\n".join(lines)
 
 
+def run_line(pair: int, label: str, record: dict) -> str:
+    """One run's wall seconds and each stage's ms per step, printed as it ends."""
+    stages = ", ".join(f"{name} {stage['ms_per_step']} ms/step" for name, stage in record["stages"].items())
+    return f"pair {pair} {label}: {record['wall_seconds']:.1f} s ({stages})"
+
+
 def main() -> None:
     """Parses the flags, runs the warm-ups and the pairs, prints the table and writes the records."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -137,10 +146,10 @@ def main() -> None:
         for pair, label in run_order(labels, args.pairs):
             record = run_fit(args.image, paths[label], fit_args, record_path, args.in_process)
             runs.append({"pair": pair, "label": label, "metrics": metrics(record), "record": record})
-            print(f"pair {pair} {label}: {record['wall_seconds']:.1f} s", flush=True)
+            print(run_line(pair, label, record), flush=True)
+            if args.out:  # after every run: a command cut short by its time limit keeps the runs it finished
+                write_json(args.out, {"labels": labels, "fit_args": fit_args, "runs": runs})
     print(table(summarise(runs, labels), labels, args.pairs))
-    if args.out:
-        args.out.write_text(json.dumps({"labels": labels, "fit_args": fit_args, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 from script_loading import load_script
@@ -50,3 +51,24 @@ def test_paired_differences_are_taken_within_each_pair():
     assert rows["import libraries s"]["difference"] == pytest.approx((0.0, 0.0, 0.0))
     text = script.table(list(rows.values()), ("old", "new"), 2)
     assert "| wall s | 52.33 [50.00, 55.00] | 52.00 [48.00, 56.00] | -0.50 [-2.00, +1.00] | 1 of 2 |" in text
+
+
+def test_records_are_written_after_every_run_so_a_cut_command_keeps_them(tmp_path, monkeypatch, capsys):
+    script = load_script("bench/ab_fit.py")
+    walls = iter([50.0, 48.0])
+
+    def fake_run_fit(image, pythonpath, fit_args, out, in_process=False):
+        wall = next(walls, None)
+        if wall is None:
+            raise SystemExit("cut short")  # as a time limit ends the command during the third run
+        return _record(wall, 60.0)
+
+    monkeypatch.setattr(script, "run_fit", fake_run_fit)
+    out = tmp_path / "ab.json"
+    argv = ["ab_fit.py", "robot.png", "--env", "old=/a", "--env", "new=/b", "--pairs", "2", "--no-warmup", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit, match="cut short"):
+        script.main()
+    saved = json.loads(out.read_text())
+    assert [(run["pair"], run["label"], run["metrics"]["wall s"]) for run in saved["runs"]] == [(0, "old", 50.0), (0, "new", 48.0)]
+    assert "pair 0 new: 48.0 s (fine 60.0 ms/step)" in capsys.readouterr().out
