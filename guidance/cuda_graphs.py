@@ -17,13 +17,28 @@ and their activation memory.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 WARMUP_CALLS = 2
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block (on again after, if it was on): a collection during a
+    capture could destroy an unreachable CUDA graph (graphs sit in reference cycles), which invalidates the
+    capture."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class GraphedUNet:
@@ -45,7 +60,7 @@ class GraphedUNet:
                 self._eager(*static)
         torch.cuda.current_stream(sample.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with collector_paused(), torch.cuda.graph(graph):
             output = self._eager(*static)
         return graph, static, output
 
@@ -84,14 +99,15 @@ class GraphedEncoder:
         if key != self.key:
             # frees the previous shape's graphs before capturing the new ones. They sit in reference cycles
             # (make_graphed_callables builds an autograd.Function class per callable), so only the cyclic
-            # collector frees them: left to run on its own it can do so mid-capture, and destroying a graph
-            # while a stream captures invalidates the capture (a CUDA error at the next shape change). A full
-            # collection takes ~0.2 s with diffusers and transformers loaded: only when there is a graph to free.
+            # collector frees them, and destroying a graph while a stream captures invalidates the capture (a
+            # CUDA error at the next shape change): collect here, when there is a graph to free (a full
+            # collection takes ~0.2 s with diffusers and transformers loaded), and not during the capture.
             if self.graphed is not None:
                 self.graphed = None
                 gc.collect()
             sample = torch.rand_like(images).requires_grad_(True)
-            self.graphed = torch.cuda.make_graphed_callables(self.encode, (sample,), num_warmup_iters=WARMUP_CALLS)
+            with collector_paused():
+                self.graphed = torch.cuda.make_graphed_callables(self.encode, (sample,), num_warmup_iters=WARMUP_CALLS)
             self.key = key
         return self.graphed(images)
 

@@ -23,6 +23,37 @@ def test_graphed_encoder_runs_eagerly_off_the_gpu_and_without_grad():
     assert encoder.graphed is None
 
 
+class _ClaimsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: drives GraphedEncoder's capture logic without a GPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_graphed_encoder_collects_only_old_graphs_and_never_during_a_capture(monkeypatch):
+    import gc
+
+    from recon.guidance import cuda_graphs
+
+    captures, collections, collect = [], [], gc.collect
+    monkeypatch.setattr(cuda_graphs.gc, "collect", lambda: collections.append(len(captures)) or collect())
+
+    def fake_capture(fn, samples, num_warmup_iters):
+        captures.append((tuple(samples[0].shape), gc.isenabled()))
+        return fn
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    encoder = GraphedEncoder(lambda images: images * 2.0)
+    assert gc.isenabled()
+    for batch in (2, 2, 3):
+        images = torch.Tensor._make_subclass(_ClaimsCuda, torch.rand(batch, 3, 4, 4), True)
+        torch.testing.assert_close(encoder(images).as_subclass(torch.Tensor), images.as_subclass(torch.Tensor) * 2.0)
+    assert captures == [((2, 3, 4, 4), False), ((3, 3, 4, 4), False)]  # a new shape only; collector off while capturing
+    assert collections == [1]  # before the second capture only: the first has no graphs to free
+    assert gc.isenabled()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replay_matches_eager_for_new_inputs_and_shapes():
