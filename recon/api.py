@@ -246,7 +246,7 @@ def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, 
     Marks the run failed (or interrupted) in progress.json before re-raising.
     """
     from recon.progress import info
-    from recon.runtime import peak_memory_gib, reset_peak_memory, seed_everything
+    from recon.runtime import import_in_background, peak_memory_gib, reset_peak_memory, seed_everything
 
     timer = PhaseTimer()
     start = time.perf_counter()
@@ -267,6 +267,9 @@ def fit_image(image: Path, run_dir: Path, cfg: FitConfig, device: torch.device, 
         trainer = Trainer(cfg, guidance, reference, run, device)
         if resuming and trainer.restore_latest():
             info(f"{run.root}: resuming at step {trainer.step} of {cfg.total_steps}")
+        # the export's libraries (trimesh, networkx, scipy's parts: ~1 s of a command on the GPU machine) load while
+        # the steps keep the GPU busy
+        import_in_background("recon.systems.run_export", "recon.exports.turntable")
         trainer.fit(timer)
         paths = _export(run, cfg, trainer, device, timer)
     except KeyboardInterrupt:

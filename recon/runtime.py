@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import random
+import threading
 
 import numpy as np
 import torch
@@ -37,6 +39,26 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)
+
+
+def import_in_background(*modules: str) -> threading.Thread:
+    """Starts importing ``modules`` (dotted names) in a daemon thread and returns the thread.
+
+    For imports a command needs later, started while the main thread mostly waits for the GPU (a fit's
+    training steps), so that the later import finds them loaded; an import of a module still loading waits for
+    it. A failed import is left to that later import, which raises the same error where it belongs.
+    """
+
+    def load() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue
+
+    thread = threading.Thread(target=load, name="recon-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def seed_everything(seed: int) -> torch.Generator:
