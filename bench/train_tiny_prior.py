@@ -47,6 +47,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # The budget counts from here, before torch is imported.
 START = time.perf_counter()
@@ -56,6 +57,9 @@ import torch
 
 from recon.fileio import read_json, write_bytes, write_json, write_text
 from recon.guidance.config import NEARBY_VIEWS
+
+if TYPE_CHECKING:
+    from recon.data.multiview import MultiViewDataset
 
 PART_BYTES = 15 * 1024 * 1024
 PRIOR_NAME = "tiny-zero123"
@@ -116,7 +120,8 @@ class RecipeConfig:
     """Shape families of the training objects (recon.data.primitives.FAMILIES), object i uses family i mod count."""
     heldout_families: str = "blob"
     """Shape families of the held-out objects ('blob' = the family of every earlier evaluation; since
-    PrimitiveObject.sample_surface samples whole surfaces, normalized() centres them a little differently)."""
+    PrimitiveObject.sample_surface samples whole surfaces, normalized() centres them a little differently). With
+    more than one, eval.md and recipe.json (``eval_by_family``) also score every method on each family."""
     size: int = 128
     """Image side in pixels (the VAE's sample_size is set to it)."""
     supersample: int = 2
@@ -538,6 +543,18 @@ def heldout_vae_scores(weights: Path, heldout: Path, size: int, device: str) -> 
     return reconstruction_scores(model.vae, views)
 
 
+def object_families(dataset: MultiViewDataset) -> dict[str, str]:
+    """{object id: shape family} of a synthetic dataset's objects, from each object's ``object.json``."""
+    from recon.data.synth import OBJECT_META
+
+    families: dict[str, str] = {}
+    for record in dataset.objects:
+        meta = record.folder / OBJECT_META
+        if meta.is_file():
+            families[record.object_id] = read_json(meta).get("family", "unknown")
+    return families
+
+
 def stage_throughput(run: Path) -> dict | None:
     """The last launch record (processes, global batch, samples/s) of a training run's meta.json."""
     meta = run / "meta.json"
@@ -733,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
     from recon.systems.evaluation import (
         EvalConfig,
         evaluate,
+        grouped_markdown,
+        grouped_summary,
         markdown_report,
         paired_markdown,
         write_report,
@@ -775,6 +794,10 @@ def main(argv: list[str] | None = None) -> int:
     extra = evaluate_extras(cfg, model, heldout, ecfg, report, out, log, record)
     timings["extras_s"] = time.perf_counter() - t
     table = "\n## Paired per-object comparisons\n\n" + paired_markdown(list(extra["paired"].items()))
+    families = object_families(heldout)
+    if len(set(families.values())) > 1:
+        record["eval_by_family"] = grouped_summary(report, families)
+        table = "\n## By shape family\n\n" + grouped_markdown(record["eval_by_family"], "family") + table
     log(table)
     write_report(report, shipped)
     for folder in (out, shipped):

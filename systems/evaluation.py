@@ -27,7 +27,7 @@ gives fixed relative poses (k * 360 / V deg of azimuth at one elevation).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -327,6 +327,37 @@ def paired_markdown(rows: Sequence[tuple[str, dict[str, dict[str, Any]]]]) -> st
                 f"| {label} | {metric} | {r['objects']} | {r['first']:.{d}f} | {r['second']:.{d}f} | {r['mean_diff']:+.{d + 1}f} "
                 f"| [{r['ci95'][0]:+.{d + 1}f}, {r['ci95'][1]:+.{d + 1}f}] | {100 * r['win_fraction']:.0f} % |"
             )
+    return "\n".join(lines) + "\n"
+
+
+def grouped_summary(report: dict[str, Any], groups: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Each method's mean PSNR and SSIM over the target views of each group of objects (as the summary averages
+    all views): ``{group: {"objects": n, "views": m, method: {"psnr", "ssim"}}}``. ``groups`` maps object ids to
+    group names (e.g. a synthetic object's shape family); objects it does not name are left out."""
+    methods = [key.removesuffix("_psnr") for key in (report["views"] or [{}])[0] if key.endswith("_psnr")]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for row in report["views"]:
+        if row["object"] in groups:
+            rows.setdefault(groups[row["object"]], []).append(row)
+    grouped: dict[str, dict[str, Any]] = {}
+    for name, members in sorted(rows.items()):
+        entry: dict[str, Any] = {"objects": len({r["object"] for r in members}), "views": len(members)}
+        for method in methods:
+            entry[method] = {metric: sum(r[f"{method}_{metric}"] for r in members) / len(members) for metric in ("psnr", "ssim")}
+        grouped[name] = entry
+    return grouped
+
+
+def grouped_markdown(grouped: dict[str, dict[str, Any]], label: str = "group") -> str:
+    """A Markdown table of :func:`grouped_summary`: one row per group, each method's PSNR (dB) / SSIM."""
+    methods = [k for k in next(iter(grouped.values()), {}) if k not in ("objects", "views")]
+    lines = [
+        f"| {label} | objects | " + " | ".join(f"{m} PSNR / SSIM" for m in methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
+    ]
+    for name, entry in grouped.items():
+        cells = [f"{entry[m]['psnr']:.2f} / {entry[m]['ssim']:.4f}" for m in methods]
+        lines.append(f"| {name} | {entry['objects']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

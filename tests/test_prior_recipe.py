@@ -181,6 +181,7 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     cascade = extra["paired"]["cascade vs base"]["psnr"]
     assert cascade["objects"] == 2 and cascade["ci95"][0] <= cascade["mean_diff"] <= cascade["ci95"][1]
     assert "## Paired per-object comparisons" in (out / "eval.md").read_text()
+    assert "## By shape family" not in (out / "eval.md").read_text() and "eval_by_family" not in recipe  # one family
 
     # A second run, into the same work folder, continues from the first's weights (no VAE stage): the same VAE,
     # provenance kept; with --cascade-fraction 1 only the cascade stage trains, on the near views.
@@ -214,7 +215,7 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     # --evaluate-only scores the weights as they are: no training data, no steps, the same tensors packed.
     scored = tmp_path / "scored"
     command = [*command[:3], str(scored), "--work", str(tmp_path / "work"), *command[6:], "--init", str(folder), "--evaluate-only",
-               "--no-ablation", "--cfg-sweep", "", "--mean-samples", "2"]
+               "--no-ablation", "--cfg-sweep", "", "--mean-samples", "2", "--heldout-families", "blob,stacked"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     third = json.loads((scored / "recipe.json").read_text())
@@ -223,6 +224,9 @@ def test_recipe_runs_end_to_end_at_micro_scale(tmp_path):
     assert set(json.loads((scored / "eval.json").read_text())["summary"]) == {*METHODS, "base-mean"}
     paired = json.loads((scored / "extra.json").read_text())["paired"]
     assert {"base-mean vs base", "base-mean vs mean-image", "base-mean vs copy-input"} <= set(paired)
+    assert list(third["eval_by_family"]) == ["blob", "stacked"]  # held-out object i takes family i mod 2
+    assert third["eval_by_family"]["stacked"]["objects"] == 1 and "base-mean" in third["eval_by_family"]["blob"]
+    assert "## By shape family" in (scored / "eval.md").read_text()
     with tarfile.open(scored / "tiny-zero123.tar") as tar:
         tar.extractall(tmp_path / "unpacked3", filter="data")
     unet = "unet/diffusion_pytorch_model.safetensors"

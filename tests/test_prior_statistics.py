@@ -10,7 +10,14 @@ from recon.data.primitives import FAMILIES, Ellipsoid, Material, PrimitiveObject
 from recon.data.synth import SynthConfig, is_complete, synthesize
 from recon.errors import ReconError
 from recon.fileio import read_json
-from recon.systems.evaluation import bootstrap_interval, paired_comparison, paired_markdown, per_object
+from recon.systems.evaluation import (
+    bootstrap_interval,
+    grouped_markdown,
+    grouped_summary,
+    paired_comparison,
+    paired_markdown,
+    per_object,
+)
 
 
 def report(scores: dict[str, dict[str, list[float]]], consistency: dict[str, dict[str, float]] | None = None) -> dict:
@@ -50,6 +57,19 @@ def test_paired_comparison_matches_objects_by_id_across_reports():
     second = report({"base": {"b": [21.0], "a": [13.0], "y": [99.0]}})
     psnr = paired_comparison(first, "base", second, "base", ("psnr",))["psnr"]
     assert psnr["objects"] == 2 and psnr["mean_diff"] == pytest.approx(2.0) and psnr["win_fraction"] == 1.0
+
+
+def test_grouped_summary_averages_the_views_of_each_group():
+    r = report({"base": {"a": [10.0, 12.0], "b": [14.0, 16.0], "c": [9.0, 11.0], "d": [50.0, 50.0]},
+                "copy-input": {"a": [8.0, 8.0], "b": [20.0, 20.0], "c": [12.0, 12.0], "d": [50.0, 50.0]}})
+    grouped = grouped_summary(r, {"a": "blob", "c": "blob", "b": "stacked"})  # d in no group: left out
+    assert list(grouped) == ["blob", "stacked"]
+    assert grouped["blob"]["objects"] == 2 and grouped["blob"]["views"] == 4
+    assert grouped["blob"]["base"]["psnr"] == pytest.approx(10.5) and grouped["blob"]["copy-input"]["psnr"] == pytest.approx(10.0)
+    assert grouped["stacked"]["base"]["psnr"] == pytest.approx(15.0) and grouped["stacked"]["copy-input"]["ssim"] == pytest.approx(0.2)
+    table = grouped_markdown(grouped, "family")
+    assert table.splitlines()[0] == "| family | objects | base PSNR / SSIM | copy-input PSNR / SSIM |"
+    assert "| stacked | 1 | 15.00 / 0.1500 | 20.00 / 0.2000 |" in table
 
 
 def test_bootstrap_interval_narrows_with_more_objects_and_is_seeded():
