@@ -30,7 +30,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def load_zero123(
     pose_encoding: PoseEncoding | None = None,
     image_encoder: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    prefetched: WeightPrefetch | None = None,
 ) -> Zero123Model:
     """Resolves ``spec`` (see module docs) and returns the model on ``device`` in eval mode, frozen.
 
@@ -94,7 +96,8 @@ def load_zero123(
     configs, the folder's or file's own name); the choice and its reason are
     logged. ``image_encoder``: a diffusers folder (or its ``image_encoder``
     sub-folder) to take the CLIP tower from when the checkpoint lacks one.
-    ``seed`` only affects ``random-*`` specs.
+    ``seed`` only affects ``random-*`` specs. ``prefetched``: weights a
+    :class:`WeightPrefetch` has been reading meanwhile, used where it read them.
     """
     from recon.progress import info
 
@@ -109,7 +112,7 @@ def load_zero123(
         path, origin, name = _locate(spec_str)  # a hub download happens here, with its progress bar
         with _quiet_libraries():
             if path.is_dir():
-                model, reason = _load_diffusers_folder(path, pose_encoding, image_encoder, origin, dtype, device, name)
+                model, reason = _load_diffusers_folder(path, pose_encoding, image_encoder, origin, dtype, device, name, prefetched)
             else:
                 model, reason = _load_checkpoint_file(path, pose_encoding, image_encoder, dtype, device)
     model.to(device=device, dtype=dtype)
@@ -406,6 +409,7 @@ def _load_diffusers_folder(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     name: str | None = None,
+    prefetched: WeightPrefetch | None = None,
 ) -> tuple[Zero123Model, str]:
     """The model of a diffusers folder and the reason for its pose encoding; ``name`` = what the weights are called
     (default: the folder's own name)."""
@@ -422,9 +426,9 @@ def _load_diffusers_folder(
     meta = _recon_meta(folder)
     configs = {"model_index.json": index, "unet/config.json": _read_json(folder / "unet" / "config.json")}
     encoding, reason = decide_pose_encoding(name or folder.resolve().name, pose_encoding, meta, configs)
-    unet = load_component(folder / "unet", UNet2DConditionModel, device, dtype)
-    vae = load_component(folder / "vae", AutoencoderKL, device, dtype)
-    encoder = _load_image_encoder(folder, image_encoder, dtype, device)
+    unet = load_component(folder / "unet", UNet2DConditionModel, device, dtype, state=_take(prefetched, folder / "unet", device, dtype))
+    vae = load_component(folder / "vae", AutoencoderKL, device, dtype, state=_take(prefetched, folder / "vae", device, dtype))
+    encoder = _load_image_encoder(folder, image_encoder, dtype, device, prefetched)
     projection = load_projection(folder / names[0])
     is_random = bool(meta.get("is_random", False))
     description = f"diffusers folder {origin} ({names[0]})"
@@ -460,12 +464,73 @@ def read_safetensors(files: list[Path], device: torch.device | str = "cpu", dtyp
     return state
 
 
-def load_component(folder: Path, cls: Any, device: torch.device | str, dtype: torch.dtype, build: Callable[[], nn.Module] | None = None) -> nn.Module:
+class WeightPrefetch:
+    """Reads the safetensors weights of local diffusers folders onto a device in a background thread.
+
+    Placing full-size Zero123 weights on a GPU took 0.6-0.7 s on an H200, nearly all of it in copies that release
+    the GIL, so it can run while diffusers and transformers import
+    (:func:`recon.guidance.architectures.import_model_libraries`, 3.1-3.5 s there) rather than after them.
+    :func:`load_zero123` then takes the tensors with :meth:`take`. Only local diffusers folders (``tiny`` or a
+    folder path) are read: random weights, checkpoint files and hub ids are left to the loader, so nothing is
+    downloaded here. A component that fails to read is left out, and the loader's own read reports the error.
+    """
+
+    COMPONENTS = ("unet", "vae", "image_encoder")
+
+    def __init__(self, specs: Sequence[str], device: torch.device | str, dtype: torch.dtype | None = None) -> None:
+        """Starts reading every component of the local diffusers folders among ``specs``, in ``dtype`` (default:
+        the loader's for ``device``)."""
+        # imported before the thread starts: a first import inside it could deadlock with the caller's imports
+        import safetensors  # noqa: F401
+
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self._states: dict[Path, dict[str, Tensor]] = {}
+        jobs = []
+        for spec in dict.fromkeys(specs):
+            folder = _local_diffusers_folder(spec)
+            for part in self.COMPONENTS if folder is not None else ():
+                with contextlib.suppress(InputError):  # an unreadable index: the loader reports it
+                    files = _safetensors_files(folder / part)
+                    if files:
+                        jobs.append(((folder / part).resolve(), files))
+        self._thread = threading.Thread(target=self._read, args=(jobs,), name="recon-weight-prefetch", daemon=True)
+        self._thread.start()
+
+    def _read(self, jobs: list[tuple[Path, list[Path]]]) -> None:
+        for folder, files in jobs:
+            with contextlib.suppress(InputError, RuntimeError, OSError):  # left to the loader, which reports it
+                self._states[folder] = read_safetensors(files, self.device, self.dtype)
+
+    def take(self, folder: Path, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor] | None:
+        """The tensors read for component ``folder`` if read for ``device`` and ``dtype`` (waits for the reading to
+        end); each component is handed out once. None where it was not read."""
+        self._thread.join()
+        if torch.device(device) != self.device or dtype != self.dtype:
+            return None
+        return self._states.pop(folder.resolve(), None)
+
+
+def _take(prefetched: WeightPrefetch | None, folder: Path, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor] | None:
+    return prefetched.take(folder, device, dtype) if prefetched is not None else None
+
+
+def _local_diffusers_folder(spec: str) -> Path | None:
+    """The local diffusers folder ``spec`` names (``tiny`` or a path), found without looking anywhere else; or None."""
+    path = shipped_prior_path() if spec == SHIPPED_SPEC else Path(spec).expanduser()
+    return path if (path / "model_index.json").is_file() else None
+
+
+def load_component(
+    folder: Path, cls: Any, device: torch.device | str, dtype: torch.dtype, build: Callable[[], nn.Module] | None = None,
+    state: dict[str, Tensor] | None = None,
+) -> nn.Module:
     """A diffusers / transformers model of class ``cls`` from its sub-folder, on ``device`` in ``dtype``.
 
     safetensors weights: the module is built on the meta device from
     ``config.json`` (or by ``build``) and its parameters are the loaded tensors
-    themselves (memory-mapped, cast tensor by tensor). ``.bin`` weights, or
+    themselves (memory-mapped, cast tensor by tensor; ``state``: those tensors
+    already read, e.g. by a :class:`WeightPrefetch`). ``.bin`` weights, or
     key names of an older library version, go through ``cls.from_pretrained``
     (``weights_only`` loading) and are moved afterwards.
     """
@@ -474,7 +539,7 @@ def load_component(folder: Path, cls: Any, device: torch.device | str, dtype: to
         with torch.device("meta"):
             module = build() if build is not None else cls.from_config(cls.load_config(folder))
         try:
-            _assign(module, read_safetensors(files, device, dtype), folder, cls.__name__, dtype, device)
+            _assign(module, state if state is not None else read_safetensors(files, device, dtype), folder, cls.__name__, dtype, device)
             return module
         except _LayoutMismatch:
             pass
@@ -494,7 +559,10 @@ def _load_image_encoder(
     override: str | os.PathLike[str] | None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    prefetched: WeightPrefetch | None = None,
 ) -> nn.Module:
+    """The CLIP vision tower from ``override``, else from ``folder``'s image_encoder/ (the tensors ``prefetched``
+    has read where it has)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     candidates = []
@@ -506,7 +574,8 @@ def _load_image_encoder(
     for candidate in candidates:
         if (candidate / "config.json").is_file():
             config = CLIPVisionConfig.from_pretrained(candidate)
-            return load_component(candidate, CLIPVisionModelWithProjection, device, dtype, lambda c=config: CLIPVisionModelWithProjection(c))
+            state = _take(prefetched, candidate, device, dtype)
+            return load_component(candidate, CLIPVisionModelWithProjection, device, dtype, lambda c=config: CLIPVisionModelWithProjection(c), state)
     where = ", ".join(str(c) for c in candidates) or "nowhere"
     raise WeightsNotFoundError(
         f"no CLIP image encoder found (looked in {where}); pass image_encoder= / --image-encoder a diffusers "

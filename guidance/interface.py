@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from recon.guidance.protocol import Reference
 from recon.guidance.sds import SDSOutput, score_distillation, timestep_range
 from recon.runtime import to_device
 from recon.schedule import value_at
+
+if TYPE_CHECKING:
+    from recon.guidance.checkpoints import WeightPrefetch
 
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -252,18 +256,35 @@ class Zero123Guidance:
         return eps_fn
 
 
-def load_models(cfg: GuidanceConfig, device: torch.device | str) -> tuple[Zero123Model, Zero123Model | None]:
+def guidance_weight_specs(cfg: GuidanceConfig) -> list[str]:
+    """The weight specs ``cfg`` loads: the Base's, then the Refiner's where it is another."""
+    separate = cfg.mode == "cascade" and cfg.refiner_model not in (None, cfg.model)
+    return [cfg.model, cfg.refiner_model] if separate else [cfg.model]
+
+
+def prefetch_weights(cfg: GuidanceConfig, device: torch.device | str) -> WeightPrefetch:
+    """Starts reading the weights of ``cfg``'s models onto ``device`` in a background thread; pass the result to
+    :func:`make_guidance` (see :class:`recon.guidance.checkpoints.WeightPrefetch`)."""
+    from recon.guidance.checkpoints import WeightPrefetch
+
+    return WeightPrefetch(guidance_weight_specs(cfg), device, DTYPES[cfg.dtype])
+
+
+def load_models(
+    cfg: GuidanceConfig, device: torch.device | str, prefetched: WeightPrefetch | None = None,
+) -> tuple[Zero123Model, Zero123Model | None]:
     """Loads the Base (``cfg.model``) and, in mode cascade, the Refiner (the same object when
-    ``refiner_model`` is None or equal). Load once and pass to :func:`make_guidance` for a batch."""
+    ``refiner_model`` is None or equal). Load once and pass to :func:`make_guidance` for a batch.
+    ``prefetched``: from :func:`prefetch_weights`."""
     from recon.guidance.checkpoints import load_zero123
 
     dtype = DTYPES[cfg.dtype]
     encoding = None if cfg.pose_encoding == "auto" else cfg.pose_encoding
-    base = load_zero123(cfg.model, device, dtype, pose_encoding=encoding)
+    specs = guidance_weight_specs(cfg)
+    base = load_zero123(specs[0], device, dtype, pose_encoding=encoding, prefetched=prefetched)
     refiner = None
     if cfg.mode == "cascade":
-        same = cfg.refiner_model is None or cfg.refiner_model == cfg.model
-        refiner = base if same else load_zero123(cfg.refiner_model, device, dtype, pose_encoding=encoding)
+        refiner = base if len(specs) == 1 else load_zero123(specs[1], device, dtype, pose_encoding=encoding, prefetched=prefetched)
     return base, refiner
 
 
@@ -272,10 +293,12 @@ def make_guidance(
     device: torch.device | str,
     base: Zero123Model | None = None,
     refiner: Zero123Model | None = None,
+    prefetched: WeightPrefetch | None = None,
 ) -> Zero123Guidance:
-    """A :class:`Zero123Guidance` for ``cfg``; loads the weights unless already-loaded ``base`` / ``refiner`` are given."""
+    """A :class:`Zero123Guidance` for ``cfg``; loads the weights (with what ``prefetched`` has read) unless
+    already-loaded ``base`` / ``refiner`` are given."""
     if base is None:
-        base, loaded_refiner = load_models(cfg, device)
+        base, loaded_refiner = load_models(cfg, device, prefetched)
         refiner = loaded_refiner if refiner is None else refiner
     elif cfg.mode == "cascade" and refiner is None and cfg.refiner_model not in (None, cfg.model):
         from recon.guidance.checkpoints import load_zero123

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors import safe_open
 
 from recon.errors import InputError
 from recon.guidance import checkpoints
-from recon.guidance.checkpoints import RECON_META, decide_pose_encoding, load_zero123, read_state_dict
+from recon.guidance.checkpoints import RECON_META, WeightPrefetch, decide_pose_encoding, load_zero123, read_state_dict
 from recon.guidance.config import GuidanceConfig, timestep_schedules
 from recon.guidance.interface import Zero123Guidance, make_guidance
 from recon.guidance.lightning import Opaque, read_torch_zip
@@ -329,3 +330,66 @@ def test_hub_id_downloads_with_progress_and_names_the_encoding(tmp_path, model, 
     assert calls[1][2] is False  # progress bars on while downloading
     assert loaded.pose_encoding == "stable-zero123"  # from the repo's name, not the snapshot folder's hash
     assert "downloading ashawkey/stable-zero123-diffusers" in " ".join(capsys.readouterr().err.split())
+
+
+# ------------------------------------------------------------------ reading weights while the libraries import
+def recorded_reads(monkeypatch) -> list[tuple[str, str]]:
+    """(thread name, component folder name) of every read_safetensors call from now on for the unet, vae and
+    image_encoder (the camera projection, a few KB, is not prefetched)."""
+    calls: list[tuple[str, str]] = []
+    real = checkpoints.read_safetensors
+
+    def recording(files, *args, **kwargs):
+        if Path(files[0]).parent.name in WeightPrefetch.COMPONENTS:
+            calls.append((threading.current_thread().name, Path(files[0]).parent.name))
+        return real(files, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "read_safetensors", recording)
+    return calls
+
+
+def test_prefetched_weights_are_the_ones_loaded(tmp_path, model, probe, monkeypatch):
+    folder = save_tiny_diffusers(model, tmp_path / "zero123")
+    calls = recorded_reads(monkeypatch)
+    prefetched = WeightPrefetch([str(folder), str(folder)], "cpu", torch.float32)
+    loaded = load_zero123(folder, "cpu", torch.float32, prefetched=prefetched)
+    # the three large components were read once, in the background thread; the loader read none of them again
+    assert sorted(calls) == [("recon-weight-prefetch", p) for p in ("image_encoder", "unet", "vae")]
+    torch.testing.assert_close(guided(loaded, probe), guided(model, probe), atol=0, rtol=0)
+    assert prefetched.take(folder / "unet", "cpu", torch.float32) is None  # handed out once
+
+
+def test_prefetch_in_another_dtype_is_not_used(tmp_path, model, monkeypatch):
+    folder = save_tiny_diffusers(model, tmp_path / "zero123")
+    prefetched = WeightPrefetch([str(folder)], "cpu", torch.float32)
+    calls = recorded_reads(monkeypatch)
+    loaded = load_zero123(folder, "cpu", torch.bfloat16, prefetched=prefetched)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert sorted(name for thread, name in calls if thread == "MainThread") == ["image_encoder", "unet", "vae"]
+
+
+def test_a_damaged_file_is_reported_by_the_loader_as_without_prefetch(tmp_path, model):
+    folder = save_tiny_diffusers(model, tmp_path / "zero123")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    prefetched = WeightPrefetch([str(folder)], "cpu", torch.float32)
+    with pytest.raises(InputError, match=r"unet[/\\]diffusion_pytorch_model.safetensors: not a readable safetensors file"):
+        load_zero123(folder, "cpu", torch.float32, prefetched=prefetched)
+
+
+def test_prefetch_reads_only_local_folders_and_never_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_hub_snapshot", lambda *a: pytest.fail("the prefetch looked at the hub"))
+    calls = recorded_reads(monkeypatch)
+    prefetched = WeightPrefetch(["owner/name", "random-tiny", str(tmp_path / "missing"), str(tmp_path)], "cpu")
+    assert prefetched.take(tmp_path / "unet", "cpu", torch.float32) is None
+    assert calls == []
+
+
+def test_fit_models_read_the_shipped_prior_in_the_background(monkeypatch):
+    from recon.api import Models, build_config
+    from recon.progress import PhaseTimer
+
+    calls = recorded_reads(monkeypatch)
+    guidance = Models(torch.device("cpu")).get(build_config("cpu"), PhaseTimer())
+    assert not guidance.base.is_random
+    assert {thread for thread, _ in calls} == {"recon-weight-prefetch"}
+    assert sorted(name for _, name in calls) == ["image_encoder", "unet", "vae"]
