@@ -461,7 +461,7 @@ def test_public_api_fits_images_one_at_a_time_with_shared_models(tmp_path, monke
 
     built = []
     original = interface.make_guidance
-    monkeypatch.setattr(interface, "make_guidance", lambda cfg, device: built.append(cfg.model) or original(cfg, device))
+    monkeypatch.setattr(interface, "make_guidance", lambda cfg, device, **kwargs: built.append(cfg.model) or original(cfg, device, **kwargs))
     models = recon.Models(resolve_device("cpu"))
     cfg = recon.build_config("cpu", [*TINY, "turntable=false", "preview_every=0"], model="random-tiny", formats="ply")
     for name in ("a", "b"):
