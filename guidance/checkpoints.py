@@ -499,7 +499,7 @@ class WeightPrefetch:
 
     def _read(self, jobs: list[tuple[Path, list[Path]]]) -> None:
         for folder, files in jobs:
-            with contextlib.suppress(InputError, RuntimeError, OSError):  # left to the loader, which reports it
+            with contextlib.suppress(Exception):  # whatever fails here, the loader reads again and reports
                 self._states[folder] = read_safetensors(files, self.device, self.dtype)
 
     def take(self, folder: Path, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor] | None:

@@ -262,11 +262,14 @@ def guidance_weight_specs(cfg: GuidanceConfig) -> list[str]:
     return [cfg.model, cfg.refiner_model] if separate else [cfg.model]
 
 
-def prefetch_weights(cfg: GuidanceConfig, device: torch.device | str) -> WeightPrefetch:
-    """Starts reading the weights of ``cfg``'s models onto ``device`` in a background thread; pass the result to
-    :func:`make_guidance` (see :class:`recon.guidance.checkpoints.WeightPrefetch`)."""
+def prefetch_weights(cfg: GuidanceConfig, device: torch.device | str) -> WeightPrefetch | None:
+    """On CUDA, starts reading the weights of ``cfg``'s models onto ``device`` in a background thread; pass the
+    result to :func:`make_guidance` (see :class:`recon.guidance.checkpoints.WeightPrefetch`). None on the CPU,
+    where the loader memory-maps the files and leaves nothing to overlap."""
     from recon.guidance.checkpoints import WeightPrefetch
 
+    if torch.device(device).type != "cuda":
+        return None
     return WeightPrefetch(guidance_weight_specs(cfg), device, DTYPES[cfg.dtype])
 
 

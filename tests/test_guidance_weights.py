@@ -384,12 +384,22 @@ def test_prefetch_reads_only_local_folders_and_never_the_hub(tmp_path, monkeypat
     assert calls == []
 
 
-def test_fit_models_read_the_shipped_prior_in_the_background(monkeypatch):
+def fit_models_reads(device: str, monkeypatch) -> list[tuple[str, str]]:
+    """The reads of the shipped prior's weights as ``recon fit`` loads them on ``device``."""
     from recon.api import Models, build_config
     from recon.progress import PhaseTimer
 
     calls = recorded_reads(monkeypatch)
-    guidance = Models(torch.device("cpu")).get(build_config("cpu"), PhaseTimer())
+    guidance = Models(torch.device(device)).get(build_config("cpu"), PhaseTimer())
     assert not guidance.base.is_random
-    assert {thread for thread, _ in calls} == {"recon-weight-prefetch"}
-    assert sorted(name for _, name in calls) == ["image_encoder", "unet", "vae"]
+    return calls
+
+
+def test_fit_models_read_on_the_cpu_in_the_main_thread(monkeypatch):
+    """Memory-mapped on the CPU: nothing to overlap, so no thread."""
+    assert sorted(fit_models_reads("cpu", monkeypatch)) == [("MainThread", p) for p in ("image_encoder", "unet", "vae")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_models_read_on_cuda_in_the_background(monkeypatch):
+    assert sorted(fit_models_reads("cuda", monkeypatch)) == [("recon-weight-prefetch", p) for p in ("image_encoder", "unet", "vae")]
