@@ -117,13 +117,13 @@ class Models:
 
     def get(self, cfg: FitConfig, timer: PhaseTimer) -> Any:
         """The Zero123Guidance of ``cfg.guidance``, loaded on first use (timed under ``timer``'s "import libraries"
-        for diffusers and transformers, while a background thread reads the weights, then "load models")."""
+        for diffusers and transformers, while on CUDA a background thread reads the weights, then "load models")."""
         key = repr(to_plain(cfg.guidance))
         if key not in self._cache:
             from recon.guidance.architectures import import_model_libraries
             from recon.guidance.interface import make_guidance, prefetch_weights
 
-            prefetched = prefetch_weights(cfg.guidance, self.device)  # reads the weights while the libraries import
+            prefetched = prefetch_weights(cfg.guidance, self.device)  # on CUDA: reads the weights while the libraries import
             with timer.phase("import libraries"):
                 import_model_libraries()
             with timer.phase("load models"):
