@@ -273,21 +273,25 @@ def prefetch_weights(cfg: GuidanceConfig, device: torch.device | str) -> WeightP
     return WeightPrefetch(guidance_weight_specs(cfg), device, DTYPES[cfg.dtype])
 
 
+def _load_weights(cfg: GuidanceConfig, spec: str, device: torch.device | str, prefetched: WeightPrefetch | None = None) -> Zero123Model:
+    """The model of weight spec ``spec`` (``cfg.model`` or ``cfg.refiner_model``) in ``cfg``'s dtype and pose encoding."""
+    from recon.guidance.checkpoints import load_zero123
+
+    encoding = None if cfg.pose_encoding == "auto" else cfg.pose_encoding
+    return load_zero123(spec, device, DTYPES[cfg.dtype], pose_encoding=encoding, prefetched=prefetched)
+
+
 def load_models(
     cfg: GuidanceConfig, device: torch.device | str, prefetched: WeightPrefetch | None = None,
 ) -> tuple[Zero123Model, Zero123Model | None]:
     """Loads the Base (``cfg.model``) and, in mode cascade, the Refiner (the same object when
     ``refiner_model`` is None or equal). Load once and pass to :func:`make_guidance` for a batch.
     ``prefetched``: from :func:`prefetch_weights`."""
-    from recon.guidance.checkpoints import load_zero123
-
-    dtype = DTYPES[cfg.dtype]
-    encoding = None if cfg.pose_encoding == "auto" else cfg.pose_encoding
     specs = guidance_weight_specs(cfg)
-    base = load_zero123(specs[0], device, dtype, pose_encoding=encoding, prefetched=prefetched)
+    base = _load_weights(cfg, specs[0], device, prefetched)
     refiner = None
     if cfg.mode == "cascade":
-        refiner = base if len(specs) == 1 else load_zero123(specs[1], device, dtype, pose_encoding=encoding, prefetched=prefetched)
+        refiner = base if len(specs) == 1 else _load_weights(cfg, specs[1], device, prefetched)
     return base, refiner
 
 
@@ -303,10 +307,8 @@ def make_guidance(
     if base is None:
         base, loaded_refiner = load_models(cfg, device, prefetched)
         refiner = loaded_refiner if refiner is None else refiner
-    elif cfg.mode == "cascade" and refiner is None and cfg.refiner_model not in (None, cfg.model):
-        from recon.guidance.checkpoints import load_zero123
-
-        refiner = load_zero123(cfg.refiner_model, device, DTYPES[cfg.dtype], pose_encoding=None if cfg.pose_encoding == "auto" else cfg.pose_encoding)
+    elif refiner is None and len(specs := guidance_weight_specs(cfg)) > 1:
+        refiner = _load_weights(cfg, specs[1], device, prefetched)
     if cfg.model == "tiny":
         from recon.progress import info
 
