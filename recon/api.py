@@ -117,23 +117,17 @@ class Models:
 
     def get(self, cfg: FitConfig, timer: PhaseTimer) -> Any:
         """The Zero123Guidance of ``cfg.guidance``, loaded on first use (timed under ``timer``'s "import libraries"
-        for diffusers and transformers, while on CUDA background threads read the weights and load CUDA's libraries
-        (:func:`recon.runtime.load_cuda_libraries`), then "load models")."""
+        for diffusers and transformers, while on CUDA a background thread reads the weights, then "load models")."""
         key = repr(to_plain(cfg.guidance))
         if key not in self._cache:
             from recon.guidance.architectures import import_model_libraries
             from recon.guidance.interface import make_guidance, prefetch_weights
-            from recon.runtime import load_cuda_libraries
 
-            # on CUDA, while the libraries import: the weights are read and CUDA's libraries loaded
-            prefetched = prefetch_weights(cfg.guidance, self.device)
-            first_calls = load_cuda_libraries(self.device)
+            prefetched = prefetch_weights(cfg.guidance, self.device)  # on CUDA: reads the weights while the libraries import
             with timer.phase("import libraries"):
                 import_model_libraries()
             with timer.phase("load models"):
                 self._cache[key] = make_guidance(cfg.guidance, self.device, prefetched=prefetched)
-                if first_calls is not None:
-                    first_calls.join()  # before the first CUDA graph capture
         return self._cache[key]
 
 

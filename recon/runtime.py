@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import random
 import threading
@@ -58,45 +57,6 @@ def import_in_background(*modules: str) -> threading.Thread:
                 continue
 
     thread = threading.Thread(target=load, name="recon-import", daemon=True)
-    thread.start()
-    return thread
-
-
-def load_cuda_libraries(device: torch.device) -> threading.Thread | None:
-    """On CUDA, starts a daemon thread that makes one small call into each library a fit loads on its first use,
-    and returns the thread; None on other devices.
-
-    Meant to run while diffusers and transformers import. The calls: a half and a single precision matrix
-    product (cuBLAS), a half precision convolution and its backward (cuDNN), scaled dot-product attention and a
-    Triton launch (:func:`recon.encoding.triton_backend.start_runtime`). Made in turn after that import they
-    took 0.9-1.1 s on an H200, Triton's first launch 0.45 s of it (docs/SPEED.md). They allocate a few KB and
-    draw no random numbers. Join the thread before capturing a CUDA graph: a capture fails when another thread
-    launches work. A call that fails here is left to fail again where the work needs it.
-    """
-    if device.type != "cuda":
-        return None
-    import torch.nn.functional as F
-
-    from recon.encoding.triton_backend import start_runtime, triton_available
-
-    triton = triton_available()
-    if triton:
-        from recon.encoding import triton_kernels  # noqa: F401  (imported here: an import in the thread could deadlock with the caller's)
-
-    def calls() -> None:
-        with torch.cuda.device(device), contextlib.suppress(Exception):  # nothing here is needed for its result
-            half = torch.ones(64, 64, device=device, dtype=torch.float16)
-            half @ half
-            half.float() @ half.float()
-            image = torch.ones(1, 8, 16, 16, device=device, dtype=torch.float16, requires_grad=True)
-            F.conv2d(image, torch.ones(8, 8, 3, 3, device=device, dtype=torch.float16), padding=1).sum().backward()
-            heads = torch.ones(1, 2, 16, 64, device=device, dtype=torch.float16)
-            F.scaled_dot_product_attention(heads, heads, heads)
-            if triton:
-                start_runtime(device)
-            torch.cuda.synchronize(device)
-
-    thread = threading.Thread(target=calls, name="recon-cuda-libraries", daemon=True)
     thread.start()
     return thread
 

@@ -22,7 +22,6 @@ from recon.guidance.config import GuidanceConfig, timestep_schedules
 from recon.guidance.interface import Zero123Guidance, make_guidance
 from recon.guidance.lightning import Opaque, read_torch_zip
 from recon.preprocess import ReferenceView
-from recon.runtime import load_cuda_libraries
 
 STABLE_MIN, STABLE_MAX = [50, 0.7, 0.3, 200], [50, 0.98, 0.8, 200]
 
@@ -396,28 +395,11 @@ def fit_models_reads(device: str, monkeypatch) -> list[tuple[str, str]]:
     return calls
 
 
-def cuda_library_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == "recon-cuda-libraries"]
-
-
 def test_fit_models_read_on_the_cpu_in_the_main_thread(monkeypatch):
-    """Memory-mapped on the CPU: nothing to overlap, so no thread, and no CUDA libraries loaded."""
+    """Memory-mapped on the CPU: nothing to overlap, so no thread."""
     assert sorted(fit_models_reads("cpu", monkeypatch)) == [("MainThread", p) for p in ("image_encoder", "unet", "vae")]
-    assert load_cuda_libraries(torch.device("cpu")) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_models_read_on_cuda_in_the_background(monkeypatch):
     assert sorted(fit_models_reads("cuda", monkeypatch)) == [("recon-weight-prefetch", p) for p in ("image_encoder", "unet", "vae")]
-    assert cuda_library_threads() == []  # joined before the first CUDA graph can be captured
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_loading_cuda_libraries_draws_no_random_numbers():
-    before = torch.cuda.get_rng_state(), torch.get_rng_state()
-    thread = load_cuda_libraries(torch.device("cuda"))
-    assert thread is not None and thread.name == "recon-cuda-libraries"
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-    after = torch.cuda.get_rng_state(), torch.get_rng_state()
-    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -7,7 +7,7 @@ from triton_setup import DEVICE  # before any kernel: without CUDA, Triton's int
 pytest.importorskip("triton")
 
 from recon.encoding.reference import HashGridConfig, TorchHashGrid
-from recon.encoding.triton_backend import TritonHashGrid, start_runtime
+from recon.encoding.triton_backend import TritonHashGrid
 
 
 def _pair(cfg: HashGridConfig, **options) -> tuple[TorchHashGrid, TritonHashGrid]:
@@ -348,7 +348,3 @@ def test_fused_density_only_without_gradients(monkeypatch):
             odd.cfg.fused_density = False
             torch.testing.assert_close(odd.density(points), expected)
     assert calls[-1] is None  # a width of 24 cannot be tiled: the reference path answered
-
-
-def test_start_runtime_runs_a_kernel():
-    assert start_runtime(DEVICE).tolist() == [1.0]

@@ -83,20 +83,6 @@ def notice_first_build(kernel: str, what: str) -> None:
         info(f"{what} (first run on this machine; cached for later runs)")
 
 
-def start_runtime(device: torch.device | str) -> Tensor:
-    """Launches a one-element Triton kernel on ``device``, waits for it and returns its output, (1,) float32
-    holding 1.0. A process's first Triton launch, whatever the kernel, loads Triton's runtime and hashes
-    Triton's own installation to key its cache (0.45 s on an H200): this pays that cost where it can overlap
-    other work. From another thread, import ``recon.encoding.triton_kernels`` in the calling thread first."""
-    from recon.encoding import triton_kernels
-
-    out = torch.zeros(1, device=device)
-    triton_kernels.fill_kernel[(1,)](out, 1.0, 1, BLOCK=32)
-    if out.is_cuda:
-        torch.cuda.synchronize(out.device)
-    return out
-
-
 def compiled_before(kernel: str) -> bool:
     """Whether Triton's on-disk cache (``TRITON_CACHE_DIR``, default ~/.triton/cache) holds a build of the
     Triton function named ``kernel``: then the first launches load cached binaries instead of compiling."""

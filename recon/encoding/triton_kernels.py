@@ -286,10 +286,3 @@ def mlp_channel_kernel(
     w_last = _rounded(tl.load(w_last_ptr + unit), HALF)
     out = _rounded(tl.sum(_rounded(h, HALF) * w_last[None, :], axis=1) + _rounded(tl.load(b_last_ptr), HALF), HALF)
     tl.store(out_ptr + points, out, mask=valid)
-
-
-@triton.jit
-def fill_kernel(out_ptr, value, n, BLOCK: tl.constexpr):
-    """out[:n] = value: the smallest launch, for starting Triton's runtime (triton_backend.start_runtime)."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + i, value, mask=i < n)
