@@ -302,15 +302,14 @@ def _locate(spec: str) -> tuple[Path, str, str]:
     a folder or file that is not Zero-1-to-3 weights.
     """
     looked: list[str] = []
+    path = _local_path(spec)
     if spec == SHIPPED_SPEC:
-        path = shipped_prior_path()
         if (path / "model_index.json").is_file():
             return path, "shipped tiny prior", path.name
         raise WeightsNotFoundError(
             f"the shipped 'tiny' prior is not in this installation (looked in {path}); "
             f"use --model PATH for real Zero-1-to-3 weights ({HOW_TO_PROVIDE}), or --model random-tiny for a smoke test"
         )
-    path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return path, str(path), path.resolve().name
@@ -515,9 +514,14 @@ def _take(prefetched: WeightPrefetch | None, folder: Path, device: torch.device 
     return prefetched.take(folder, device, dtype) if prefetched is not None else None
 
 
+def _local_path(spec: str) -> Path:
+    """The local path a weight spec names: the shipped prior's folder for ``tiny``, else the spec (``~`` expanded)."""
+    return shipped_prior_path() if spec == SHIPPED_SPEC else Path(spec).expanduser()
+
+
 def _local_diffusers_folder(spec: str) -> Path | None:
     """The local diffusers folder ``spec`` names (``tiny`` or a path), found without looking anywhere else; or None."""
-    path = shipped_prior_path() if spec == SHIPPED_SPEC else Path(spec).expanduser()
+    path = _local_path(spec)
     return path if (path / "model_index.json").is_file() else None
 
 
