@@ -64,15 +64,16 @@ def _reference_samples(grid, origin, direction, base, step, density_fn, eps):
     return starts
 
 
-@pytest.mark.parametrize(("eps", "first_round"), [(0.0, 32), (1e-2, 32), (1e-2, 2)])
-def test_lattice_marching_matches_a_per_ray_loop(eps, first_round, monkeypatch):
+@pytest.mark.parametrize(("eps", "first_round", "two_rounds"), [(0.0, 32, True), (1e-2, 32, True), (1e-2, 2, True), (1e-2, 2, False)])
+def test_lattice_marching_matches_a_per_ray_loop(eps, first_round, two_rounds, monkeypatch):
     # first_round 2: most rays need the second round of density evaluations (the rest of their candidates)
     monkeypatch.setattr("recon.render.occupancy.FIRST_ROUND", first_round)
     grid = TorchOccupancyGrid(AABB, 16)
     grid.update(0, _ball, 0.02, 0.01, every=1, warmup_steps=10)
     origins, directions = _rays(7)
     step = 0.02
-    rays, t_starts, t_ends = grid.sample(origins, directions, _ball, step, 0.0, eps, stratified=False)
+    rays, t_starts, t_ends, prefix = grid.sample(origins, directions, _ball, step, 0.0, eps, stratified=False, two_rounds=two_rounds)
+    assert prefix is None  # not asked for
     assert torch.equal(rays, rays.sort().values) and rays.dtype == torch.long
     torch.testing.assert_close(t_ends - t_starts, torch.full_like(t_starts, step))
     hit = 0
@@ -142,8 +143,8 @@ def test_occupied_box_follows_refreshes_and_loaded_state():
     renderer = VolumeRenderer(RadianceField(FieldConfig(encoding=TINY)), RendererConfig(sampler="grid", grid_resolution=8)).train()
     assert renderer.occupancy.occupied_box() is None  # nothing occupied yet: no samples at all
     origins, directions = _rays(4)
-    rays, t_starts, _ = renderer.occupancy.sample(origins, directions, renderer.field.density, 0.05, 0.0, 1e-4, stratified=False)
-    assert rays.numel() == 0 and t_starts.numel() == 0
+    rays, t_starts, _, prefix = renderer.occupancy.sample(origins, directions, renderer.field.density, 0.05, 0.0, 1e-4, stratified=False, prefix_rays=3)
+    assert rays.numel() == 0 and t_starts.numel() == 0 and prefix == 0
     renderer.update_occupancy(0)  # the blob: cells around the centre
     box, diagonal, mean = renderer.occupancy.occupied_box()
     assert (box[0] > -1).all() and (box[1] < 1).all() and diagonal < 2 * math.sqrt(3)
@@ -215,8 +216,7 @@ def test_alpha_threshold_drops_near_empty_samples_and_keeps_the_image():
     for alpha, renderer in renderers.items():
         box = renderer.occupancy.occupied_box()
         assert box[2] > 0.01  # the cap (mean occupancy) does not lower the threshold here
-        rays, _, _ = renderer.occupancy.sample(origins, directions, field.density, renderer.step_size, alpha, 1e-4, stratified=False)
-        counts[alpha] = rays.numel()
+        counts[alpha] = renderer.occupancy.sample(origins, directions, field.density, renderer.step_size, alpha, 1e-4, stratified=False).ray_indices.numel()
         with torch.no_grad():
             images[alpha] = renderer.eval().render_rays(origins, directions, torch.ones(3))
     assert counts[0.01] < 0.6 * counts[0.0]  # measured 22313 of 38639
@@ -225,6 +225,51 @@ def test_alpha_threshold_drops_near_empty_samples_and_keeps_the_image():
     fog = images[0.0]["opacity"] - images[0.01]["opacity"]
     assert fog.min().item() >= -1e-6 and 0.0 < fog.mean().item() < 0.02
     assert (images[0.0]["rgb"] - images[0.01]["rgb"]).abs().mean().item() < 0.01  # measured 0.0063
+
+
+@pytest.mark.parametrize(("alpha", "eps"), [(1e-3, 1e-2), (0.0, 1e-2), (1e-3, 0.0), (0.0, 0.0)])
+def test_one_round_of_density_queries_gives_the_samples_of_two_and_counts_the_prefix(alpha, eps):
+    grid = TorchOccupancyGrid(AABB, 16)
+    grid.update(0, _ball, 0.02, 0.01, every=1, warmup_steps=10)
+    origins, directions = _rays(9)
+    samples = {}
+    for two_rounds in (True, False):
+        torch.manual_seed(5)  # the same stratified jitter
+        samples[two_rounds] = grid.sample(origins, directions, _ball, 0.005, alpha, eps, stratified=True, prefix_rays=40, two_rounds=two_rounds)
+    for a, b in zip(samples[True], samples[False], strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    rays = samples[False].ray_indices
+    assert samples[False].prefix == int((rays < 40).sum()) and 0 < samples[False].prefix < rays.numel()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_sampling_pass_waits_for_the_device_three_times_in_one_round_five_in_two():
+    import warnings
+
+    grid = TorchOccupancyGrid(AABB, 16).cuda()
+    grid.update(0, _ball, 0.02, 0.01, every=1, warmup_steps=10)
+    grid.occupied_box()  # computed once per refresh, not per pass
+    origins, directions = (t.cuda() for t in _rays(9))
+    centre = torch.tensor([0.1, 0.0, 0.0], device="cuda")  # _ball's own copy of it to the device would wait too
+
+    def ball(points: torch.Tensor) -> torch.Tensor:
+        return 50.0 * ((points - centre).norm(dim=-1) < 0.4).float()
+
+    waits = {}
+    for two_rounds in (False, True):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                samples = grid.sample(origins, directions, ball, 0.005, 1e-3, 1e-2, stratified=True, prefix_rays=40, two_rounds=two_rounds)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        waits[two_rounds] = sum("synchroniz" in str(w.message) for w in caught)
+        assert samples.ray_indices.numel() > 0 and samples.prefix == int((samples.ray_indices < 40).sum())
+    # the rays that cross the grid, their candidates, the survivors' and the prefix's counts; two rounds also
+    # pack each round's candidates
+    assert waits == {False: 3, True: 5}
 
 
 def test_early_stopping_evaluates_the_density_of_few_candidates_behind_the_surface():

@@ -17,9 +17,10 @@ wraps), so either can train a field and load the other's checkpoints:
 
 nerfacc walks each ray cell by cell in a CUDA kernel; here every ray gets
 its full lattice of candidates as one dense (rays, steps) boolean row, in ray
-chunks that bound memory, and three ``nonzero`` calls per render pack the rays
-that cross the grid, their candidates and the samples that survive (each a
-device sync; none depends on the number of chunks).
+chunks that bound memory, and a training render waits for the device three
+times: to pack the rays that cross the grid, their candidates, and (with one
+read of the survivors' count, packed by ``nonzero_static``) the samples that
+survive. None depends on the number of chunks.
 Needs no compiler, runs on the CPU too (tests), and its outputs are sorted
 by ray as nerfacc's are.
 """
@@ -32,12 +33,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from recon.render.samplers import ray_aabb_intersect
+from recon.render.samplers import PackedSamples, ray_aabb_intersect
 
 CANDIDATES_PER_CHUNK = 1 << 24
 """Lattice points (rays x steps) tested at once: bounds the sampler's transient memory (about 25 bytes each)."""
 FIRST_ROUND = 32
-"""Candidates per ray whose density the sampler evaluates first; the rest only for rays still transparent after them."""
+"""With ``two_rounds``: candidates per ray whose density the sampler evaluates first; the rest only for rays
+still transparent after them."""
 DENSITY_POINTS = 1 << 21
 """Candidate samples whose density is evaluated at once (bounds the field's activations during sampling)."""
 
@@ -130,9 +132,16 @@ class TorchOccupancyGrid(nn.Module):
         early_stop_eps: float,
         stratified: bool,
         near: float = 0.0,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Packed samples of rays (R, 3) with unit directions: ``ray_indices`` (M,) long (sorted), ``t_starts``,
-        ``t_ends`` (M,); ``density_fn`` (world points (M, 3) -> (M,)) drops the invisible ones."""
+        prefix_rays: int | None = None,
+        two_rounds: bool = True,
+    ) -> PackedSamples:
+        """:class:`PackedSamples` of rays (R, 3) with unit directions; ``density_fn`` (world points (M, 3) -> (M,))
+        drops the invisible ones; ``prefix`` counted when ``prefix_rays`` is given.
+
+        ``two_rounds``: with early stopping, evaluate the density of each ray's first :data:`FIRST_ROUND`
+        candidates, then of the rest of the rays still transparent (less work when the field is opaque, two more
+        device syncs); without it every candidate's density is evaluated at once. The samples are the same.
+        """
         n_rays = origins.shape[0]
         occupied = self.occupied_box()
         if alpha_threshold > 0 and occupied is not None:
@@ -140,9 +149,10 @@ class TorchOccupancyGrid(nn.Module):
         base = torch.full((n_rays,), float(near), device=origins.device, dtype=torch.float32)
         if stratified:
             base = base + torch.rand(n_rays, device=origins.device) * step_size
-        empty = (torch.zeros(0, dtype=torch.long, device=origins.device), torch.zeros(0, device=origins.device))
+        empty = torch.zeros(0, device=origins.device)
+        nothing = PackedSamples(empty.long(), empty, empty, None if prefix_rays is None else 0)
         if occupied is None:
-            return empty[0], empty[1], empty[1]
+            return nothing
         # every sample lies in an occupied cell: march only the rays that cross the occupied cells' box, and
         # only across it (the same lattice points as marching the whole box, fewer of them to test)
         box, diagonal, _ = occupied
@@ -150,7 +160,7 @@ class TorchOccupancyGrid(nn.Module):
         t_near, t_far, hit = ray_aabb_intersect(origins, directions, box, near)
         rays = torch.nonzero(hit).squeeze(1)
         if rays.numel() == 0:
-            return empty[0], empty[1], empty[1]
+            return nothing
         steps = math.ceil(diagonal / step_size) + 1
         chunk = max(1, CANDIDATES_PER_CHUNK // steps)
         # the first lattice interval whose midpoint is at or after the box entry, per ray
@@ -165,12 +175,10 @@ class TorchOccupancyGrid(nn.Module):
         rows = torch.div(where, steps, rounding_mode="floor")
         t_mid = first_mid[rows] + (where - rows * steps).float() * step_size
         ray_ids = rays[rows]
+        keep = None
         if where.numel() and (early_stop_eps > 0 or alpha_threshold > 0):
-            keep = self._visible(origins, directions, ray_ids, t_mid, density_fn, step_size, alpha_threshold, early_stop_eps)
-            kept = torch.nonzero(keep).squeeze(1)
-            ray_ids, t_mid = ray_ids[kept], t_mid[kept]
-        t_starts = t_mid - 0.5 * step_size
-        return ray_ids, t_starts, t_starts + step_size
+            keep = self._visible(origins, directions, ray_ids, t_mid, density_fn, step_size, alpha_threshold, early_stop_eps, two_rounds)
+        return _packed(ray_ids, t_mid, keep, step_size, prefix_rays)
 
     @staticmethod
     def _visible(
@@ -182,32 +190,36 @@ class TorchOccupancyGrid(nn.Module):
         step_size: float,
         alpha_threshold: float,
         early_stop_eps: float,
+        two_rounds: bool = True,
     ) -> Tensor:
         """(M,) bool: which packed candidates (sorted by ray) are in front of the point where transmittance falls
         below ``early_stop_eps`` and have alpha >= ``alpha_threshold``.
 
-        With early stopping the density is evaluated in two rounds: each ray's first :data:`FIRST_ROUND`
-        candidates, then the rest only of the rays still transparent after them (the others cannot keep
-        any); unevaluated candidates count as empty, which changes no decision.
+        With early stopping and ``two_rounds`` the density is evaluated in two rounds: each ray's first
+        :data:`FIRST_ROUND` candidates, then the rest only of the rays still transparent after them (the others
+        cannot keep any); unevaluated candidates count as empty, which changes no decision.
         """
         points = origins[ray_ids] + directions[ray_ids] * t_mid[:, None]
         start = torch.searchsorted(ray_ids, ray_ids)  # each candidate's ray's first candidate
-        sigma = torch.zeros_like(t_mid)
+
+        def density(part: Tensor) -> Tensor:
+            return torch.cat([density_fn(chunk).reshape(-1).float() for chunk in part.split(DENSITY_POINTS)])
 
         def evaluate(mask: Tensor) -> None:
             index = torch.nonzero(mask).squeeze(1)
             if index.numel():
-                sigma[index] = torch.cat([density_fn(part).reshape(-1).float() for part in points[index].split(DENSITY_POINTS)])
+                sigma[index] = density(points[index])
 
         def transmittance() -> Tensor:
             return transmittance_before(sigma.double() * step_size, start)
 
-        if early_stop_eps > 0:
+        if early_stop_eps > 0 and two_rounds:
+            sigma = torch.zeros_like(t_mid)
             first = torch.arange(t_mid.numel(), device=t_mid.device) - start < FIRST_ROUND
             evaluate(first)
             evaluate(~first & (transmittance() >= early_stop_eps))
         else:
-            evaluate(torch.ones_like(t_mid, dtype=torch.bool))
+            sigma = density(points)
         keep = transmittance() >= early_stop_eps
         if alpha_threshold > 0:
             keep &= (1.0 - torch.exp(-sigma * step_size)) >= alpha_threshold
@@ -226,6 +238,22 @@ class TorchOccupancyGrid(nn.Module):
         candidate = self.estimator.binaries.view(-1)[flat]
         candidate &= t_mid < t_far[:, None]
         return candidate
+
+
+def _packed(ray_ids: Tensor, t_mid: Tensor, keep: Tensor | None, step_size: float, prefix_rays: int | None) -> PackedSamples:
+    """The candidates (M,) at lattice midpoints ``t_mid`` of rays ``ray_ids`` (sorted) that ``keep`` marks (all when
+    None) as :class:`PackedSamples`: one device sync reads their count (and the first ``prefix_rays`` rays' count
+    with it); ``nonzero_static`` then packs them without another."""
+    counts = [] if keep is None else [keep.sum()]
+    if prefix_rays is not None:
+        before = ray_ids < prefix_rays
+        counts.append(before.sum() if keep is None else (before & keep).sum())
+    read = torch.stack(counts).tolist() if counts else []
+    if keep is not None:
+        kept = torch.nonzero_static(keep, size=read.pop(0)).squeeze(1)
+        ray_ids, t_mid = ray_ids[kept], t_mid[kept]
+    t_starts = t_mid - 0.5 * step_size
+    return PackedSamples(ray_ids, t_starts, t_starts + step_size, read[0] if read else None)
 
 
 def _forget_box(module: TorchOccupancyGrid, _keys: object) -> None:

@@ -172,7 +172,9 @@ class VolumeRenderer(nn.Module):
         self, origins: Tensor, directions: Tensor, background: Tensor, normals: bool, use_checkpoint: bool, normal_rays: int | None = None
     ) -> dict[str, Tensor]:
         if self.uses_grid(origins.device):
-            ray_indices, t_starts, t_ends = self.occupancy.sample(
+            # training: one round of density queries (on the GPU a fit's field stays semi-transparent, so a second
+            # round would evaluate all the first left, after two more waits for the device; docs/SPEED.md)
+            ray_indices, t_starts, t_ends, split = self.occupancy.sample(
                 origins,
                 directions,
                 self.field.density,
@@ -181,9 +183,9 @@ class VolumeRenderer(nn.Module):
                 self.cfg.early_stop_eps,
                 stratified=self.training,
                 near=self.cfg.near,
+                prefix_rays=normal_rays if normals else None,  # samples come sorted by ray: theirs are a prefix
+                two_rounds=not self.training,
             )
-            # samples come sorted by ray: those of the first normal_rays rays are a prefix
-            split = None if normal_rays is None or not normals else int(torch.searchsorted(ray_indices, normal_rays))
 
             def shade(o: Tensor, d: Tensor, bg: Tensor) -> tuple[Tensor, ...]:
                 return self._shade_packed(o, d, bg, ray_indices, t_starts, t_ends, normals, split)

@@ -10,11 +10,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from recon.errors import ReconError
+
+
+class PackedSamples(NamedTuple):
+    """An occupancy-grid sampler's samples, sorted by ray: ``ray_indices`` (M,) long, ``t_starts``, ``t_ends``
+    (M,) world units along the unit directions; ``prefix``: how many of them belong to the first ``prefix_rays``
+    rays when the sampler was asked (else None)."""
+
+    ray_indices: Tensor
+    t_starts: Tensor
+    t_ends: Tensor
+    prefix: int | None = None
 
 
 def nerfacc_available() -> bool:
@@ -93,11 +105,15 @@ class OccupancyGridSampler(nn.Module):
         early_stop_eps: float,
         stratified: bool,
         near: float = 0.0,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Packed samples: ``ray_indices`` (M,) long, ``t_starts``, ``t_ends`` (M,) (CUDA only).
+        prefix_rays: int | None = None,
+        two_rounds: bool = True,
+    ) -> PackedSamples:
+        """:class:`PackedSamples` of rays (R, 3) (CUDA only), ``prefix`` counted when ``prefix_rays`` is given.
 
         ``density_fn`` (world points (M, 3) -> (M,)) lets nerfacc drop samples
-        that are transparent or hidden behind opaque ones.
+        that are transparent or hidden behind opaque ones. ``two_rounds`` is the
+        PyTorch grid's option (:meth:`recon.render.occupancy.TorchOccupancyGrid.sample`);
+        nerfacc marches each ray in its own kernel and ignores it.
         """
         if not origins.is_cuda:
             raise ReconError("renderer.sampler 'nerfacc' needs CUDA tensors; use sampler stratified on the CPU")
@@ -117,7 +133,9 @@ class OccupancyGridSampler(nn.Module):
             early_stop_eps=early_stop_eps,
             stratified=stratified,
         )
-        return ray_indices.long(), t_starts, t_ends
+        ray_indices = ray_indices.long()
+        prefix = None if prefix_rays is None else int(torch.searchsorted(ray_indices, prefix_rays))
+        return PackedSamples(ray_indices, t_starts, t_ends, prefix)
 
     @torch.no_grad()
     def update(self, step: int, density_fn: Callable[[Tensor], Tensor], step_size: float, threshold: float, every: int, warmup_steps: int) -> None:
