@@ -223,6 +223,7 @@ def test_z_up_capture_exports_upright(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_views_nerfacc_sampler_on_cuda(tmp_path):
     """The occupancy-grid (nerfacc) path trains, checkpoints and resumes the grid state on the GPU."""
+    pytest.importorskip("nerfacc")
     _, _, _, path = _scene(tmp_path, count=16, size=48)
     args = ["fit-views", str(path), "-o", str(tmp_path / "run"), "--device", "cuda", "--steps", "300", "--no-export", "--quiet"]
     overrides = [item for item in TINY if not item.startswith("renderer.") and "backend" not in item]
