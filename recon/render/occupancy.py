@@ -44,7 +44,7 @@ DENSITY_POINTS = 1 << 21
 """Candidate samples whose density is evaluated at once on a GPU (bounds the field's activations during sampling)."""
 CPU_DENSITY_POINTS = 1 << 16
 """The same on the CPU, where the hash grid's lookups of a smaller batch stay in cache (a trained field's 363k
-candidates: 0.17-0.28 s in pieces of 2^16, 0.58-0.60 s at once, this 2-core machine)."""
+candidates: 0.26-0.28 s in pieces of 2^16, 0.58-0.68 s at once, a 2-core machine; docs/SPEED.md)."""
 
 
 class GridState(nn.Module):
@@ -143,7 +143,8 @@ class TorchOccupancyGrid(nn.Module):
 
         ``two_rounds``: with early stopping, evaluate the density of each ray's first :data:`FIRST_ROUND`
         candidates, then of the rest of the rays still transparent (less work when the field is opaque, two more
-        device syncs); without it every candidate's density is evaluated at once. The samples are the same.
+        device syncs); without it every candidate's density is evaluated at once. The samples are the same (given
+        densities that do not depend on how the queries are batched).
         """
         n_rays = origins.shape[0]
         occupied = self.occupied_box()
