@@ -110,6 +110,27 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(fn, (x, table), eps=1e-6, atol=1e-6)
 
 
+def test_cpu_lookup_in_passes_matches_one_pass_in_values_and_gradients(monkeypatch):
+    enc = _encoding()
+    torch.manual_seed(3)
+    x = torch.rand(1000, 3, dtype=torch.float64)
+    weights = torch.randn(1000, enc.output_dim, dtype=torch.float64)
+    results = []
+    for per_pass in (1 << 16, 96):  # one pass, then eleven (the last one short)
+        monkeypatch.setattr("recon.encoding.reference.CPU_POINTS_PER_PASS", per_pass)
+        enc.zero_grad()
+        points = x.clone().requires_grad_(True)
+        features = enc(points)
+        (grad_x,) = torch.autograd.grad((features * weights).sum(), points, create_graph=True)
+        grad_x.square().sum().backward()  # second order: to the table through the input gradient
+        results.append((features.detach(), grad_x.detach(), points.grad, enc.backend.table.grad.clone()))
+    (f1, gx1, gp1, gt1), (f2, gx2, gp2, gt2) = results
+    assert torch.equal(f1, f2) and torch.equal(gx1, gx2)
+    torch.testing.assert_close(gp2, gp1)
+    torch.testing.assert_close(gt2, gt1)  # summed in another order
+    assert gt1.abs().sum() > 0
+
+
 def test_second_derivatives_match_finite_differences():
     cfg = HashGridConfig(n_levels=2, n_features_per_level=1, log2_hashmap_size=6, base_resolution=2, per_level_scale=2.0, backend="torch")
     enc = _encoding(cfg)

@@ -41,10 +41,7 @@ FIRST_ROUND = 32
 """With ``two_rounds``: candidates per ray whose density the sampler evaluates first; the rest only for rays
 still transparent after them."""
 DENSITY_POINTS = 1 << 21
-"""Candidate samples whose density is evaluated at once on a GPU (bounds the field's activations during sampling)."""
-CPU_DENSITY_POINTS = 1 << 16
-"""The same on the CPU, where the hash grid's lookups of a smaller batch stay in cache (a trained field's 363k
-candidates: 0.26-0.28 s in pieces of 2^16, 0.58-0.68 s at once, a 2-core machine; docs/SPEED.md)."""
+"""Candidate samples whose density is evaluated at once (bounds the field's activations during sampling)."""
 
 
 class GridState(nn.Module):
@@ -207,8 +204,7 @@ class TorchOccupancyGrid(nn.Module):
         start = torch.searchsorted(ray_ids, ray_ids)  # each candidate's ray's first candidate
 
         def density(part: Tensor) -> Tensor:
-            size = DENSITY_POINTS if part.is_cuda else CPU_DENSITY_POINTS
-            return torch.cat([density_fn(chunk).reshape(-1).float() for chunk in part.split(size)])
+            return torch.cat([density_fn(chunk).reshape(-1).float() for chunk in part.split(DENSITY_POINTS)])
 
         def evaluate(mask: Tensor) -> None:
             index = torch.nonzero(mask).squeeze(1)
